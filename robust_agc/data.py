@@ -1,0 +1,386 @@
+"""Datasets as float tensors in [0, 1] (NCHW), splits, and a fast seeded batch iterator.
+
+Sources, in order of preference, for each dataset:
+
+1. ``data_dir`` in torchvision's layout (``<data_dir>/FashionMNIST/raw/*.gz``, ``<data_dir>/cifar-10-batches-py``...),
+   or a flat folder holding the original idx ``.gz`` files (MNIST / Fashion-MNIST);
+2. for Fashion-MNIST, the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``):
+   the embedded default, found with no flags;
+3. torchvision's download, only when ``download=True``.
+
+Evaluation always uses the *first* ``n`` test points, unshuffled. The test split is never used for
+model selection: a validation split is carved from the training set instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import DataUnavailableError, UserError
+
+__all__ = [
+    "DATASET_INFO",
+    "DatasetInfo",
+    "DataSplits",
+    "Batches",
+    "list_datasets",
+    "load_dataset",
+    "make_splits",
+    "augment_batch",
+]
+
+logger = logging.getLogger(__name__)
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about a dataset: shape, classes, normalization and the usual L-inf radius."""
+
+    name: str
+    num_classes: int
+    in_channels: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    eps_linf: float
+    augment: str  # "none", "crop-flip" or "crop"
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), 0.1, "none"),
+    "mnist": DatasetInfo("mnist", 10, 1, 28, (0.1307,), (0.3081,), 0.3, "none"),
+    "cifar10": DatasetInfo(
+        "cifar10",
+        10,
+        3,
+        32,
+        (0.4914, 0.4822, 0.4465),
+        (0.2471, 0.2435, 0.2616),
+        8 / 255,
+        "crop-flip",
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100",
+        100,
+        3,
+        32,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        8 / 255,
+        "crop-flip",
+    ),
+    "svhn": DatasetInfo(
+        "svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), 8 / 255, "crop"
+    ),
+}
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_TV_FOLDER = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return sorted(DATASET_INFO)
+
+
+def _info(name: str) -> DatasetInfo:
+    try:
+        return DATASET_INFO[name]
+    except KeyError:
+        raise UserError(
+            f"Invalid dataset value: {name!r} (choose from {', '.join(list_datasets())})"
+        ) from None
+
+
+def _read_idx(path: Path) -> Tensor:
+    """Read an idx file (optionally gzipped) into a uint8 tensor."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DataUnavailableError(f"cannot read {path}: {e}") from None
+    if len(data) < 4:
+        raise DataUnavailableError(f"{path} is not an idx file")
+    zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise DataUnavailableError(f"{path} is not an unsigned-byte idx file")
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    offset = 4 + 4 * ndim
+    if len(data) - offset != math.prod(dims):
+        raise DataUnavailableError(f"{path} is truncated or corrupt")
+    return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).reshape(dims)
+
+
+def _idx_candidates(name: str, data_dir: Path | None) -> list[Path]:
+    dirs: list[Path] = []
+    if data_dir is not None:
+        dirs += [data_dir / _TV_FOLDER[name] / "raw", data_dir / name, data_dir]
+    if name == "fashion-mnist":
+        dirs.append(DEBIAN_FASHION_MNIST)
+    return dirs
+
+
+def _load_idx_dataset(
+    name: str, split: str, data_dir: Path | None, download: bool
+) -> tuple[Tensor, Tensor]:
+    img_file, lbl_file = _IDX_FILES[split]
+    for d in _idx_candidates(name, data_dir):
+        for suffix in ("", ".gz"):
+            img = d / img_file.replace(".gz", suffix)
+            lbl = d / lbl_file.replace(".gz", suffix)
+            if img.is_file() and lbl.is_file():
+                logger.info("loading %s %s from %s", name, split, d)
+                x = _read_idx(img)
+                y = _read_idx(lbl)
+                if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+                    raise DataUnavailableError(f"{img} and {lbl} do not form an image/label pair")
+                return x.unsqueeze(1), y.long()
+    if download:
+        return _torchvision(name, split, data_dir, download=True)
+    hint = (
+        "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
+        if name == "fashion-mnist"
+        else ""
+    )
+    raise DataUnavailableError(
+        f"{name} ({split}) not found: {hint}put the original idx .gz files in --data-dir, "
+        "or pass --download to fetch it with torchvision"
+    )
+
+
+def _torchvision(
+    name: str, split: str, data_dir: Path | None, download: bool
+) -> tuple[Tensor, Tensor]:
+    import torchvision
+
+    root = str(data_dir if data_dir is not None else Path("data"))
+    train = split == "train"
+    try:
+        if name == "fashion-mnist":
+            ds = torchvision.datasets.FashionMNIST(root, train=train, download=download)
+        elif name == "mnist":
+            ds = torchvision.datasets.MNIST(root, train=train, download=download)
+        elif name == "cifar10":
+            ds = torchvision.datasets.CIFAR10(root, train=train, download=download)
+        elif name == "cifar100":
+            ds = torchvision.datasets.CIFAR100(root, train=train, download=download)
+        else:
+            ds = torchvision.datasets.SVHN(
+                root, split="train" if train else "test", download=download
+            )
+    except (RuntimeError, OSError) as e:
+        raise DataUnavailableError(
+            f"{name} ({split}) not available in {root}: {e}. Pass --data-dir to a folder holding it "
+            "in torchvision's layout, or --download when the network is reachable"
+        ) from None
+    data = ds.data
+    x = torch.as_tensor(data) if not isinstance(data, Tensor) else data
+    if name in ("cifar10", "cifar100"):
+        x = x.permute(0, 3, 1, 2)  # NHWC uint8 -> NCHW
+    elif name == "svhn":
+        pass  # already NCHW
+    else:
+        x = x.unsqueeze(1)
+    targets = ds.labels if name == "svhn" else ds.targets
+    return x.contiguous(), torch.as_tensor(targets).long()
+
+
+_CACHE: dict[tuple[str, str, str | None], tuple[Tensor, Tensor]] = {}
+
+
+def load_dataset(
+    name: str,
+    split: str = "train",
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Load a whole split as ``(x, y)``: ``x`` float32 in [0, 1], NCHW; ``y`` int64.
+
+    Args:
+        name: one of :func:`list_datasets`.
+        split: ``"train"`` or ``"test"``.
+        data_dir: folder to look in first (torchvision layout or the raw idx files).
+        download: allow torchvision to download the data when it is not found locally.
+
+    Raises:
+        DataUnavailableError: no local source and ``download`` is False (the message names the ways
+            to provide the data).
+    """
+    info = _info(name)
+    if split not in ("train", "test"):
+        raise UserError(f"Invalid split value: {split!r} (choose train or test)")
+    ddir = Path(data_dir) if data_dir is not None else None
+    key = (info.name, split, str(ddir) if ddir else None)
+    if key not in _CACHE:
+        if info.name in _TV_FOLDER:
+            x8, y = _load_idx_dataset(info.name, split, ddir, download)
+        else:
+            x8, y = _torchvision(info.name, split, ddir, download)
+        _CACHE[key] = (x8.to(torch.float32).div_(255.0), y)
+    x, y = _CACHE[key]
+    return x, y
+
+
+@dataclass
+class DataSplits:
+    """Training, validation and test tensors of one run."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    info: DatasetInfo
+
+
+def make_splits(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    train_subset: int | None = None,
+    val_size: int = 0,
+    test_size: int | None = None,
+    split_seed: int = 0,
+) -> DataSplits:
+    """Carve a deterministic validation split (and optional training subset) from the training set.
+
+    A fixed permutation of the training set (seeded by ``split_seed``, independent of the training seed)
+    gives the validation points first and the training points after them, so the two never overlap and
+    the same ``--train-subset N`` always selects the same images. The test split is the first
+    ``test_size`` test points, unshuffled.
+    """
+    info = _info(name)
+    x, y = load_dataset(info.name, "train", data_dir=data_dir, download=download)
+    xt, yt = load_dataset(info.name, "test", data_dir=data_dir, download=download)
+    n = x.shape[0]
+    if val_size < 0 or val_size >= n:
+        raise UserError(f"Invalid val_size value: {val_size} (must be in [0, {n - 1}])")
+    available = n - val_size
+    if train_subset is not None and not 1 <= train_subset <= available:
+        raise UserError(
+            f"Invalid train_subset value: {train_subset} (must be in [1, {available}] with val_size={val_size})"
+        )
+    if test_size is not None and not 1 <= test_size <= xt.shape[0]:
+        raise UserError(f"Invalid test_size value: {test_size} (must be in [1, {xt.shape[0]}])")
+    g = torch.Generator().manual_seed(split_seed)
+    perm = torch.randperm(n, generator=g)
+    val_idx = perm[:val_size]
+    train_idx = perm[val_size:]
+    if train_subset is not None:
+        train_idx = train_idx[:train_subset]
+    if train_subset is None and val_size == 0:
+        x_train, y_train = x, y  # the whole set, in file order
+    else:
+        x_train, y_train = x[train_idx], y[train_idx]
+    nt = xt.shape[0] if test_size is None else test_size
+    return DataSplits(x_train, y_train, x[val_idx], y[val_idx], xt[:nt], yt[:nt], info)
+
+
+def augment_batch(x: Tensor, mode: str, generator: torch.Generator, padding: int = 4) -> Tensor:
+    """Standard augmentation on a batch: random crop with zero padding (+ horizontal flip)."""
+    if mode == "none":
+        return x
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w)
+    idx_n = torch.arange(n).view(n, 1, 1, 1)
+    idx_c = torch.arange(x.shape[1]).view(1, -1, 1, 1)
+    out = padded[idx_n, idx_c, rows, cols]
+    if mode == "crop-flip":
+        flip = torch.rand(n, generator=generator) < 0.5
+        out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
+    return out.contiguous()
+
+
+class Batches:
+    """Seeded minibatches over in-memory tensors (much faster than a DataLoader for small images).
+
+    The order of epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the same batches.
+    With ``num_replicas > 1`` each rank takes a disjoint, equal-sized shard of every epoch's permutation
+    (the DistributedSampler convention) and the per-rank batch is ``batch_size // num_replicas``.
+
+    Args:
+        x, y: the data.
+        batch_size: global batch size.
+        shuffle: permute each epoch.
+        seed: base seed of the permutation and augmentation.
+        augment: ``"none"``, ``"crop"`` or ``"crop-flip"``.
+        drop_last: drop the last incomplete batch.
+        rank, num_replicas: data-parallel position.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        augment: str = "none",
+        drop_last: bool = False,
+        rank: int = 0,
+        num_replicas: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise UserError(f"Invalid batch_size value: {batch_size}")
+        if batch_size % num_replicas != 0:
+            raise UserError(
+                f"Invalid batch_size value: {batch_size} (must be divisible by the world size {num_replicas})"
+            )
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.augment = augment
+        self.drop_last = drop_last
+        self.rank = rank
+        self.num_replicas = num_replicas
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation (and augmentation draws) of ``epoch``."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = self.x.shape[0]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = self.x.shape[0]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        local = self.batch_size // self.num_replicas
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.num_replicas > 1:
+                if (
+                    idx.numel() < self.batch_size
+                ):  # pad the last batch so every rank gets equal work
+                    idx = torch.cat([idx, order[: self.batch_size - idx.numel()]])
+                idx = idx[self.rank * local : (self.rank + 1) * local]
+            xb = self.x[idx]
+            if self.augment != "none":
+                xb = augment_batch(xb, self.augment, g)
+            yield xb, self.y[idx]

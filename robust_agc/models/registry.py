@@ -1,0 +1,81 @@
+"""The registry behind :func:`create_model` (timm style)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from ..errors import UserError
+from .layers import init_weights
+
+__all__ = ["register_model", "create_model", "list_models"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder ``fn(num_classes, in_channels, input_size, mean, std)``."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    input_size: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    init: str = "he",
+) -> nn.Module:
+    """Build a registered architecture.
+
+    Args:
+        name: one of :func:`list_models`.
+        num_classes: number of outputs (logits).
+        in_channels: 1 (MNIST-like) or 3 (CIFAR-like).
+        input_size: image side (28 or 32).
+        mean, std: per-channel normalization applied inside the model (inputs stay in [0, 1]);
+            ``None`` means no normalization.
+        init: ``"he"`` (He-normal fan-in for conv/linear, zero bias; see protocols.md section 3) or
+            ``"default"`` (PyTorch's).
+    """
+    if name not in _REGISTRY:
+        raise UserError(f"Invalid model value: {name!r} (choose from {', '.join(list_models())})")
+    if num_classes < 2:
+        raise UserError(f"Invalid num_classes value: {num_classes}")
+    if in_channels < 1:
+        raise UserError(f"Invalid in_channels value: {in_channels}")
+    if input_size < 8:
+        raise UserError(f"Invalid input_size value: {input_size}")
+    if init not in ("he", "default"):
+        raise UserError(f"Invalid init value: {init!r} (choose he or default)")
+    if mean is None:
+        mean = (0.0,) * in_channels
+    if std is None:
+        std = (1.0,) * in_channels
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise UserError(f"mean/std need {in_channels} values, got {len(mean)}/{len(std)}")
+    model = _REGISTRY[name](
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_size=input_size,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+    if init == "he":
+        init_weights(model)
+    return model
