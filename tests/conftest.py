@@ -10,7 +10,8 @@ import torch
 from robust_agc.data import load_dataset
 from robust_agc.models import create_model
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs 2 workers) each worker gets one thread, else up to 2.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,0 +1,66 @@
+# robust_agc: the README's two commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch pinned to the release these machines carry (a pip constraint caps it here); override elsewhere.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install data demo test test-slow lint format bench gpu-smoke clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# The embedded default dataset: Fashion-MNIST from Debian's dataset-fashion-mnist package.
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian package dataset-fashion-mnist"; \
+	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
+	  else \
+	    echo "Fashion-MNIST not found: install dataset-fashion-mnist (Debian), or use --data-dir / --download"; \
+	  fi; \
+	fi
+
+install: $(STAMP) data
+
+demo: install
+	$(BIN)/python -m robust_agc train --config experiments/configs/demo.yaml --out $(DEMO_OUT) --overwrite
+	$(BIN)/python -m robust_agc eval $(DEMO_OUT)/best.pt --attacks clean,pgd,autoattack \
+	  --n-examples 200 --pgd-steps 20 --pgd-restarts 1 --seed 0 --out $(DEMO_OUT)/eval.json --overwrite
+	$(BIN)/python -m robust_agc report $(DEMO_OUT) $(DEMO_OUT)/eval.json --out $(DEMO_OUT)/report
+	@echo "run stored in $(DEMO_OUT); report in $(DEMO_OUT)/report/README.md"
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-slow: install
+	RUN_SLOW=1 $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/attack_speed.py
+	$(BIN)/python benchmarks/agc_overhead.py
+	$(BIN)/python benchmarks/sparse_overhead.py
+	$(BIN)/python benchmarks/eval_speed.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

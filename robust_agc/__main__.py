@@ -1,0 +1,7 @@
+"""``python -m robust_agc`` = ``robust-agc``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,309 @@
+"""The training configuration: one dataclass, its command-line flags, and YAML files.
+
+Every field of :class:`TrainConfig` is a flag of ``robust-agc train`` (``agc_gamma`` ->
+``--agc-gamma``), grouped by concern. Precedence: dataclass defaults < ``--config FILE.yaml`` <
+command line. The resolved configuration is saved as ``config.yaml`` in the run folder and inside
+every checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+__all__ = ["TrainConfig", "add_train_arguments", "config_from_args", "load_yaml", "parse_refresh"]
+
+
+def _f(default: Any, group: str, help: str, **kw: Any) -> Any:
+    meta = {"group": group, "help": help, **kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a training run (see ``robust-agc train --help``)."""
+
+    # data
+    dataset: str = _f(
+        "fashion-mnist",
+        "data",
+        "dataset name",
+        choices=("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn"),
+    )
+    data_dir: str | None = _f(
+        None, "data", "folder holding the data (torchvision layout or raw idx files)"
+    )
+    download: bool = _f(False, "data", "allow torchvision to download the dataset")
+    train_subset: int | None = _f(None, "data", "train on a deterministic subset of N images")
+    val_size: int = _f(
+        1000, "data", "validation images carved from the training set (model selection)"
+    )
+    augment: str | None = _f(
+        None,
+        "data",
+        "augmentation (default: the dataset's standard one)",
+        choices=("none", "crop", "crop-flip"),
+    )
+    # model
+    model: str = _f("small-cnn", "model", "architecture name (robust_agc.models.list_models())")
+    init: str = _f("he", "model", "weight initialisation", choices=("he", "default"))
+    # optimisation
+    optimizer: str = _f(
+        "sgd",
+        "optimization",
+        "sgd (plain baseline), agc (adaptive correction), svrg (fixed-coefficient ablation)",
+        choices=("sgd", "agc", "svrg"),
+    )
+    epochs: int = _f(10, "optimization", "training epochs")
+    batch_size: int = _f(128, "optimization", "global minibatch size")
+    lr: float = _f(0.05, "optimization", "peak learning rate")
+    momentum: float = _f(0.9, "optimization", "momentum")
+    nesterov: bool = _f(True, "optimization", "Nesterov momentum (--no-nesterov to disable)")
+    weight_decay: float = _f(5e-4, "optimization", "L2 weight decay")
+    lr_schedule: str = _f(
+        "cosine",
+        "optimization",
+        "learning-rate schedule (per step)",
+        choices=("cosine", "multistep", "constant"),
+    )
+    lr_milestones: list[float] = _f(
+        [0.5, 0.75], "optimization", "multistep: fractions of training where the lr drops"
+    )
+    lr_decay: float = _f(0.1, "optimization", "multistep: factor at each milestone")
+    warmup_epochs: float = _f(0.0, "optimization", "linear learning-rate warm-up (epochs)")
+    # AGC
+    agc_gamma: float = _f(0.1, "agc", "damping gamma: coefficient c = gamma * tau")
+    agc_alpha: float = _f(0.3, "agc", "EMA weight of the new coefficient estimate")
+    agc_tau_init: float = _f(0.1, "agc", "initial tau")
+    agc_estimator: str = _f(
+        "loss-slope", "agc", "coefficient estimator", choices=("loss-slope", "grad-online")
+    )
+    agc_full_grad: str = _f(
+        "clean",
+        "agc",
+        "data of the full gradient mu: clean training images (release) or adversarial ones crafted against the model (consistent)",
+        choices=("clean", "adversarial"),
+    )
+    agc_refresh_fraction: float = _f(
+        1.0, "agc", "fraction of the epoch's batches (random, seeded) used by each refresh"
+    )
+    agc_refresh: str = _f("1e", "agc", "refresh period: Ne = every N epochs, Ns = every N steps")
+    svrg_coef: float = _f(0.1, "agc", "svrg: the fixed correction coefficient")
+    svrg_schedule: str = _f(
+        "fixed",
+        "agc",
+        "svrg: constant coefficient or the release's ramp 0.1*(1-0.7^e)",
+        choices=("fixed", "ramp"),
+    )
+    # adversarial objective
+    objective: str = _f(
+        "pgd-at",
+        "adversarial",
+        "training objective",
+        choices=("natural", "pgd-at", "trades", "mart"),
+    )
+    beta: float = _f(6.0, "adversarial", "TRADES / MART trade-off beta")
+    eps: float | None = _f(
+        None,
+        "adversarial",
+        "L-inf radius (default: the dataset's: 0.1 Fashion-MNIST, 0.3 MNIST, 8/255 CIFAR/SVHN)",
+    )
+    attack_steps: int = _f(10, "adversarial", "attack iterations during training")
+    attack_step_size: float | None = _f(
+        None, "adversarial", "attack step size (default 2.5 * eps / steps)"
+    )
+    attack_bn_mode: str = _f(
+        "eval",
+        "adversarial",
+        "BatchNorm mode while crafting training attacks",
+        choices=("eval", "train"),
+    )
+    train_attack: str | None = _f(
+        None,
+        "adversarial",
+        "attack used in training instead of the objective's own (attacks.list_attacks(), or torchattacks:NAME)",
+    )
+    eps_warmup_epochs: float = _f(
+        0.0, "adversarial", "ramp the radius linearly from 0 over this many epochs"
+    )
+    # sparsity
+    sparse_method: str = _f(
+        "dense",
+        "sparse",
+        "sparse-training method",
+        choices=("dense", "static", "set", "rigl", "itop-set", "itop-rigl"),
+    )
+    sparsity: float = _f(0.9, "sparse", "fraction of maskable weights that are zero")
+    sparse_init: str = _f(
+        "erk", "sparse", "initial per-layer density", choices=("uniform", "er", "erk")
+    )
+    update_interval: int | None = _f(
+        None, "sparse", "steps between topology updates (method default)"
+    )
+    drop_fraction: float | None = _f(
+        None, "sparse", "initial drop fraction, cosine-decayed (method default)"
+    )
+    update_end: float | None = _f(
+        None, "sparse", "fraction of training after which the topology is frozen (method default)"
+    )
+    dense_first_layer: bool = _f(False, "sparse", "keep the first layer dense")
+    # evaluation during training
+    eval_subset: int = _f(
+        500, "evaluation", "validation and test points evaluated each epoch (first N test points)"
+    )
+    eval_steps: int = _f(20, "evaluation", "PGD steps of the per-epoch robust evaluation")
+    # run
+    seed: int = _f(0, "run", "random seed (weights, data order, attacks)")
+    device: str = _f("cpu", "run", "cpu, cuda or cuda:N")
+    threads: int | None = _f(None, "run", "CPU threads (torch.set_num_threads)")
+    out: str | None = _f(
+        None, "run", "run folder (default runs/<dataset>-<model>-<sparse>-<optimizer>-s<seed>)"
+    )
+    resume: bool = _f(False, "run", "continue the run in --out from its last checkpoint")
+    overwrite: bool = _f(False, "run", "replace an existing run folder")
+    progress: bool = _f(True, "run", "progress bar (--no-progress to disable)")
+
+    def validate(self) -> None:
+        """Raise :class:`~robust_agc.errors.UserError` naming the first invalid value."""
+        checks: list[tuple[str, bool]] = [
+            ("epochs", self.epochs >= 1),
+            ("batch_size", self.batch_size >= 1),
+            ("lr", self.lr > 0 and math.isfinite(self.lr)),
+            ("momentum", 0.0 <= self.momentum < 1.0),
+            ("weight_decay", self.weight_decay >= 0),
+            ("lr_decay", 0 < self.lr_decay <= 1),
+            ("warmup_epochs", 0 <= self.warmup_epochs <= self.epochs),
+            ("val_size", self.val_size >= 0),
+            ("agc_gamma", self.agc_gamma >= 0 and math.isfinite(self.agc_gamma)),
+            ("agc_alpha", 0.0 <= self.agc_alpha <= 1.0),
+            ("agc_tau_init", math.isfinite(self.agc_tau_init)),
+            ("agc_refresh_fraction", 0.0 < self.agc_refresh_fraction <= 1.0),
+            ("svrg_coef", math.isfinite(self.svrg_coef)),
+            ("beta", self.beta >= 0),
+            ("eps", self.eps is None or 0 <= self.eps <= 1),
+            ("attack_steps", self.attack_steps >= 1),
+            ("attack_step_size", self.attack_step_size is None or self.attack_step_size > 0),
+            ("eps_warmup_epochs", 0 <= self.eps_warmup_epochs <= self.epochs),
+            ("sparsity", 0.0 <= self.sparsity < 1.0),
+            ("update_interval", self.update_interval is None or self.update_interval >= 1),
+            ("drop_fraction", self.drop_fraction is None or 0.0 <= self.drop_fraction <= 1.0),
+            ("update_end", self.update_end is None or 0.0 <= self.update_end <= 1.0),
+            ("eval_subset", self.eval_subset >= 0),
+            ("eval_steps", self.eval_steps >= 1),
+            ("threads", self.threads is None or self.threads >= 1),
+            ("train_subset", self.train_subset is None or self.train_subset >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise UserError(f"Invalid {name} value: {getattr(self, name)}")
+        if not all(0 < m < 1 for m in self.lr_milestones):
+            raise UserError(
+                f"Invalid lr_milestones value: {self.lr_milestones} (fractions in (0, 1))"
+            )
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise UserError(
+                    f"Invalid {f.name} value: {value!r} (choose from {', '.join(choices)})"
+                )
+        parse_refresh(self.agc_refresh)
+        if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
+            raise UserError(f"Invalid device value: {self.device!r} (cpu, cuda or cuda:N)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON/checkpoint safe)."""
+        return dataclasses.asdict(self)
+
+
+def parse_refresh(spec: str) -> tuple[str, int]:
+    """``"1e"`` -> ``("epoch", 1)``; ``"500s"`` -> ``("step", 500)``; a bare number means epochs."""
+    m = re.fullmatch(r"\s*(\d+)\s*([es]?)\s*", str(spec))
+    if not m or int(m.group(1)) < 1:
+        raise UserError(
+            f"Invalid agc_refresh value: {spec!r} (e.g. 1e for every epoch, 500s for every 500 steps)"
+        )
+    return ("step" if m.group(2) == "s" else "epoch", int(m.group(1)))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config (safe loader); keys may use dashes or underscores."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping of settings")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in known:
+            raise UserError(f"unknown setting {k!r} in {path}")
+        out[key] = v
+    return out
+
+
+def _bool_flag(group: argparse._ArgumentGroup, name: str, help: str) -> None:
+    flag = name.replace("_", "-")
+    group.add_argument(
+        f"--{flag}", dest=name, action="store_true", default=argparse.SUPPRESS, help=help
+    )
+    group.add_argument(f"--no-{flag}", dest=name, action="store_false", default=argparse.SUPPRESS)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per :class:`TrainConfig` field, grouped by concern, plus ``--config``."""
+    parser.add_argument("--config", help="YAML file of settings (the command line wins)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        g = f.metadata["group"]
+        if g not in groups:
+            groups[g] = parser.add_argument_group(g)
+        group = groups[g]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if f.type in ("bool", bool):
+            _bool_flag(group, f.name, help_text)
+            continue
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        base = str(f.type).replace(" | None", "")
+        if base == "int":
+            kw["type"] = int
+        elif base == "float":
+            kw["type"] = float
+        elif base == "list[float]":
+            kw["type"] = float
+            kw["nargs"] = "+"
+        if "choices" in f.metadata and f.name != "dataset":
+            kw["choices"] = f.metadata["choices"]
+        group.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Merge defaults, ``--config`` and explicit flags (in that order) and validate."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in known})
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:
+        raise UserError(str(e)) from None
+    cfg.validate()
+    return cfg

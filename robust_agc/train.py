@@ -1,0 +1,635 @@
+"""The training loop: attack generation alternating with (sparse) model updates, PGD-AT/TRADES/MART.
+
+:func:`train` runs one configuration end to end and writes the run folder:
+
+- ``config.yaml``: the resolved :class:`~robust_agc.config.TrainConfig`;
+- ``metrics.jsonl``: one JSON object per epoch (see :data:`METRIC_FIELDS`);
+- ``last.pt`` / ``best.pt``: checkpoints (best = highest validation robust accuracy);
+- ``summary.json``: final metrics, total time and versions.
+
+Every step: craft ``x_adv`` against the current model (BatchNorm in eval mode by default), compute the
+objective on it, backpropagate, and -- with AGC -- evaluate the same objective on the *same* batch at
+the snapshot weights, then take the optimizer step (masks enforced by the optimizer's step hooks) and
+the topology scheduler's step. On CPU a run is bit-for-bit reproducible and resumable: the data order
+depends only on ``(seed, epoch)``, and checkpoints carry every RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from . import __version__
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .config import TrainConfig, parse_refresh
+from .data import Batches, DataSplits, make_splits
+from .errors import CheckpointError, UserError
+from .models import create_model
+
+__all__ = ["train", "Trainer", "METRIC_FIELDS", "evaluate_accuracy", "default_run_dir"]
+
+logger = logging.getLogger(__name__)
+
+METRIC_FIELDS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_clean_acc",
+    "val_robust_acc",
+    "test_clean_acc",
+    "test_robust_acc",
+    "lr",
+    "epoch_time_s",
+    "wall_time_s",
+    "images_per_s",
+    "grad_evals",
+)
+"""Fields every epoch's record has; AGC adds ``agc_*`` fields, sparse methods ``density`` etc."""
+
+TIMING_FIELDS = ("epoch_time_s", "wall_time_s", "images_per_s", "refresh_time_s")
+"""Fields that measure time and therefore differ between otherwise identical runs."""
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    """``runs/<dataset>-<model>-<sparse>[-<sparsity>]-<optimizer>-<objective>-s<seed>``."""
+    sparse = (
+        cfg.sparse_method
+        if cfg.sparse_method == "dense"
+        else f"{cfg.sparse_method}{cfg.sparsity:g}"
+    )
+    return (
+        Path("runs")
+        / f"{cfg.dataset}-{cfg.model}-{sparse}-{cfg.optimizer}-{cfg.objective}-s{cfg.seed}"
+    )
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    return torch.cat(
+        [model(x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)]
+    )
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    attack: Callable[[Tensor, Tensor], Tensor] | None = None,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Accuracy (in [0, 1]) of ``model`` in eval mode on ``(x, y)``, optionally under ``attack``."""
+    if x.shape[0] == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(device)
+            yb = y[i : i + batch_size].to(device)
+            if attack is not None:
+                xb = attack(xb, yb)
+            with torch.no_grad():
+                correct += int((model(xb).argmax(1) == yb).sum())
+    finally:
+        model.train(was_training)
+    return correct / x.shape[0]
+
+
+@dataclass
+class _RunState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    grad_evals: int = 0  # forward+backward passes over single examples, all sources
+    wall_time_s: float = 0.0  # training + evaluation time, summed over sessions
+    best_val_robust: float = -1.0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Builds every component of a run from a :class:`TrainConfig` and runs its epochs.
+
+    The pieces are attributes (``model``, ``optimizer``, ``masks``, ``topology``, ``objective``,
+    ``attack``), so research code can build a ``Trainer``, replace one, and call :meth:`fit`.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, splits: DataSplits | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"Invalid device value: {cfg.device!r} (CUDA is not available here)")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.splits = splits or make_splits(
+            cfg.dataset,
+            data_dir=cfg.data_dir,
+            download=cfg.download,
+            train_subset=cfg.train_subset,
+            val_size=cfg.val_size,
+        )
+        info = self.splits.info
+        self.eps = info.eps_linf if cfg.eps is None else cfg.eps
+        self.step_size = cfg.attack_step_size or 2.5 * self.eps / cfg.attack_steps
+        self.model = create_model(
+            cfg.model,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            input_size=info.input_size,
+            mean=info.mean,
+            std=info.std,
+            init=cfg.init,
+        ).to(self.device)
+        self._build_sparse()
+        self._build_optimizer()
+        self._build_objective()
+        augment = cfg.augment if cfg.augment is not None else info.augment
+        self.batches = Batches(
+            self.splits.x_train,
+            self.splits.y_train,
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            augment=augment,
+        )
+        self.steps_per_epoch = len(self.batches)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self._build_topology()
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.state = _RunState()
+        self._refresh_kind, self._refresh_every = parse_refresh(cfg.agc_refresh)
+        self._refresh_gen = torch.Generator().manual_seed(cfg.seed + 17)
+        from attacks import PGD
+
+        # Per-epoch robust evaluation: its own seeded generator, so it never draws from the global RNG.
+        self.eval_attack = PGD(
+            self.model,
+            eps=self.eps,
+            alpha=2.5 * self.eps / cfg.eval_steps,
+            steps=cfg.eval_steps,
+            random_start=True,
+            seed=cfg.seed + 1,
+        )
+
+    # ----------------------------------------------------------------------------------------- build
+    def _build_sparse(self) -> None:
+        cfg = self.cfg
+        self.masks = None
+        if cfg.sparse_method == "dense":
+            return
+        from .sparse import apply_masks
+
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        self.masks = apply_masks(
+            self.model,
+            sparsity=cfg.sparsity,
+            distribution=cfg.sparse_init,
+            dense_first_layer=cfg.dense_first_layer,
+            generator=g,
+        )
+
+    def _build_optimizer(self) -> None:
+        from .optim import create_optimizer
+
+        cfg = self.cfg
+        agc_kwargs: dict[str, Any] = {}
+        if cfg.optimizer == "agc":
+            agc_kwargs = dict(
+                gamma=cfg.agc_gamma,
+                alpha=cfg.agc_alpha,
+                tau_init=cfg.agc_tau_init,
+                estimator=cfg.agc_estimator,
+            )
+        elif cfg.optimizer == "svrg":
+            agc_kwargs = dict(
+                coef="ramp" if cfg.svrg_schedule == "ramp" else "fixed", fixed_coef=cfg.svrg_coef
+            )
+        self.optimizer = create_optimizer(
+            cfg.optimizer,
+            self.model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+            **agc_kwargs,
+        )
+        self.is_agc = hasattr(self.optimizer, "snapshot_backward")
+        if self.masks is not None:
+            self.masks.attach(self.optimizer)
+
+    def _build_objective(self) -> None:
+        from .losses import get_objective
+
+        cfg = self.cfg
+        self.objective = get_objective(cfg.objective, beta=cfg.beta)
+        self.attack = None
+        if not self.objective.needs_adversarial:
+            return
+        if cfg.train_attack:
+            from attacks import create_attack
+
+            self.attack = create_attack(
+                cfg.train_attack,
+                self.model,
+                eps=self.eps,
+                alpha=self.step_size,
+                steps=cfg.attack_steps,
+            )
+        else:
+            self.attack = self.objective.default_attack(
+                self.model,
+                eps=self.eps,
+                alpha=self.step_size,
+                steps=cfg.attack_steps,
+                bn_mode=cfg.attack_bn_mode,
+            )
+
+    def _build_topology(self) -> None:
+        self.topology = None
+        if self.masks is None:
+            return
+        from .sparse import create_scheduler
+
+        cfg = self.cfg
+        kw = {
+            k: v
+            for k, v in dict(
+                update_interval=cfg.update_interval,
+                drop_fraction=cfg.drop_fraction,
+                update_end=cfg.update_end,
+            ).items()
+            if v is not None
+        }
+        self.topology = create_scheduler(
+            cfg.sparse_method,
+            self.masks,
+            total_steps=self.total_steps,
+            optimizer=self.optimizer,
+            generator=torch.Generator().manual_seed(self.cfg.seed + 11),
+            **kw,
+        )
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        warm = cfg.warmup_epochs * self.steps_per_epoch
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        t = step / max(1, self.total_steps)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+        if cfg.lr_schedule == "multistep":
+            return cfg.lr_decay ** sum(t >= m for m in cfg.lr_milestones)
+        return 1.0
+
+    # --------------------------------------------------------------------------------------- pieces
+    def _eps_now(self) -> float:
+        w = self.cfg.eps_warmup_epochs * self.steps_per_epoch
+        if w <= 0:
+            return self.eps
+        return self.eps * min(1.0, (self.state.step + 1) / w)
+
+    def _craft(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.attack is None:
+            return x
+        if self.cfg.eps_warmup_epochs > 0:
+            eps = self._eps_now()
+            self.attack.eps = eps
+            self.attack.alpha = self.step_size * eps / self.eps
+        return self.attack(x, y)
+
+    def _attack_cost(self, n: int) -> int:
+        if self.attack is None:
+            return 0
+        return int(getattr(self.attack, "cost_per_example", self.cfg.attack_steps)) * n
+
+    def _refresh_due(self, epoch_start: bool) -> bool:
+        if not self.is_agc:
+            return False
+        if self._refresh_kind == "epoch":
+            return epoch_start and self.state.epoch % self._refresh_every == 0
+        return self.state.step % self._refresh_every == 0
+
+    def _refresh(self) -> dict[str, Any]:
+        """The AGC statistics pass over (a seeded fraction of) the training set."""
+        cfg = self.cfg
+        src = Batches(self.splits.x_train, self.splits.y_train, cfg.batch_size, shuffle=False)
+        n_batches = len(src)
+        keep = n_batches
+        if cfg.agc_refresh_fraction < 1.0:
+            keep = max(2, round(cfg.agc_refresh_fraction * n_batches))
+        chosen = set(torch.randperm(n_batches, generator=self._refresh_gen)[:keep].tolist())
+        objective, device = self.objective, self.device
+        attack_cost = 0
+
+        def batches():
+            nonlocal attack_cost
+            for i, (x, y) in enumerate(src):
+                if i not in chosen:
+                    continue
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if cfg.agc_full_grad == "adversarial" and self.attack is not None:
+                    x_adv = self._craft(x, y)
+                    attack_cost += self._attack_cost(x.shape[0])
+                else:
+                    x_adv = x
+                yield x, x_adv, y
+
+        def loss_fn(m: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+            return objective(m, x, x_adv, y)[0]
+
+        self.model.train()
+        tel = self.optimizer.refresh(self.model, batches(), loss_fn)
+        self.state.grad_evals += int(tel.get("refresh_grad_evals", 0)) + attack_cost
+        return tel
+
+    # ------------------------------------------------------------------------------------------ run
+    def train_epoch(self, progress: bool = False) -> dict[str, Any]:
+        """One epoch of training; returns the epoch's training statistics."""
+        cfg, model, opt, device = self.cfg, self.model, self.optimizer, self.device
+        objective = self.objective
+        self.batches.set_epoch(self.state.epoch)
+        refresh_tel: dict[str, Any] = {}
+        refresh_time = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        it = self.batches
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(self.batches, desc=f"epoch {self.state.epoch + 1}/{cfg.epochs}", leave=False)
+        for i, (x, y) in enumerate(it):
+            if self._refresh_due(epoch_start=i == 0):
+                t0 = time.perf_counter()
+                refresh_tel = self._refresh()
+                refresh_time += time.perf_counter() - t0
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            n = x.shape[0]
+            x_adv = self._craft(x, y)
+            model.train()
+            loss, logits = objective(model, x, x_adv, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            fb = objective.forwards_per_step * n
+            if self.is_agc:
+                opt.snapshot_backward(model, lambda m: objective(m, x, x_adv, y)[0])
+                fb *= 2
+            opt.step()
+            self.lr_scheduler.step()
+            if self.topology is not None:
+                self.topology.step()
+            self.state.step += 1
+            self.state.grad_evals += fb + self._attack_cost(n)
+            loss_sum += loss.detach().double() * n
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += n
+        out = {"train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen}
+        if self.is_agc:
+            tel = self.optimizer.telemetry()
+            out.update({k: tel[k] for k in ("agc_tau_now", "agc_tau", "agc_coef") if k in tel})
+            out["refresh_time_s"] = refresh_time
+            if refresh_tel:
+                out["refresh_batches"] = refresh_tel.get("refresh_batches")
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        """Clean and PGD accuracy on the validation points and the first ``eval_subset`` test points."""
+        n = self.cfg.eval_subset
+        s = self.splits
+        out: dict[str, float] = {}
+        for name, x, y in (("val", s.x_val[:n], s.y_val[:n]), ("test", s.x_test[:n], s.y_test[:n])):
+            out[f"{name}_clean_acc"] = evaluate_accuracy(self.model, x, y, device=self.device)
+            out[f"{name}_robust_acc"] = evaluate_accuracy(
+                self.model, x, y, attack=self.eval_attack, device=self.device
+            )
+        return out
+
+    def sparse_report(self) -> dict[str, Any]:
+        """Density, exploration rate and FLOPs ratio of the current masks (empty when dense)."""
+        if self.masks is None:
+            return {}
+        rep = self.masks.report()
+        info = self.splits.info
+        out = {k: rep[k] for k in ("density", "exploration_rate") if k in rep}
+        try:
+            out["flops_ratio"] = self.masks.flops(
+                (1, info.in_channels, info.input_size, info.input_size)
+            )["flops_ratio"]
+        except (AttributeError, KeyError, TypeError):
+            out["flops_ratio"] = rep.get("flops_ratio")
+        if "layer_density" in rep:
+            out["layer_density"] = rep["layer_density"]
+        return out
+
+    # ------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit: weights, optimizer, schedules, RNG, counters."""
+        st = self.state
+        ckpt: dict[str, Any] = {
+            "format": "robust_agc.train/1",
+            "version": __version__,
+            "config": self.cfg.to_dict() | self._model_meta(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "epoch": st.epoch,
+            "step": st.step,
+            "grad_evals": st.grad_evals,
+            "wall_time_s": st.wall_time_s,
+            "best_val_robust": st.best_val_robust,
+            "metrics": st.metrics,
+            "rng": {"torch": torch.get_rng_state(), "refresh": self._refresh_gen.get_state()},
+        }
+        if self.device.type == "cuda":
+            ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.topology is not None:
+            ckpt["topology"] = self.topology.state_dict()
+        if hasattr(self.eval_attack, "generator") and self.eval_attack.generator is not None:
+            ckpt["rng"]["eval_attack"] = self.eval_attack.generator.get_state()
+        return ckpt
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the config must describe the same run)."""
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if self.topology is not None:
+                self.topology.load_state_dict(ckpt["topology"])
+            if self.masks is not None and hasattr(self.masks, "sync_from_buffers"):
+                self.masks.sync_from_buffers()
+            st = self.state
+            st.epoch, st.step = int(ckpt["epoch"]), int(ckpt["step"])
+            st.grad_evals, st.wall_time_s = int(ckpt["grad_evals"]), float(ckpt["wall_time_s"])
+            st.best_val_robust, st.metrics = float(ckpt["best_val_robust"]), list(ckpt["metrics"])
+            rng = ckpt["rng"]
+            torch.set_rng_state(rng["torch"])
+            self._refresh_gen.set_state(rng["refresh"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            if "eval_attack" in rng:
+                self.eval_attack.generator.set_state(rng["eval_attack"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"checkpoint does not match this run's configuration: {first}"
+            ) from None
+
+    def _model_meta(self) -> dict[str, Any]:
+        info = self.splits.info
+        return {
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "input_size": info.input_size,
+            "eps_resolved": self.eps,
+            "attack_step_size_resolved": self.step_size,
+        }
+
+    # ------------------------------------------------------------------------------------------- fit
+    def fit(self, out_dir: Path | None = None, *, progress: bool = False) -> dict[str, Any]:
+        """Train the remaining epochs, writing metrics and checkpoints to ``out_dir`` when given."""
+        cfg, st = self.cfg, self.state
+        n_train = self.splits.x_train.shape[0]
+        while st.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            rec: dict[str, Any] = {"epoch": st.epoch + 1}
+            rec.update(self.train_epoch(progress=progress))
+            train_time = time.perf_counter() - t0
+            rec["lr"] = self.optimizer.param_groups[0]["lr"]
+            rec.update(self.evaluate())
+            rec.update(self.sparse_report())
+            st.epoch += 1
+            epoch_time = time.perf_counter() - t0
+            st.wall_time_s += epoch_time
+            rec.update(
+                epoch_time_s=epoch_time,
+                wall_time_s=st.wall_time_s,
+                images_per_s=n_train / train_time,
+                grad_evals=st.grad_evals,
+                step=st.step,
+            )
+            st.metrics.append(rec)
+            is_best = (
+                rec["val_robust_acc"] > st.best_val_robust
+                if not math.isnan(rec["val_robust_acc"])
+                else False
+            )
+            if is_best:
+                st.best_val_robust = rec["val_robust_acc"]
+            logger.info(
+                "epoch %d/%d loss %.4f train %.3f val %.3f/%.3f test %.3f/%.3f (%.1fs)",
+                st.epoch,
+                cfg.epochs,
+                rec["train_loss"],
+                rec["train_acc"],
+                rec["val_clean_acc"],
+                rec["val_robust_acc"],
+                rec["test_clean_acc"],
+                rec["test_robust_acc"],
+                epoch_time,
+            )
+            if out_dir is not None:
+                ckpt = self.state_dict()
+                _write_metrics(out_dir, st.metrics)
+                save_checkpoint(ckpt, out_dir / "last.pt")
+                if is_best:
+                    save_checkpoint(ckpt, out_dir / "best.pt")
+        summary = self.summary()
+        if out_dir is not None:
+            atomic_write_bytes(
+                out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode()
+            )
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        """Final metrics, totals and versions."""
+        st = self.state
+        last = st.metrics[-1] if st.metrics else {}
+        best = max(st.metrics, key=lambda r: r["val_robust_acc"], default={})
+        import torchvision
+
+        return {
+            "final": last,
+            "best_val_epoch": best.get("epoch"),
+            "best_val": {k: best.get(k) for k in METRIC_FIELDS if k.startswith(("val_", "test_"))},
+            "epochs": st.epoch,
+            "steps": st.step,
+            "grad_evals": st.grad_evals,
+            "wall_time_s": st.wall_time_s,
+            "config": self.cfg.to_dict(),
+            "versions": {
+                "robust_agc": __version__,
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "python": platform.python_version(),
+            },
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+            },
+        }
+
+
+def _write_metrics(out_dir: Path, metrics: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in metrics)
+    atomic_write_bytes(out_dir / "metrics.jsonl", text.encode())
+
+
+def _prepare_run_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    if cfg.resume:
+        if not (out / "last.pt").is_file():
+            raise UserError(f"nothing to resume: {out / 'last.pt'} does not exist")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise UserError(
+                f"run folder {out} exists and is not empty: pass --resume to continue it or --overwrite to replace it"
+            )
+        if not (out / "config.yaml").is_file():
+            raise UserError(
+                f"refusing to overwrite {out}: it is not a robust_agc run folder (no config.yaml)"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
+    """Run (or resume) the training described by ``cfg``; returns ``(summary, run folder)``."""
+    cfg.validate()
+    out = _prepare_run_dir(cfg)
+    trainer = Trainer(cfg)
+    if cfg.resume:
+        ckpt = load_checkpoint(out / "last.pt", map_location=trainer.device)
+        saved = {k: v for k, v in ckpt.get("config", {}).items() if k in cfg.to_dict()}
+        mine = cfg.to_dict()
+        ignore = {"resume", "overwrite", "progress", "device", "threads", "out", "data_dir"}
+        diff = sorted(k for k in saved if k not in ignore and saved[k] != mine[k])
+        if diff:
+            raise UserError(
+                f"--resume with a different configuration ({', '.join(diff)}); use a new --out"
+            )
+        trainer.load_state_dict(ckpt)
+        logger.info("resumed %s at epoch %d", out, trainer.state.epoch)
+    cfg_text = yaml.safe_dump(cfg.to_dict() | trainer._model_meta(), sort_keys=False)
+    atomic_write_bytes(out / "config.yaml", cfg_text.encode())
+    summary = trainer.fit(out, progress=cfg.progress)
+    return summary, out
