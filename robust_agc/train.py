@@ -387,7 +387,7 @@ class Trainer:
             loss.backward()
             fb = objective.forwards_per_step * n
             if self.is_agc:
-                opt.snapshot_backward(model, lambda m: objective(m, x, x_adv, y)[0])
+                opt.snapshot_backward(model, lambda m, x=x, xa=x_adv, y=y: objective(m, x, xa, y)[0])
                 fb *= 2
             opt.step()
             self.lr_scheduler.step()
