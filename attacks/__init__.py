@@ -1,0 +1,70 @@
+"""Adversarial attacks on a common base (torchattacks call shape, depends on torch only).
+
+>>> from attacks import PGD, create_attack, list_attacks
+>>> x_adv = PGD(model, eps=0.1, steps=10)(x, y)
+>>> x_adv = create_attack("pgd", model, eps=0.1, steps=10)(x, y)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .adapters import TorchattacksAdapter, as_torchattacks
+from .base import BN_MODES, NORMS, Attack
+from .fgsm import FGSM
+from .fgsmrs import FGSMRS
+from .losses import LOSSES, cross_entropy, dlr, kl_divergence, resolve_loss
+from .pgd import PGD
+from .pgdl2 import PGDL2
+from .trades import TRADESAttack
+
+__all__ = [
+    "Attack",
+    "FGSM",
+    "FGSMRS",
+    "PGD",
+    "PGDL2",
+    "TRADESAttack",
+    "TorchattacksAdapter",
+    "as_torchattacks",
+    "create_attack",
+    "list_attacks",
+    "LOSSES",
+    "NORMS",
+    "BN_MODES",
+    "cross_entropy",
+    "kl_divergence",
+    "dlr",
+    "resolve_loss",
+]
+
+_REGISTRY: dict[str, type[Attack]] = {
+    "fgsm": FGSM,
+    "fgsm-rs": FGSMRS,
+    "pgd": PGD,
+    "pgd-l2": PGDL2,
+    "trades": TRADESAttack,
+}
+
+
+def list_attacks() -> list[str]:
+    """Names accepted by :func:`create_attack`."""
+    return sorted(_REGISTRY)
+
+
+def create_attack(name: str, model: nn.Module, **kwargs: Any) -> Attack:
+    """Build a registered attack: ``create_attack("pgd", model, eps=0.1, steps=10)``.
+
+    Args:
+        name: one of :func:`list_attacks` (``"pgd"``, ``"pgd-l2"``, ``"fgsm"``, ``"fgsm-rs"``,
+            ``"trades"``).
+        model: the classifier to attack.
+        **kwargs: the attack's arguments (``eps`` is always required).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"Invalid attack value: {name!r} (choose from {', '.join(list_attacks())})"
+        )
+    return _REGISTRY[name](model, **kwargs)
