@@ -73,10 +73,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = [
+            ln.strip()
+            for ln in str(e).splitlines()
+            if "Unsupported global" in ln or "Unsupported class" in ln
+        ]
+        if detail:
+            raise CheckpointError(
+                f"refusing to load {path}: it holds objects other than tensors and plain containers "
+                f"(unsafe pickle; nothing was executed): {detail[0][:200]}"
+            ) from None
         raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain containers "
-            f"(unsafe pickle; nothing was executed): {first}"
+            f"cannot read checkpoint {path}: not a valid torch checkpoint"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
