@@ -459,7 +459,6 @@ def _fill_state(state: dict[str, Any], shape: torch.Size, zero_at: Tensor) -> No
             v.masked_fill_(zero_at, 0)
 
 
-@torch.no_grad()
 def apply_masks(
     model: nn.Module,
     *,
@@ -517,23 +516,8 @@ def apply_masks(
     density = 1.0 - float(sparsity)
     shapes = [tuple(m.weight.shape) for _, m in layers]
     counts = layer_counts(shapes, density, distribution)
-    for (name, m), k in zip(layers, counts):
-        w = m.weight
-        n = w.numel()
-        if k == 0:
-            warnings.warn(
-                f"layer {name!r} gets no active weight at sparsity {sparsity}", stacklevel=2
-            )
-        scores = torch.rand(n, generator=gen)
-        flat = torch.zeros(n, dtype=torch.bool)
-        flat[torch.topk(scores, k, sorted=False).indices] = True
-        mask = flat.view(w.shape).to(w.device)
-        m.register_buffer(MASK_BUFFER, mask, persistent=True)
-        m.register_buffer(EVER_BUFFER, mask.clone(), persistent=False)
-        d = k / n
-        if rescale_init and 0 < d < 1:
-            w.mul_(1.0 / math.sqrt(d))
-        logger.debug("masked %s: %d/%d active (%.4f)", name, k, n, d)
+    with torch.no_grad():
+        _register(layers, counts, gen, rescale_init, sparsity)
     masks = SparseMasks(model, layers, distribution=distribution, target_density=density)
     masks.apply_()
     logger.info(
@@ -545,3 +529,29 @@ def apply_masks(
         masks.num_maskable,
     )
     return masks
+
+
+def _register(
+    layers: Sequence[tuple[str, nn.Module]],
+    counts: Sequence[int],
+    gen: torch.Generator,
+    rescale_init: bool,
+    sparsity: float,
+) -> None:
+    for (name, m), k in zip(layers, counts):
+        w = m.weight
+        n = w.numel()
+        if k == 0:
+            warnings.warn(
+                f"layer {name!r} gets no active weight at sparsity {sparsity}", stacklevel=3
+            )
+        scores = torch.rand(n, generator=gen)
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[torch.topk(scores, k, sorted=False).indices] = True
+        mask = flat.view(w.shape).to(w.device)
+        m.register_buffer(MASK_BUFFER, mask, persistent=True)
+        m.register_buffer(EVER_BUFFER, mask.clone(), persistent=False)
+        d = k / n
+        if rescale_init and 0 < d < 1:
+            w.mul_(1.0 / math.sqrt(d))
+        logger.debug("masked %s: %d/%d active (%.4f)", name, k, n, d)

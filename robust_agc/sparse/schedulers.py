@@ -191,6 +191,8 @@ class TopologyScheduler:
             new[grow_idx] = True
             zero_at = torch.logical_not(remaining).view(mask.shape)
             w.masked_fill_(zero_at, 0)
+            if w.grad is not None:
+                w.grad.masked_fill_(zero_at, 0)
             for opt in optimizers:
                 state = opt.state.get(w)
                 if state:
