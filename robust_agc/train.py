@@ -420,21 +420,13 @@ class Trainer:
         return out
 
     def sparse_report(self) -> dict[str, Any]:
-        """Density, exploration rate and FLOPs ratio of the current masks (empty when dense)."""
+        """Density, exploration rate, FLOPs ratios and per-layer densities (empty when dense)."""
         if self.masks is None:
             return {}
-        rep = self.masks.report()
         info = self.splits.info
-        out = {k: rep[k] for k in ("density", "exploration_rate") if k in rep}
-        try:
-            out["flops_ratio"] = self.masks.flops(
-                (1, info.in_channels, info.input_size, info.input_size)
-            )["flops_ratio"]
-        except (AttributeError, KeyError, TypeError):
-            out["flops_ratio"] = rep.get("flops_ratio")
-        if "layer_density" in rep:
-            out["layer_density"] = rep["layer_density"]
-        return out
+        rep = self.masks.report(input_shape=(info.in_channels, info.input_size, info.input_size))
+        keys = ("density", "exploration_rate", "flops_ratio", "train_flops_ratio", "layer_densities", "last_update")
+        return {k: rep[k] for k in keys if k in rep}
 
     # ------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -459,8 +451,7 @@ class Trainer:
             ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.topology is not None:
             ckpt["topology"] = self.topology.state_dict()
-        if hasattr(self.eval_attack, "generator") and self.eval_attack.generator is not None:
-            ckpt["rng"]["eval_attack"] = self.eval_attack.generator.get_state()
+        ckpt["rng"]["eval_attack"] = self.eval_attack.get_rng_state()
         return ckpt
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -482,8 +473,7 @@ class Trainer:
             self._refresh_gen.set_state(rng["refresh"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
-            if "eval_attack" in rng:
-                self.eval_attack.generator.set_state(rng["eval_attack"])
+            self.eval_attack.set_rng_state(rng["eval_attack"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(

@@ -1,0 +1,182 @@
+"""End-to-end CLI: a real Fashion-MNIST run, SIGKILL-and-resume equality, bad inputs exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from robust_agc.cli import main
+from robust_agc.train import TIMING_FIELDS
+
+from .test_checkpoint import make_malicious_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# A small but complete run: sparse RigL + AGC + PGD-AT on 384 real images.
+SMALL = [
+    "--dataset", "fashion-mnist", "--model", "small-cnn", "--train-subset", "384", "--val-size", "64",
+    "--eval-subset", "64", "--eval-steps", "2", "--batch-size", "64", "--attack-steps", "2",
+    "--epochs", "3", "--seed", "1", "--no-progress", "--threads", "1",
+]  # fmt: skip
+SPARSE_AGC = ["--optimizer", "agc", "--sparse-method", "rigl", "--sparsity", "0.8", "--update-interval", "2"]
+
+
+def run_cli(*argv: str) -> int:
+    try:
+        return main(list(argv))
+    except SystemExit as e:  # argparse usage errors
+        return int(e.code)
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def test_train_end_to_end_writes_the_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", *SMALL, *SPARSE_AGC, "--out", str(out)) == 0
+    assert "clean accuracy" in capsys.readouterr().out
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json"} <= {p.name for p in out.iterdir()}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    required = {
+        "epoch", "train_loss", "train_acc", "val_clean_acc", "val_robust_acc", "test_clean_acc",
+        "test_robust_acc", "lr", "epoch_time_s", "wall_time_s", "images_per_s", "grad_evals",
+        "agc_tau", "agc_coef", "density", "exploration_rate", "flops_ratio",
+    }  # fmt: skip
+    assert required <= set(rows[-1])
+    assert rows[-1]["density"] == pytest.approx(0.2, abs=0.01)
+    assert rows[0]["grad_evals"] < rows[1]["grad_evals"] < rows[2]["grad_evals"]
+    assert rows[0]["wall_time_s"] < rows[2]["wall_time_s"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3 and summary["versions"]["torch"] == torch.__version__
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["optimizer"] == "agc" and ckpt["epoch"] == 3
+    masks = {k: v for k, v in ckpt["model"].items() if k.endswith("weight_mask")}
+    assert masks and all(v.dtype == torch.bool for v in masks.values())
+    for k, m in masks.items():
+        assert torch.all(ckpt["model"][k[: -len("_mask")]][~m] == 0)
+
+
+def test_dense_pgd_at_learns_on_real_data(tmp_path):
+    """A short dense PGD-AT run is clearly above chance, clean and robust (10 classes: chance 0.1)."""
+    out = tmp_path / "dense"
+    args = ["--train-subset", "2000", "--val-size", "200", "--eval-subset", "200", "--epochs", "2"]
+    assert run_cli("train", *SMALL, *args, "--attack-steps", "3", "--out", str(out)) == 0
+    final = json.loads((out / "summary.json").read_text())["final"]
+    assert final["test_clean_acc"] > 0.5 and final["test_robust_acc"] > 0.25
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path):
+    """Kill a run with SIGKILL mid-training, resume it: same final weights and metrics."""
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert run_cli("train", *SMALL, *SPARSE_AGC, "--out", str(ref)) == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "robust_agc", "train", *SMALL, *SPARSE_AGC, "--out", str(killed)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # well inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "last.pt").exists(), "the run ended before the first checkpoint"
+    assert run_cli("train", *SMALL, *SPARSE_AGC, "--out", str(killed), "--resume") == 0
+    a = torch.load(ref / "last.pt", weights_only=True)
+    b = torch.load(killed / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert _metrics(ref) == _metrics(killed)
+    assert a["grad_evals"] == b["grad_evals"] and a["step"] == b["step"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--epochs", "0"], "Invalid epochs value"),
+        (["train", "--model", "resnet-9000"], "Invalid model value"),
+        (["train", "--dataset", "imagenet"], "Invalid dataset value"),
+        (["train", "--sparsity", "1.5", "--sparse-method", "rigl"], "Invalid sparsity value"),
+        (["train", "--lr", "-1"], "Invalid lr value"),
+        (["train", "--momentum", "1.0"], "Invalid momentum value"),
+        (["train", "--agc-refresh", "often"], "Invalid agc_refresh value"),
+        (["train", "--eps", "3"], "Invalid eps value"),
+        (["train", "--device", "tpu"], "Invalid device value"),
+        (["train", "--config", "/nonexistent/x.yaml"], "config file not found"),
+        (["train", "--dataset", "mnist", "--data-dir", "/nonexistent"], "not found"),
+        (["train", "--epochs", "two"], "invalid int value"),
+        (["train", "--objective", "fgsm"], "invalid choice"),
+        (["eval", "/nonexistent/ckpt.pt", "--eps", "0.1"], "not found"),
+    ],
+)
+def test_bad_inputs_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    code = run_cli(*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" else []))
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_bad_yaml_key_and_cli_wins(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    assert run_cli("train", "--config", str(bad)) == 2
+    assert "unknown setting 'epochz'" in capsys.readouterr().err
+    from robust_agc.cli import build_parser
+    from robust_agc.config import config_from_args
+
+    good = tmp_path / "good.yaml"
+    good.write_text("epochs: 3\nlr: 0.2\nsparse-method: set\n")
+    args = build_parser().parse_args(["train", "--config", str(good), "--lr", "0.01"])
+    cfg = config_from_args(args)
+    assert (cfg.epochs, cfg.lr, cfg.sparse_method) == (3, 0.01, "set")
+
+
+def test_existing_run_is_never_overwritten_without_asking(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert run_cli("train", *SMALL, "--out", str(out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    # --overwrite refuses a folder that is not a run folder
+    assert run_cli("train", *SMALL, "--out", str(out), "--overwrite") == 2
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert run_cli("train", *SMALL, "--out", str(tmp_path / "none"), "--resume") == 2
+
+
+def test_malicious_checkpoint_refused_by_resume_and_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("epochs: 1\n")
+    marker = tmp_path / "pwned"
+    make_malicious_checkpoint(out / "last.pt", marker)
+    assert run_cli("train", *SMALL, "--out", str(out), "--resume") == 2
+    assert "unsafe pickle" in capsys.readouterr().err
+    assert run_cli("eval", str(out / "last.pt"), "--eps", "0.1") == 2
+    assert "unsafe pickle" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_resume_with_a_different_configuration_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli("train", *SMALL, "--epochs", "1", "--out", str(out)) == 0
+    before = (out / "last.pt").read_bytes()
+    assert run_cli("train", *SMALL, "--epochs", "1", "--lr", "0.2", "--out", str(out), "--resume") == 2
+    assert "different configuration (lr)" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_python_dash_m_matches_console_script():
+    res = subprocess.run(
+        [sys.executable, "-m", "robust_agc", "--version"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
+    assert res.returncode == 0 and res.stdout.startswith("robust_agc ")
