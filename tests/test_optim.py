@@ -1,0 +1,521 @@
+"""AGC optimizer: kernel vs a float64 reference, SGD equivalence, state, validation, factory, masks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_agc.optim import AGC, agc, corrected_gradient, create_optimizer, list_optimizers
+
+
+def _net(bn: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(1, 4, 3, stride=2)]
+    if bn:
+        layers.append(nn.BatchNorm2d(4))
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _data(n: int = 48, dtype: torch.dtype = torch.float32, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 14, 14, generator=g, dtype=dtype), torch.randint(
+        0, 10, (n,), generator=g
+    )
+
+
+def _ce(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(m(x), y)
+
+
+def _train(
+    model,
+    opt,
+    x,
+    y,
+    *,
+    epochs=3,
+    bs=16,
+    agc_opt=True,
+    refresh_bs=16,
+    start_epoch=0,
+    do_refresh=True,
+):
+    """Plain training loop: snapshot gradient every step, refresh at the end of every epoch."""
+    losses = []
+    for e in range(start_epoch, start_epoch + epochs):
+        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(100 + e))
+        for i in range(0, x.shape[0], bs):
+            xb, yb = x[perm[i : i + bs]], y[perm[i : i + bs]]
+            opt.zero_grad()
+            loss = _ce(model, xb, yb)
+            loss.backward()
+            if agc_opt:
+                opt.snapshot_backward(model, lambda m, xb=xb, yb=yb: _ce(m, xb, yb))
+            opt.step()
+            losses.append(loss.item())
+        if agc_opt and do_refresh:
+            batches = [
+                (x[i : i + refresh_bs], y[i : i + refresh_bs]) for i in range(0, len(x), refresh_bs)
+            ]
+            opt.refresh(model, batches, _ce)
+    return losses
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+def _reference(p0, gs_seq, *, coef, lr, wd, momentum, dampening, nesterov, maximize):
+    """Plain float64 re-statement of docs/agc.md + torch.optim.SGD, one parameter."""
+    p = p0.clone().double()
+    buf = None
+    for g, gsnap, mu in gs_seq:
+        g, gsnap, mu = g.double(), gsnap.double(), mu.double()
+        v = g + coef * (mu - gsnap)
+        if maximize:
+            v = -v
+        v = v + wd * p
+        if momentum != 0:
+            buf = v.clone() if buf is None else momentum * buf + (1 - dampening) * v
+            v = v + momentum * buf if nesterov else buf
+        p = p - lr * v
+    return p
+
+
+KERNEL_CONFIGS = [
+    dict(coef=0.3, lr=0.1, wd=0.01, momentum=0.9, dampening=0.0, nesterov=True, maximize=False),
+    dict(coef=0.05, lr=0.05, wd=0.0, momentum=0.9, dampening=0.1, nesterov=False, maximize=False),
+    dict(coef=1.0, lr=0.2, wd=5e-4, momentum=0.0, dampening=0.0, nesterov=False, maximize=False),
+    dict(coef=0.7, lr=0.1, wd=0.02, momentum=0.5, dampening=0.0, nesterov=True, maximize=True),
+]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("cfg", KERNEL_CONFIGS)
+def test_kernel_matches_float64_reference(cfg, foreach):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), ()]  # includes a 0-dim parameter
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    p0 = [p.clone() for p in params]
+    seqs = [
+        [
+            tuple(torch.randn(s, generator=g, dtype=torch.float64) for _ in range(3))
+            for _ in range(5)
+        ]
+        for s in shapes
+    ]
+    bufs: list[torch.Tensor | None] = [None] * len(params)
+    for t in range(5):
+        grads = [seqs[i][t][0] for i in range(len(params))]
+        grads_before = [x.clone() for x in grads]
+        agc(
+            params,
+            grads,
+            [seqs[i][t][1] for i in range(len(params))],
+            [seqs[i][t][2] for i in range(len(params))],
+            bufs,
+            coef=cfg["coef"],
+            lr=cfg["lr"],
+            weight_decay=cfg["wd"],
+            momentum=cfg["momentum"],
+            dampening=cfg["dampening"],
+            nesterov=cfg["nesterov"],
+            maximize=cfg["maximize"],
+            foreach=foreach,
+        )
+        for a, b in zip(grads, grads_before):
+            assert torch.equal(a, b), "the kernel must not modify the gradients"
+    for i in range(len(params)):
+        ref = _reference(p0[i], seqs[i], **cfg)
+        torch.testing.assert_close(params[i], ref, rtol=1e-12, atol=1e-12)
+        assert not torch.equal(params[i], p0[i])
+
+
+def test_foreach_equals_for_loop_with_missing_snapshots():
+    g = torch.Generator().manual_seed(3)
+    shapes = [(4, 3), (7,), (2, 2, 2)]
+    runs = {}
+    for foreach in (False, True):
+        params = [torch.randn(s, generator=torch.Generator().manual_seed(1)) for s in shapes]
+        bufs: list[torch.Tensor | None] = [None] * 3
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(4):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            snaps = [torch.randn(s, generator=gen) for s in shapes]
+            fulls = [torch.randn(s, generator=gen) for s in shapes]
+            snaps[1] = None  # no snapshot gradient for this one: v = g
+            agc(params, grads, snaps, fulls, bufs, coef=0.4, lr=0.1, weight_decay=1e-3,
+                momentum=0.9, dampening=0.0, nesterov=True, foreach=foreach)  # fmt: skip
+        runs[foreach] = params
+    del g
+    for a, b in zip(runs[False], runs[True]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_corrected_gradient_formula_and_shape_check():
+    g, gs, mu = torch.randn(3, 2), torch.randn(3, 2), torch.randn(3, 2)
+    torch.testing.assert_close(corrected_gradient(g, gs, mu, 0.25), g + 0.25 * (mu - gs))
+    assert torch.equal(corrected_gradient(g, gs, mu, 0.0), g)
+    with pytest.raises(ValueError, match="Invalid shapes value"):
+        corrected_gradient(g, gs, mu[:1], 0.1)
+
+
+# --------------------------------------------------------------------------- SGD equivalence
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("mode", ["gamma0", "fixed0"])
+def test_zero_coefficient_is_bitwise_sgd(dtype, foreach, mode):
+    x, y = _data(dtype=dtype)
+    m_sgd = _net(dtype=dtype)
+    m_agc = copy.deepcopy(m_sgd)
+    kw = dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, foreach=foreach)
+    sgd = torch.optim.SGD(m_sgd.parameters(), **kw)
+    extra = dict(gamma=0.0) if mode == "gamma0" else dict(coef="fixed", fixed_coef=0.0)
+    opt = AGC(m_agc.parameters(), **kw, **extra)
+    _train(m_sgd, sgd, x, y, agc_opt=False)
+    _train(m_agc, opt, x, y)  # with snapshot gradients and refreshes in between
+    assert opt.has_snapshot and opt.num_refreshes == 3
+    for a, b in zip(m_sgd.state_dict().values(), m_agc.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nonzero_coefficient_differs_from_sgd():
+    x, y = _data()
+    m1, m2 = _net(), _net()
+    _train(
+        m1,
+        torch.optim.SGD(m1.parameters(), lr=0.1, momentum=0.9, nesterov=True),
+        x,
+        y,
+        agc_opt=False,
+    )
+    _train(m2, AGC(m2.parameters(), lr=0.1, coef="fixed", fixed_coef=0.5), x, y)
+    assert not torch.equal(m1[0].weight, m2[0].weight)
+
+
+def test_param_without_grad_is_skipped_and_zero_dim_param_works():
+    w = nn.Parameter(torch.randn(3))
+    s = nn.Parameter(torch.tensor(0.5))  # 0-dim
+    unused = nn.Parameter(torch.randn(2))
+    opt = AGC([w, s, unused], lr=0.1, weight_decay=0.1)
+    before = unused.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        (s * w.sum()).backward()
+        opt.step()
+    assert torch.equal(unused, before)
+    assert "momentum_buffer" not in opt.state[unused]
+    assert opt.state[s]["momentum_buffer"].shape == ()
+
+
+def test_step_without_snapshot_backward_warns_and_uses_plain_gradient():
+    x, y = _data()
+    model = _net(bn=False)
+    opt = AGC(model.parameters(), lr=0.1, coef="fixed", fixed_coef=0.5)
+    opt.refresh(model, [(x[:24], y[:24]), (x[24:], y[24:])], _ce)
+    ref = copy.deepcopy(model)
+    ref_opt = AGC(ref.parameters(), lr=0.1, coef="fixed", fixed_coef=0.0)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        o.zero_grad()
+        _ce(m, x, y).backward()
+    with pytest.warns(RuntimeWarning, match="snapshot_backward"):
+        opt.step()
+    ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- snapshot_backward
+
+
+def test_snapshot_backward_matches_a_model_copy_and_leaves_grad_and_buffers():
+    x, y = _data()
+    model = _net()
+    model.train()
+    opt = AGC(model.parameters(), lr=0.1)
+    assert opt.snapshot_backward(model, lambda m: _ce(m, x, y)) is None  # no snapshot yet
+    opt.refresh(model, [(x[:24], y[:24]), (x[24:], y[24:])], _ce)
+    snap_copy = copy.deepcopy(model)
+    _train(model, opt, x, y, epochs=1, do_refresh=False)  # moves the weights, snapshot stays
+    opt.zero_grad()
+    _ce(model, x, y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k
+    }
+    loss = opt.snapshot_backward(model, lambda m: _ce(m, x[:20], y[:20]))
+    # reference: the old weights in a real copy, same (train) mode and same buffers
+    snap_copy.load_state_dict({**snap_copy.state_dict(), **buffers})
+    ref_loss = _ce(snap_copy, x[:20], y[:20])
+    ref_grads = torch.autograd.grad(ref_loss, list(snap_copy.parameters()))
+    torch.testing.assert_close(loss, ref_loss.detach())
+    for p, rg, g0 in zip(model.parameters(), ref_grads, grads):
+        torch.testing.assert_close(opt.state[p]["snap_grad"], rg)
+        assert torch.equal(p.grad, g0)
+    for k, v in buffers.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_snapshot_backward_rejects_foreign_params():
+    x, y = _data()
+    model = _net(bn=False)
+    opt = AGC(list(model.parameters()) + [nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid model value"):
+        opt.refresh(model, [(x, y)], _ce)
+
+
+# --------------------------------------------------------------------------- coefficient and tau
+
+
+def test_coefficient_modes():
+    p = [nn.Parameter(torch.zeros(2))]
+    assert AGC(p, lr=0.1).coefficient == pytest.approx(0.1 * 0.1)
+    assert AGC(p, lr=0.1, coef="fixed", fixed_coef=0.3).coefficient == 0.3
+    model = _net(bn=False)
+    x, y = _data()
+    opt = AGC(model.parameters(), lr=0.1, coef="ramp")
+    got = [opt.coefficient]
+    for _ in range(4):
+        opt.refresh(model, [(x[:24], y[:24]), (x[24:], y[24:])], _ce)
+        got.append(opt.coefficient)
+    assert got == pytest.approx([0.1 * (1 - 0.7**e) for e in range(5)])
+
+
+def test_tau_is_an_ema_of_tau_now():
+    x, y = _data(96)
+    model = _net()
+    opt = AGC(model.parameters(), lr=0.2, alpha=0.3, tau_init=0.1, gamma=0.5)
+    taus = [opt.tau]
+    for e in range(3):
+        _train(model, opt, x, y, epochs=1, agc_opt=True, start_epoch=e, refresh_bs=16)
+        taus.append(opt.tau)
+        if e == 0:
+            assert taus[-1] == taus[-2]  # first refresh: no previous snapshot
+        else:
+            assert opt.tau == pytest.approx(0.7 * taus[-2] + 0.3 * opt.tau_now, rel=1e-12)
+            assert opt.coefficient == pytest.approx(0.5 * opt.tau, rel=1e-12)
+
+
+def test_grad_online_sums_match_manual_computation():
+    x, y = _data()
+    model = _net(bn=False)
+    opt = AGC(model.parameters(), lr=0.05, estimator="grad-online")
+    opt.refresh(model, [(x[:24], y[:24]), (x[24:], y[24:])], _ce)
+    dot = sq = 0.0
+    for i in range(0, 48, 12):
+        xb, yb = x[i : i + 12], y[i : i + 12]
+        opt.zero_grad()
+        _ce(model, xb, yb).backward()
+        opt.snapshot_backward(model, lambda m, xb=xb, yb=yb: _ce(m, xb, yb))
+        for p in model.parameters():
+            d = (opt.state[p]["snap_grad"] - opt.state[p]["full_grad"]).double()
+            dot += float((p.grad.double() * d).sum())
+            sq += float((d * d).sum())
+        opt.step()
+    est = opt.telemetry()["agc_online_estimate"]
+    assert est == pytest.approx(dot / sq, rel=1e-6)
+    tau0 = opt.tau
+    out = opt.refresh(model, [(x[:24], y[:24]), (x[24:], y[24:])], _ce)
+    assert out["agc_tau_now"] == pytest.approx(dot / sq, rel=1e-6)
+    assert opt.tau == pytest.approx(0.7 * tau0 + 0.3 * dot / sq, rel=1e-6)
+    assert out["refresh_forwards"] == 0  # no snapshot forward pass for this estimator
+    assert math.isnan(opt.telemetry()["agc_online_estimate"])  # sums restart
+
+
+# --------------------------------------------------------------------------- state dict
+
+
+@pytest.mark.parametrize("estimator", ["loss-slope", "grad-online"])
+def test_state_dict_round_trip_resumes_bit_for_bit(estimator):
+    x, y = _data(64)
+    model = _net()
+    kw = dict(lr=0.1, weight_decay=1e-3, estimator=estimator, gamma=0.5)
+    opt = AGC(model.parameters(), **kw)
+    _train(model, opt, x, y, epochs=2)
+    _train(model, opt, x[:24], y[:24], epochs=1, start_epoch=2, do_refresh=False)  # mid-period
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    assert "agc" in saved_opt
+
+    _train(model, opt, x, y, epochs=2, start_epoch=3)
+    model2 = _net()
+    model2.load_state_dict(saved_model)
+    opt2 = AGC(model2.parameters(), **kw)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.tau == float(saved_opt["agc"]["tau"])
+    _train(model2, opt2, x, y, epochs=2, start_epoch=3)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    assert opt.tau == opt2.tau and opt.num_refreshes == opt2.num_refreshes == 4
+
+
+def test_load_state_dict_of_another_optimizer_raises():
+    p = [nn.Parameter(torch.zeros(2))]
+    sd = torch.optim.SGD(p, lr=0.1).state_dict()
+    with pytest.raises(ValueError, match="Invalid state_dict value"):
+        AGC(p, lr=0.1).load_state_dict(sd)
+
+
+# --------------------------------------------------------------------------- validation
+
+BAD_HYPERPARAMETERS = [
+    (dict(lr=-0.1), r"Invalid learning rate: -0.1"),
+    (dict(lr=float("nan")), r"Invalid learning rate: nan"),
+    (dict(lr=torch.tensor(0.1)), r"Invalid learning rate"),
+    (dict(momentum=-0.5), r"Invalid momentum value: -0.5"),
+    (dict(weight_decay=-1e-4), r"Invalid weight_decay value: -0.0001"),
+    (dict(gamma=-0.1), r"Invalid gamma value: -0.1"),
+    (dict(dampening=1.5, nesterov=False), r"Invalid dampening value: 1.5"),
+    (dict(momentum=0.0), r"Nesterov momentum requires a momentum and zero dampening"),
+    (dict(dampening=0.1), r"Nesterov momentum requires a momentum and zero dampening"),
+    (dict(alpha=1.3), r"Invalid alpha value: 1.3"),
+    (dict(alpha=-0.1), r"Invalid alpha value: -0.1"),
+    (dict(tau_init=float("inf")), r"Invalid tau_init value: inf"),
+    (dict(estimator="slope"), r"Invalid estimator value: 'slope'"),
+    (dict(coef="svrg"), r"Invalid coef value: 'svrg'"),
+    (dict(fixed_coef=float("nan")), r"Invalid fixed_coef value: nan"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_HYPERPARAMETERS)
+def test_bad_hyperparameters_raise(kwargs, message):
+    kw = dict(lr=0.1)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        AGC([nn.Parameter(torch.zeros(2))], **kw)
+
+
+def test_param_groups_must_share_the_tau_settings_and_may_differ_in_gamma():
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="Invalid alpha value: 0.5"):
+        AGC([{"params": [a]}, {"params": [b], "alpha": 0.5}], lr=0.1)
+    with pytest.raises(ValueError, match="Invalid gamma value: -1"):
+        AGC([{"params": [a]}, {"params": [b], "gamma": -1}], lr=0.1)
+    opt = AGC([{"params": [a]}, {"params": [b], "gamma": 0.0}], lr=0.1)
+    assert opt.group_coefficient(opt.param_groups[1]) == 0.0
+    assert opt.coefficient == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(coef="fixed", fixed_coef=2.0), "fixed_coef=2.0 outside"),
+    (dict(gamma=3.0), "gamma=3.0 > 1"),
+])  # fmt: skip
+def test_suspicious_hyperparameters_warn(kwargs, message):
+    with pytest.warns(UserWarning, match=message):
+        AGC([nn.Parameter(torch.zeros(2))], lr=0.1, **kwargs)
+
+
+def test_defaults_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AGC([nn.Parameter(torch.zeros(2))], lr=0.1)
+
+
+# --------------------------------------------------------------------------- factory
+
+
+@pytest.mark.parametrize("name", list_optimizers())
+def test_factory_builds_every_optimizer_and_it_trains(name):
+    x, y = _data()
+    model = _net(bn=False)
+    opt = create_optimizer(name, model.parameters(), lr=0.05, weight_decay=1e-4)
+    expected = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    assert isinstance(opt, expected.get(name, AGC))
+    if name == "agc":
+        assert opt.param_groups[0]["coef"] == "adaptive"
+    if name == "svrg":
+        assert opt.param_groups[0]["coef"] == "fixed"
+    before = _ce(model, x, y).item()
+    _train(model, opt, x, y, epochs=3, agc_opt=isinstance(opt, AGC))
+    assert _ce(model, x, y).item() < before
+
+
+def test_factory_svrg_ramp_and_agc_estimator():
+    p = [nn.Parameter(torch.zeros(2))]
+    assert create_optimizer("svrg", p, lr=0.1, coef="ramp").param_groups[0]["coef"] == "ramp"
+    opt = create_optimizer("agc", p, lr=0.1, estimator="grad-online", gamma=0.2)
+    assert opt.param_groups[0]["estimator"] == "grad-online" and opt.coefficient == pytest.approx(
+        0.02
+    )
+    assert create_optimizer("adam", p, lr=0.1, momentum=0.8).param_groups[0]["betas"] == (
+        0.8,
+        0.999,
+    )
+
+
+BAD_FACTORY = [
+    (dict(name="lion"), r"Invalid name value: 'lion'"),
+    (dict(name="sgd", gamma=0.1), r"Invalid keyword value: gamma for optimizer 'sgd'"),
+    (dict(name="agc", coef="fixed"), r"Invalid keyword value: coef for optimizer 'agc'"),
+    (dict(name="svrg", coef="adaptive"), r"Invalid coef value: 'adaptive'"),
+    (dict(name="adam", estimator="grad-online"), r"Invalid keyword value: estimator"),
+    (dict(name="agc", lr=-1.0), r"Invalid learning rate: -1.0"),
+    (dict(name="agc", alpha=2.0), r"Invalid alpha value: 2.0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_FACTORY)
+def test_factory_rejects_bad_input(kwargs, message):
+    kw = dict(lr=0.1)
+    kw.update(kwargs)
+    name = kw.pop("name")
+    with pytest.raises(ValueError, match=message):
+        create_optimizer(name, [nn.Parameter(torch.zeros(2))], **kw)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _mask_hooks(opt: torch.optim.Optimizer, masks: dict[nn.Parameter, torch.Tensor]) -> None:
+    """What the sparse layer does: zero p.grad and every state tensor shaped like p, pre and post."""
+
+    def apply(optimizer, args, kwargs):
+        with torch.no_grad():
+            for p, m in masks.items():
+                if p.grad is not None:
+                    p.grad.copy_(torch.where(m, p.grad, torch.zeros_like(p.grad)))
+                for k, v in optimizer.state[p].items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                        optimizer.state[p][k] = torch.where(m, v, torch.zeros_like(v))
+                p.copy_(torch.where(m, p, torch.zeros_like(p)))
+
+    opt.register_step_pre_hook(apply)
+    opt.register_step_post_hook(apply)
+
+
+@pytest.mark.parametrize("estimator", ["loss-slope", "grad-online"])
+def test_masking_hooks_keep_pruned_positions_zero_everywhere(estimator):
+    x, y = _data(64)
+    model = _net()
+    g = torch.Generator().manual_seed(5)
+    masks = {
+        model[0].weight: torch.rand(model[0].weight.shape, generator=g) > 0.5,
+        model[4].weight: torch.rand(model[4].weight.shape, generator=g) > 0.8,
+    }
+    with torch.no_grad():
+        for p, m in masks.items():
+            p.mul_(m)
+    opt = AGC(model.parameters(), lr=0.1, weight_decay=1e-3, gamma=0.5, estimator=estimator)
+    _mask_hooks(opt, masks)
+    _train(model, opt, x, y, epochs=3)
+    opt.zero_grad()
+    _ce(model, x, y).backward()
+    opt.snapshot_backward(model, lambda m: _ce(m, x, y))
+    opt.step()  # state after a step with a snapshot gradient
+    for p, m in masks.items():
+        st = opt.state[p]
+        for key in ("momentum_buffer", "snapshot", "full_grad", "snap_grad"):
+            assert key in st, key
+            assert torch.count_nonzero(st[key][~m]) == 0, key
+            assert torch.count_nonzero(st[key][m]) > 0, (
+                key
+            )  # the test can fail: live positions move
+        assert torch.count_nonzero(p[~m]) == 0
