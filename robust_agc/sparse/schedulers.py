@@ -42,6 +42,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_SEED_MIX = 0x9E3779B97F4A7C15
+_SEED_SALT = 0x5E75E7
+
 #: Default hyperparameters per method; explicit arguments to :func:`create_scheduler` win.
 #: ITOP (Liu et al. 2021): ERK, long intervals (1500 for SET, 4000 for RigL at batch 128),
 #: drop 0.5 with cosine decay, updates until the end of training.
@@ -101,6 +104,10 @@ class TopologyScheduler:
         # Only SET draws random numbers; the others never touch torch's global RNG for a seed.
         if generator is None and not self.uses_random:
             generator = 0
+        if isinstance(generator, int) and not isinstance(generator, bool):
+            # Salt int seeds: the same seed given to apply_masks would otherwise replay the very
+            # scores that chose the initial masks, and SET would regrow exactly what it dropped.
+            generator = (generator * _SEED_MIX + _SEED_SALT) % 2**63
         self.generator = _check_generator(generator)
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
@@ -359,7 +366,8 @@ def create_scheduler(
             :data:`SPARSE_METHOD_DEFAULTS` (100 / 0.3 / 0.75 for SET and RigL; ITOP 1500 or 4000 /
             0.5 / 1.0).
         generator: CPU generator or int seed for SET's random growth (its state is checkpointed);
-            ``None`` draws a seed from torch's global RNG.
+            an int seed is salted, so reusing apply_masks' seed is safe; ``None`` draws a seed
+            from torch's global RNG.
         optimizer: whose same-shaped state is zeroed at dropped/regrown positions (the masks'
             attached optimizers are always included).
     """
