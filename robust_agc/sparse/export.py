@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -56,7 +57,8 @@ def to_sparse_state_dict(model: nn.Module, layout: str = "csr") -> OrderedDict[s
 
     Args:
         model: a masked model (unmasked weights and all other entries stay dense).
-        layout: ``"csr"`` (2-D view ``(out, -1)``, the compact choice) or ``"coo"`` (full shape).
+        layout: ``"csr"`` (2-D view ``(out, -1)``, int32 indices: ~8 bytes per active weight
+            in float32) or ``"coo"`` (full shape, int64 indices: ``4 + 8 * ndim`` bytes).
 
     Returns:
         An ``OrderedDict`` with the keys of an unmasked model; restore with
@@ -80,10 +82,26 @@ def to_sparse_state_dict(model: nn.Module, layout: str = "csr") -> OrderedDict[s
             if layout == "coo":
                 out[key] = w.to_sparse().coalesce()
             else:
-                out[key] = w.reshape(w.shape[0], -1).to_sparse_csr()
+                out[key] = _compact_csr(w.reshape(w.shape[0], -1))
         else:
             out[key] = value.detach().clone()
     return out
+
+
+def _compact_csr(w2d: Tensor) -> Tensor:
+    """CSR with int32 indices in their own storages (``to_sparse_csr`` shares one for both)."""
+    with warnings.catch_warnings():
+        # torch flags CSR as "beta" on first use; the layout is what was asked for.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        csr = w2d.to_sparse_csr()
+        idx = torch.int32 if max(w2d.shape) < 2**31 and csr._nnz() < 2**31 else torch.int64
+        return torch.sparse_csr_tensor(
+            csr.crow_indices().to(idx).clone(),
+            csr.col_indices().to(idx).clone(),
+            csr.values().clone(),
+            size=w2d.shape,
+            check_invariants=True,
+        )
 
 
 def densify_state_dict(
