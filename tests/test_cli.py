@@ -25,7 +25,16 @@ SMALL = [
     "--eval-subset", "64", "--eval-steps", "2", "--batch-size", "64", "--attack-steps", "2",
     "--epochs", "3", "--seed", "1", "--no-progress", "--threads", "1",
 ]  # fmt: skip
-SPARSE_AGC = ["--optimizer", "agc", "--sparse-method", "rigl", "--sparsity", "0.8", "--update-interval", "2"]
+SPARSE_AGC = [
+    "--optimizer",
+    "agc",
+    "--sparse-method",
+    "rigl",
+    "--sparsity",
+    "0.8",
+    "--update-interval",
+    "2",
+]
 
 
 def run_cli(*argv: str) -> int:
@@ -44,7 +53,9 @@ def test_train_end_to_end_writes_the_run_folder(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli("train", *SMALL, *SPARSE_AGC, "--out", str(out)) == 0
     assert "clean accuracy" in capsys.readouterr().out
-    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt", "summary.json"} <= {
+        p.name for p in out.iterdir()
+    }
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     required = {
@@ -170,13 +181,18 @@ def test_resume_with_a_different_configuration_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_cli("train", *SMALL, "--epochs", "1", "--out", str(out)) == 0
     before = (out / "last.pt").read_bytes()
-    assert run_cli("train", *SMALL, "--epochs", "1", "--lr", "0.2", "--out", str(out), "--resume") == 2
+    assert (
+        run_cli("train", *SMALL, "--epochs", "1", "--lr", "0.2", "--out", str(out), "--resume") == 2
+    )
     assert "different configuration (lr)" in capsys.readouterr().err
     assert (out / "last.pt").read_bytes() == before
 
 
 def test_python_dash_m_matches_console_script():
     res = subprocess.run(
-        [sys.executable, "-m", "robust_agc", "--version"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+        [sys.executable, "-m", "robust_agc", "--version"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert res.returncode == 0 and res.stdout.startswith("robust_agc ")

@@ -19,7 +19,9 @@ def test_registry_lists_the_required_architectures():
 @pytest.mark.parametrize("channels,size", SHAPES)
 def test_forward_backward(name, channels, size):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=7, in_channels=channels, input_size=size)
+    # PyTorch's init: with the default He init the head is zero and hidden layers get no gradient
+    # on the very first step (by design, see test_he_init_scale)
+    model = create_model(name, num_classes=7, in_channels=channels, input_size=size, init="default")
     x = torch.rand(2, channels, size, size)
     out = model(x)
     assert out.shape == (2, 7) and torch.isfinite(out).all()
@@ -46,6 +48,11 @@ def test_he_init_scale():
     w = m.classifier[1].weight  # fc-1024 with fan-in 3136
     assert abs(w.std().item() - (2 / w.shape[1]) ** 0.5) < 0.05 * (2 / w.shape[1]) ** 0.5
     assert m.classifier[1].bias.abs().sum() == 0
+    # the head starts at zero: the initial loss is exactly log(C) (see layers.init_weights)
+    assert m.classifier[-1].weight.abs().sum() == 0
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    loss = torch.nn.functional.cross_entropy(m(x), y)
+    assert abs(loss.item() - torch.log(torch.tensor(10.0)).item()) < 1e-6
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,22 @@ class Normalize(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    """He-normal (fan-in, ReLU gain) for conv and linear weights, zero biases, unit norm layers."""
+    """He-normal (fan-in, ReLU gain) for hidden conv and linear weights, a zero classifier head,
+    zero biases, unit norm layers.
+
+    The head (the model's last ``nn.Linear``) starts at zero so that the initial loss is ``log(C)``:
+    with He-normal heads and inputs normalized inside the model, the initial logits are large and
+    SGD at usual learning rates (0.05, Nesterov) diverged to NaN in adversarial training of
+    ``small-cnn`` on Fashion-MNIST here, while the zero head trained (see tests/test_models.py).
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    head = linears[-1] if linears else None
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
-            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m is head:
+                nn.init.zeros_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
