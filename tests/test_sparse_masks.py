@@ -72,6 +72,7 @@ def test_uniform_counts_largest_remainder() -> None:
 def test_global_density_within_one_weight_per_layer(distribution: str, sparsity: float) -> None:
     torch.manual_seed(0)
     model = create_model("small-cnn", num_classes=10, in_channels=1, input_size=28)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
     masks = apply_masks(model, sparsity=sparsity, distribution=distribution, generator=1)
     n = masks.num_maskable
     assert abs(masks.num_active - (1 - sparsity) * n) <= len(masks)
@@ -85,10 +86,11 @@ def test_global_density_within_one_weight_per_layer(distribution: str, sparsity:
     # Weighted mean of the densities is the target.
     sizes = [w.numel() for w in masks.weights()]
     assert sum(d * s for d, s in zip(dens, sizes)) / n == pytest.approx(1 - sparsity)
-    # Weights are zero exactly at pruned positions (He init has no exact zeros).
-    for _, w, m in masks:
+    # Weights are zero exactly at pruned positions and keep their (rescaled) values elsewhere.
+    for name, w, m in masks:
+        w0 = ref[f"{name}.weight"]
         assert torch.all(w[~m] == 0)
-        assert torch.all(w[m] != 0)
+        assert torch.equal(w != 0, m & (w0 != 0))
 
 
 def test_erk_favours_small_layers() -> None:
@@ -453,3 +455,45 @@ def test_extreme_sparsity_warns() -> None:
     assert "layer 'conv' gets no active weight at sparsity 0.995" in messages
     assert all(r.filename == __file__ for r in record)
     assert masks.num_active == 12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.complex64])
+def test_zeroing_matches_where_reference_bit_for_bit(dtype: torch.dtype) -> None:
+    masks = apply_masks(TinyNet(), sparsity=0.7, generator=0)
+    mask = masks.masks()[1]
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(mask.shape, generator=g).to(dtype)
+    t[0, :4] = float("nan")
+    t[1, :4] = float("-inf")
+    t[2, :4] = -0.0
+    ref = torch.where(mask, t, torch.zeros((), dtype=dtype))
+    with torch.no_grad():
+        masks._zero_pruned_(1, mask, t)
+    assert torch.equal(t.isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    assert torch.equal(t[ok], ref[ok])
+    if not dtype.is_complex:  # bit pattern: +0.0 at pruned positions, untouched elsewhere
+        assert torch.equal(t.signbit(), ref.signbit())
+
+
+def test_cached_masks_follow_in_place_loads_and_replacement() -> None:
+    torch.manual_seed(0)
+    model = TinyNet()
+    masks = apply_masks(model, sparsity=0.5, generator=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    masks.attach(opt)
+    x, y = make_data()
+    train_steps(model, opt, None, x, y, 2)  # fills the integer-mask cache
+    # In-place overwrite (what load_state_dict does), without calling sync_from_buffers.
+    other = apply_masks(TinyNet(), sparsity=0.5, generator=9)
+    with torch.no_grad():
+        model.fc1.weight_mask.copy_(other.masks()[1])
+    train_steps(model, opt, None, x, y, 2)
+    assert _pruned_state_violations(masks, opt) == []
+    # Replacement of the buffer object.
+    new = torch.zeros_like(model.conv.weight_mask)
+    new[:, :, 1, 1] = True
+    model.conv.weight_mask = new
+    train_steps(model, opt, None, x, y, 2)
+    assert _pruned_state_violations(masks, opt) == []
+    assert int((model.conv.weight != 0).sum()) <= 4
