@@ -126,7 +126,7 @@ def as_torchattacks(attack: Attack) -> Any:
         raise TypeError(f"Invalid attack value: expected an attacks.Attack, got {type(attack)}")
     import torchattacks
 
-    class _Wrapped(torchattacks.Attack):  # type: ignore[misc]
+    class _Wrapped(torchattacks.attack.Attack):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__(type(attack).__name__, attack.model)
             self.eps = attack.eps
