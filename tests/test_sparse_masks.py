@@ -420,6 +420,8 @@ def test_layer_densities_invalid_arguments(args, error, message) -> None:
 
 
 def test_model_errors() -> None:
+    with pytest.raises(TypeError, match="Invalid model value: dict"):
+        apply_masks({}, sparsity=0.5)
     with pytest.raises(ValueError, match="Invalid model value: no conv/linear"):
         apply_masks(nn.Sequential(nn.ReLU()), sparsity=0.5)
     with pytest.raises(ValueError, match="Invalid model value: no conv/linear"):

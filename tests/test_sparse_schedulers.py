@@ -378,3 +378,36 @@ def test_distributed_helpers_single_rank(tmp_path) -> None:
         assert masks.masks_equal_across_ranks()
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = TinyNet()
+        masks = apply_masks(model, sparsity=0.8, generator=rank)  # different masks per rank
+        before = masks.masks_equal_across_ranks()
+        masks.broadcast_(src=0)
+        after = masks.masks_equal_across_ranks()
+        zero = all(torch.all(w[~m] == 0) for _, w, m in masks)
+        rank0 = apply_masks(TinyNet(), sparsity=0.8, generator=0).masks()
+        same = all(torch.equal(a, b) for a, b in zip(masks.masks(), rank0))
+        torch.save({"before": before, "after": after, "zero": zero, "same": same}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns two processes (each imports torch)
+def test_broadcast_and_equality_across_two_ranks(tmp_path) -> None:
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo backend not available")
+    out = str(tmp_path / "res")
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        res = torch.load(f"{out}.{rank}")
+        assert res == {"before": False, "after": True, "zero": True, "same": True}, rank

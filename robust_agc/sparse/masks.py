@@ -515,6 +515,8 @@ def apply_masks(
         is the top-``k`` of uniform random scores (``k`` from
         :func:`~robust_agc.sparse.distributions.layer_counts`), never Bernoulli.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model value: {type(model).__name__} (expected nn.Module)")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"Invalid sparsity value: {sparsity!r} (expected a float)")
     if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
