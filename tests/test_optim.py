@@ -519,3 +519,43 @@ def test_masking_hooks_keep_pruned_positions_zero_everywhere(estimator):
                 key
             )  # the test can fail: live positions move
         assert torch.count_nonzero(p[~m]) == 0
+
+
+# --------------------------------------------------------------------------- distributed hook
+
+
+def test_distributed_true_without_process_group_raises():
+    x, y = _data()
+    model = _net(bn=False)
+    opt = AGC(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="distributed=True requires"):
+        opt.refresh(model, [(x, y)], _ce, distributed=True)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_distributed_reductions_in_a_single_process_group_match_local(tmp_path):
+    """The all-reduce/all-gather path, world size 1 (gloo): identical to the local computation."""
+    import torch.distributed as dist
+
+    x, y = _data()
+    batches = [(x[:16], y[:16]), (x[16:40], y[16:40]), (x[40:], y[40:])]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        results = []
+        for distributed in (False, True):
+            model = _net()
+            opt = AGC(model.parameters(), lr=0.1, estimator="grad-online")
+            opt.refresh(model, batches, _ce, distributed=distributed)
+            _train(model, opt, x, y, epochs=1, do_refresh=False)
+            opt.snapshot_backward(model, lambda m: _ce(m, x, y), distributed=distributed)
+            opt.step()
+            out = opt.refresh(model, batches, _ce, distributed=distributed)
+            opt.snapshot_backward(model, lambda m: _ce(m, x[:20], y[:20]), distributed=distributed)
+            results.append((model, opt, out))
+        (m1, o1, r1), (m2, o2, r2) = results
+        assert r1["agc_tau_now"] == r2["agc_tau_now"]
+        for p, q in zip(m1.parameters(), m2.parameters()):
+            assert torch.equal(o1.state[p]["full_grad"], o2.state[q]["full_grad"])
+            assert torch.equal(o1.state[p]["snap_grad"], o2.state[q]["snap_grad"])
+    finally:
+        dist.destroy_process_group()
