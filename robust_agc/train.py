@@ -460,10 +460,10 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+            if self.masks is not None:
+                self.masks.sync_from_buffers()  # the loaded masks; then the scheduler's history
             if self.topology is not None:
                 self.topology.load_state_dict(ckpt["topology"])
-            if self.masks is not None and hasattr(self.masks, "sync_from_buffers"):
-                self.masks.sync_from_buffers()
             st = self.state
             st.epoch, st.step = int(ckpt["epoch"]), int(ckpt["step"])
             st.grad_evals, st.wall_time_s = int(ckpt["grad_evals"]), float(ckpt["wall_time_s"])

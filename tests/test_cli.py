@@ -44,9 +44,10 @@ def run_cli(*argv: str) -> int:
         return int(e.code)
 
 
-def _metrics(run: Path) -> list[dict]:
+def _metrics(run: Path) -> list[str]:
+    """Each epoch's record without the timing fields, as canonical JSON (so NaN compares equal)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+    return [json.dumps({k: v for k, v in r.items() if k not in TIMING_FIELDS}, sort_keys=True) for r in rows]
 
 
 def test_train_end_to_end_writes_the_run_folder(tmp_path, capsys):
