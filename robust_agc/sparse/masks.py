@@ -7,9 +7,9 @@ Conventions (protocols.md section 3, style rule 3):
   ``weight_mask`` (so ``state_dict()``, ``.to()`` and DDP carry it) and a non-persistent bool
   buffer ``weight_mask_ever`` (positions that were ever active, for the exploration rate; its
   checkpointed copy lives in the topology scheduler's ``state_dict``).
-- :class:`SparseMasks` caches **no tensors**: it keeps the owner modules and reads
-  ``module.weight`` / ``module.weight_mask`` on every use, so ``.to()``, ``load_state_dict`` and
-  buffer replacement cannot leave it with stale masks.
+- :class:`SparseMasks` keeps the owner modules and reads ``module.weight`` /
+  ``module.weight_mask`` on every use, so ``.to()``, ``load_state_dict`` and buffer replacement
+  cannot leave it with stale masks.
 - Enforcement through optimizer hooks (never by replacing ``optimizer.step``): the pre-hook zeroes
   ``p.grad`` and every tensor in ``optimizer.state[p]`` shaped like ``p`` at pruned positions; the
   post-hook zeroes the weights and those state tensors again. Zeroing has ``torch.where``
@@ -123,8 +123,11 @@ class SparseMasks:
     """The masks of a model: views on ``weight_mask`` buffers, hooks, statistics and export helpers.
 
     Build with :func:`apply_masks` (new masks) or :meth:`from_model` (existing buffers, e.g. after
-    ``load_state_dict``). Nothing tensor-valued is cached, so the object stays valid across
-    ``model.to(device)`` and ``load_state_dict``.
+    ``load_state_dict``). Masks and weights are read from the modules on every use; the only
+    cache (integer masks for the hooks) is checked against each mask's identity and in-place
+    version counter, so the object stays valid across ``model.to(device)``, ``load_state_dict``
+    and buffer replacement. (Edits through ``mask.data`` bypass the version counter: call
+    :meth:`sync_from_buffers` after those.)
 
     Example::
 
