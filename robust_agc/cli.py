@@ -57,12 +57,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _init_distributed(device: str) -> tuple[int, int, int]:
+    """Join the process group that ``torchrun`` describes in the environment (WORLD_SIZE > 1).
+
+    Backend: ``nccl`` for CUDA, ``gloo`` on CPU. Returns ``(rank, local_rank, world_size)``.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from .config import config_from_args
     from .train import train
 
     cfg = config_from_args(args)
-    summary, out = train(cfg)
+    rank, local_rank, world = _init_distributed(cfg.device)
+    if world > 1 and cfg.device == "cuda":
+        cfg.device = f"cuda:{local_rank}"
+    if rank > 0:
+        logging.getLogger().setLevel(logging.WARNING)
+        cfg.progress = False
+    try:
+        summary, out = train(cfg)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank > 0:
+        return 0
     final = summary["final"]
     print(
         f"clean accuracy {final['test_clean_acc']:.4f}, PGD-{cfg.eval_steps} robust accuracy "

@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -94,6 +96,10 @@ def evaluate_accuracy(
     """Accuracy (in [0, 1]) of ``model`` in eval mode on ``(x, y)``, optionally under ``attack``."""
     if x.shape[0] == 0:
         return float("nan")
+    total = x.shape[0]
+    rank, world = _dist_info()
+    if world > 1:  # each rank evaluates its slice; the counts are summed
+        x, y = x[rank::world], y[rank::world]
     was_training = model.training
     model.eval()
     correct = 0
@@ -107,7 +113,23 @@ def evaluate_accuracy(
                 correct += int((model(xb).argmax(1) == yb).sum())
     finally:
         model.train(was_training)
-    return correct / x.shape[0]
+    if world > 1:
+        t = torch.tensor([correct], dtype=torch.int64, device=_comm_device(device))
+        dist.all_reduce(t)
+        correct = int(t.item())
+    return correct / total
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialized process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 @dataclass
@@ -135,6 +157,7 @@ class Trainer:
             raise UserError(f"Invalid device value: {cfg.device!r} (CUDA is not available here)")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.rank, self.world_size = _dist_info()
         torch.manual_seed(cfg.seed)
         self.splits = splits or make_splits(
             cfg.dataset,
@@ -166,6 +189,8 @@ class Trainer:
             shuffle=True,
             seed=cfg.seed,
             augment=augment,
+            rank=self.rank,
+            num_replicas=self.world_size,
         )
         self.steps_per_epoch = len(self.batches)
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -174,6 +199,16 @@ class Trainer:
         self.state = _RunState()
         self._refresh_kind, self._refresh_every = parse_refresh(cfg.agc_refresh)
         self._refresh_gen = torch.Generator().manual_seed(cfg.seed + 17)
+        # Data parallel: DDP averages p.grad over ranks; attacks, AGC's snapshot pass and evaluation
+        # use the plain module (AGC all-reduces its own gradients and statistics).
+        self.train_model: nn.Module = self.model
+        self._mask_updates_checked = 0
+        if self.world_size > 1:
+            if self.masks is not None:
+                self.masks.broadcast_(src=0)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+            torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # distinct attack starts per rank
         from attacks import PGD
 
         # Per-epoch robust evaluation: its own seeded generator, so it never draws from the global RNG.
@@ -327,7 +362,14 @@ class Trainer:
     def _refresh(self) -> dict[str, Any]:
         """The AGC statistics pass over (a seeded fraction of) the training set."""
         cfg = self.cfg
-        src = Batches(self.splits.x_train, self.splits.y_train, cfg.batch_size, shuffle=False)
+        src = Batches(
+            self.splits.x_train,
+            self.splits.y_train,
+            cfg.batch_size,
+            shuffle=False,
+            rank=self.rank,
+            num_replicas=self.world_size,
+        )
         n_batches = len(src)
         keep = n_batches
         if cfg.agc_refresh_fraction < 1.0:
@@ -354,7 +396,8 @@ class Trainer:
 
         self.model.train()
         tel = self.optimizer.refresh(self.model, batches(), loss_fn)
-        self.state.grad_evals += int(tel.get("refresh_grad_evals", 0)) + attack_cost
+        local = int(tel.get("refresh_grad_evals", 0)) + attack_cost
+        self.state.grad_evals += local * self.world_size
         return tel
 
     # ------------------------------------------------------------------------------------------ run
@@ -381,23 +424,33 @@ class Trainer:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             n = x.shape[0]
             x_adv = self._craft(x, y)
-            model.train()
-            loss, logits = objective(model, x, x_adv, y)
+            self.train_model.train()
+            loss, logits = objective(self.train_model, x, x_adv, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             fb = objective.forwards_per_step * n
             if self.is_agc:
-                opt.snapshot_backward(model, lambda m, x=x, xa=x_adv, y=y: objective(m, x, xa, y)[0])
+                opt.snapshot_backward(
+                    model, lambda m, x=x, xa=x_adv, y=y: objective(m, x, xa, y)[0]
+                )
                 fb *= 2
             opt.step()
             self.lr_scheduler.step()
             if self.topology is not None:
                 self.topology.step()
+                if self.world_size > 1:
+                    self._check_masks_agree()
             self.state.step += 1
-            self.state.grad_evals += fb + self._attack_cost(n)
+            self.state.grad_evals += (fb + self._attack_cost(n)) * self.world_size
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
             seen += n
+        if self.world_size > 1:
+            stats = torch.stack(
+                [loss_sum, correct.double(), torch.tensor(seen, dtype=torch.float64, device=device)]
+            ).to(_comm_device(device))
+            dist.all_reduce(stats)
+            loss_sum, correct, seen = stats[0], int(stats[1].item()), int(stats[2].item())
         out = {"train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen}
         if self.is_agc:
             tel = self.optimizer.telemetry()
@@ -406,6 +459,15 @@ class Trainer:
             if refresh_tel:
                 out["refresh_batches"] = refresh_tel.get("refresh_batches")
         return out
+
+    def _check_masks_agree(self) -> None:
+        """After each topology update, verify (not assume) that every rank holds the same masks."""
+        n = len(self.topology.history)
+        if n == self._mask_updates_checked:
+            return
+        self._mask_updates_checked = n
+        if not self.masks.masks_equal_across_ranks():
+            raise RuntimeError(f"sparse masks differ across ranks after topology update {n}")
 
     def evaluate(self) -> dict[str, float]:
         """Clean and PGD accuracy on the validation points and the first ``eval_subset`` test points."""
@@ -425,7 +487,14 @@ class Trainer:
             return {}
         info = self.splits.info
         rep = self.masks.report(input_shape=(info.in_channels, info.input_size, info.input_size))
-        keys = ("density", "exploration_rate", "flops_ratio", "train_flops_ratio", "layer_densities", "last_update")
+        keys = (
+            "density",
+            "exploration_rate",
+            "flops_ratio",
+            "train_flops_ratio",
+            "layer_densities",
+            "last_update",
+        )
         return {k: rep[k] for k in keys if k in rep}
 
     # ------------------------------------------------------------------------------- checkpointing
@@ -446,7 +515,12 @@ class Trainer:
             "best_val_robust": st.best_val_robust,
             "metrics": st.metrics,
             "rng": {"torch": torch.get_rng_state(), "refresh": self._refresh_gen.get_state()},
+            "world_size": self.world_size,
         }
+        if self.world_size > 1:
+            states: list[Any] = [None] * self.world_size
+            dist.all_gather_object(states, torch.get_rng_state())
+            ckpt["rng"]["torch_per_rank"] = states
         if self.device.type == "cuda":
             ckpt["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         if self.topology is not None:
@@ -469,7 +543,18 @@ class Trainer:
             st.grad_evals, st.wall_time_s = int(ckpt["grad_evals"]), float(ckpt["wall_time_s"])
             st.best_val_robust, st.metrics = float(ckpt["best_val_robust"]), list(ckpt["metrics"])
             rng = ckpt["rng"]
-            torch.set_rng_state(rng["torch"])
+            saved_world = int(ckpt.get("world_size", 1))
+            if saved_world == self.world_size:
+                per_rank = rng.get("torch_per_rank") or [rng["torch"]]
+                torch.set_rng_state(per_rank[self.rank])
+            else:  # another world size: the same data order, but attack random starts differ
+                logger.warning(
+                    "resuming a %d-process run on %d processes: attack random starts are "
+                    "reseeded, so the continuation is not bit-identical",
+                    saved_world,
+                    self.world_size,
+                )
+                torch.manual_seed(self.cfg.seed + 7919 * st.epoch + 1_000_003 * self.rank)
             self._refresh_gen.set_state(rng["refresh"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -533,14 +618,14 @@ class Trainer:
                 rec["test_robust_acc"],
                 epoch_time,
             )
-            if out_dir is not None:
-                ckpt = self.state_dict()
+            ckpt = self.state_dict() if out_dir is not None else None  # collective under DDP
+            if out_dir is not None and self.rank == 0:
                 _write_metrics(out_dir, st.metrics)
                 save_checkpoint(ckpt, out_dir / "last.pt")
                 if is_best:
                     save_checkpoint(ckpt, out_dir / "best.pt")
         summary = self.summary()
-        if out_dir is not None:
+        if out_dir is not None and self.rank == 0:
             atomic_write_bytes(
                 out_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode()
             )
@@ -571,6 +656,7 @@ class Trainer:
             "machine": {
                 "cpu": platform.processor() or platform.machine(),
                 "threads": torch.get_num_threads(),
+                "world_size": self.world_size,
             },
         }
 
@@ -605,7 +691,12 @@ def _prepare_run_dir(cfg: TrainConfig) -> Path:
 def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
     """Run (or resume) the training described by ``cfg``; returns ``(summary, run folder)``."""
     cfg.validate()
-    out = _prepare_run_dir(cfg)
+    rank, world = _dist_info()
+    if rank == 0:
+        out = _prepare_run_dir(cfg)
+    if world > 1:
+        dist.barrier()  # rank 0 has checked and prepared the folder
+        out = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     trainer = Trainer(cfg)
     if cfg.resume:
         ckpt = load_checkpoint(out / "last.pt", map_location=trainer.device)
@@ -619,7 +710,8 @@ def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
             )
         trainer.load_state_dict(ckpt)
         logger.info("resumed %s at epoch %d", out, trainer.state.epoch)
-    cfg_text = yaml.safe_dump(cfg.to_dict() | trainer._model_meta(), sort_keys=False)
-    atomic_write_bytes(out / "config.yaml", cfg_text.encode())
+    if rank == 0:
+        cfg_text = yaml.safe_dump(cfg.to_dict() | trainer._model_meta(), sort_keys=False)
+        atomic_write_bytes(out / "config.yaml", cfg_text.encode())
     summary = trainer.fit(out, progress=cfg.progress)
     return summary, out

@@ -883,8 +883,15 @@ def _dist_reduce(
     dist.all_reduce(total_d, group=group)
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, (a.cpu().tolist(), b.cpu().tolist()), group=group)
-    a = torch.tensor([x for ga, _ in gathered for x in ga], dtype=torch.float64)
-    b = torch.tensor([x for _, gb in gathered for x in gb], dtype=torch.float64)
+    if len({len(ga) for ga, _ in gathered}) == 1:
+        # Data parallel: batch i of every rank is a shard of the same global batch (equal shards,
+        # robust_agc.data.Batches), so the global batch's mean loss is the mean over ranks; this keeps
+        # the loss-slope statistic the one a single process computes on the global batches.
+        a = torch.tensor([ga for ga, _ in gathered], dtype=torch.float64).mean(0)
+        b = torch.tensor([gb for _, gb in gathered], dtype=torch.float64).mean(0)
+    else:  # unequal batch counts: no pairing across ranks, pool the per-rank batches
+        a = torch.tensor([x for ga, _ in gathered for x in ga], dtype=torch.float64)
+        b = torch.tensor([x for _, gb in gathered for x in gb], dtype=torch.float64)
     if online:
         for t in online.values():
             dist.all_reduce(t, group=group)
