@@ -1,0 +1,644 @@
+"""robust_agc.eval.benchmark: known answers, worst-case accounting, pyautoattack parity, resume."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pyautoattack import AutoAttack
+from torch import nn
+
+from robust_agc import eval as ev
+from robust_agc.checks import GradientMaskingWarning
+from robust_agc.errors import UserError
+
+CHEAP = ["apgd-ce", "apgd-t"]  # AutoAttack components for the default (fast) suite
+
+
+def _shrink(aa) -> None:
+    """Small budgets on a pyautoattack.AutoAttack (same loop and objects, 10x cheaper)."""
+    aa.apgd.n_iter = 10
+    aa.apgd.n_restarts = 1
+    aa.apgd_targeted.n_iter = 10
+    aa.fab.n_iter = 10
+    aa.square.n_queries = 300
+
+
+@pytest.fixture
+def fast_aa(monkeypatch):
+    """Shrink the budgets of every AutoAttack the harness builds (fast default suite)."""
+    real_init = ev._AutoAttackRunner.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        _shrink(self.aa)
+
+    monkeypatch.setattr(ev._AutoAttackRunner, "__init__", init)
+
+
+class ConstantModel(nn.Module):
+    """Always predicts class 0 (logits independent of the input)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.linspace(1.0, 0.0, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1) + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+class MeanIntensityModel(nn.Module):
+    """Class k <=> mean intensity near (k + 0.5) / 10: robust for eps well below 0.05."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centers = (torch.arange(10, dtype=x.dtype, device=x.device) + 0.5) / 10
+        m = x.flatten(1).mean(1, keepdim=True)
+        return -100.0 * (m - centers) ** 2
+
+
+def _intensity_points(n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.arange(n) % 10
+    x = ((y.float() + 0.5) / 10).view(-1, 1, 1, 1).expand(-1, 1, 28, 28).contiguous()
+    return x, y
+
+
+class TinyMLP(nn.Module):
+    """784-64-10 MLP: cheap enough for 100-iteration AutoAttack in unit tests."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def mlp(fmnist_tiny) -> nn.Module:
+    """TinyMLP trained briefly on the 2,000 real training images (about 75-80% test accuracy)."""
+    x, y, _, _ = fmnist_tiny
+    torch.manual_seed(0)
+    model = TinyMLP()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], 64):
+            idx = perm[i : i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def test_mlp_fixture_is_trained(fmnist_tiny, mlp):
+    _, _, xt, yt = fmnist_tiny
+    with torch.no_grad():
+        acc = (mlp(xt).argmax(1) == yt).float().mean().item()
+    assert acc > 0.7
+
+
+def _points(fmnist_tiny, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, xt, yt = fmnist_tiny
+    return xt[:n], yt[:n]
+
+
+# ------------------------------------------------------------------------ validation table
+
+BAD_ARGS = [
+    ({"eps": None}, ValueError, r"Invalid eps value: None"),
+    ({"eps": -0.1}, ValueError, r"Invalid eps value: -0.1"),
+    ({"eps": float("nan")}, ValueError, r"Invalid eps value: nan"),
+    ({"threat_model": "L1"}, ValueError, r"Invalid threat_model value: 'L1'"),
+    ({"n_examples": 0}, ValueError, r"Invalid n_examples value: 0"),
+    ({"n_examples": 10_000}, ValueError, r"Invalid n_examples value: 10000"),
+    ({"batch_size": 0}, ValueError, r"Invalid batch_size value: 0"),
+    ({"seed": -1}, ValueError, r"Invalid seed value: -1"),
+    ({"pgd_steps": 0}, ValueError, r"Invalid pgd_steps value: 0"),
+    ({"pgd_restarts": 0}, ValueError, r"Invalid pgd_restarts value: 0"),
+    ({"pgd_step_size": 0.0}, ValueError, r"Invalid pgd_step_size value: 0.0"),
+    ({"attacks": ("clean", "cw")}, ValueError, r"Invalid attacks value: 'cw'"),
+    ({"attacks": ()}, ValueError, r"Invalid attacks value"),
+    ({"attacks": ("pgd", "pgd")}, ValueError, r"Invalid attacks value: .*duplicates"),
+    ({"version": "strong"}, ValueError, r"Invalid version value: 'strong'"),
+    ({"version": "custom"}, ValueError, r"Invalid version value: 'custom'"),
+    ({"version": ["apgd-ce", "pgd"]}, ValueError, r"Invalid version value: 'pgd'"),
+    ({"dataset": "fashion-mnist"}, ValueError, r"Invalid dataset value: give either"),
+    ({"x": None}, ValueError, r"Invalid x value: give a dataset name"),
+    ({"y": torch.zeros(3, dtype=torch.long)}, ValueError, r"Invalid y value"),
+    ({"y": torch.zeros(4)}, ValueError, r"Invalid y value: expected integer labels"),
+    ({"x": torch.full((4, 1, 28, 28), 255.0)}, ValueError, r"Invalid x value: inputs must lie"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_ARGS)
+def test_bad_arguments(kwargs, error, match):
+    x, y = _intensity_points(4)
+    base = {"x": x, "y": y, "eps": 0.01, "attacks": ("clean",), "progress": False}
+    base.update(kwargs)
+    with pytest.raises(error, match=match):
+        ev.benchmark(MeanIntensityModel(), **base)
+
+
+def test_eps_is_required():
+    x, y = _intensity_points(4)
+    with pytest.raises(TypeError, match="eps"):
+        ev.benchmark(MeanIntensityModel(), x=x, y=y)  # type: ignore[call-arg]
+
+
+def test_suspicious_eps_warns():
+    x, y = _intensity_points(4)
+    with pytest.warns(UserWarning, match="eps/255"):
+        ev.benchmark(MeanIntensityModel(), x=x, y=y, eps=8.0, attacks="clean", progress=False)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("linf", "Linf"), ("L2", "L2"), ("l2", "L2")])
+def test_threat_model_accepts_strings(value, expected):
+    assert ev.ThreatModel.parse(value) is ev.ThreatModel(expected)
+
+
+# ------------------------------------------------------------------------ known answers
+
+
+def test_constant_model_known_answer(fmnist_tiny, fast_aa):
+    x, y = _points(fmnist_tiny, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradientMaskingWarning)
+        res = ev.benchmark(ConstantModel(), x=x, y=y, eps=0.1, version=CHEAP, progress=False)
+    expected = (y == 0).float().mean().item()
+    assert 0 < expected < 1
+    assert res.clean_acc == pytest.approx(expected)
+    assert res.robust_acc == pytest.approx(expected)
+    assert res.robust_flags.tolist() == (y == 0).tolist()
+    assert res.robust_acc_repredicted == pytest.approx(expected)
+    # an input-independent model has no input gradient: the check must say so
+    assert res.flags["zero_gradients"] is True
+
+
+def test_trivially_robust_model_standard_version(fast_aa):
+    x, y = _intensity_points(5)
+    res = ev.benchmark(MeanIntensityModel(), x=x, y=y, eps=0.01, version="standard", progress=False)
+    assert res.clean_acc == 1.0
+    assert res.robust_acc == 1.0
+    assert list(res.component_acc) == [
+        "clean",
+        "autoattack/apgd-ce",
+        "autoattack/apgd-t",
+        "autoattack/fab-t",
+        "autoattack/square",
+    ]
+    assert all(v == 1.0 for v in res.component_acc.values())
+    assert not any(res.flags.values()), res.flag_details
+    # the same model is easily broken at a radius larger than half the class spacing
+    res2 = ev.benchmark(MeanIntensityModel(), x=x, y=y, eps=0.2, version=CHEAP, progress=False)
+    assert res2.robust_acc == 0.0 and res2.clean_acc == 1.0
+
+
+# ------------------------------------------------------------------------ worst case
+
+
+def test_per_point_worst_case_and_clean_starts(fmnist_tiny, mlp, monkeypatch, fast_aa):
+    x, y = _points(fmnist_tiny, 24)
+    seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    real_call = ev._AutoAttackRunner.__call__
+
+    def spy(self, name, xb, yb):
+        seen.append((name, xb.clone(), yb.clone()))
+        return real_call(self, name, xb, yb)
+
+    monkeypatch.setattr(ev._AutoAttackRunner, "__call__", spy)
+    res = ev.benchmark(
+        mlp,
+        x=x,
+        y=y,
+        eps=0.02,
+        attacks="clean,pgd,autoattack",
+        version=CHEAP,
+        pgd_steps=5,
+        pgd_restarts=2,
+        batch_size=8,
+        progress=False,
+    )
+    with torch.no_grad():
+        clean_ok = mlp(x).argmax(1) == y
+    after_pgd = [i for i in range(len(y)) if clean_ok[i] and res.broken_by[i] != "pgd"]
+    # AutoAttack only saw points robust after PGD, in order, from their clean images
+    apgd_ce = [s for s in seen if s[0] == "apgd-ce"]
+    xs = torch.cat([s[1] for s in apgd_ce]) if apgd_ce else torch.empty(0)
+    assert res.n_attacked["autoattack/apgd-ce"] == len(after_pgd)
+    if after_pgd:
+        assert torch.equal(xs, x[after_pgd])
+    # broken points are never attacked again, and the accounting is monotone
+    assert res.n_attacked["pgd"] == int(clean_ok.sum())
+    accs = list(res.component_acc.values())
+    assert all(a >= b for a, b in zip(accs, accs[1:]))
+    for i, b in enumerate(res.broken_by):
+        assert (b is None) == bool(res.robust_flags[i])
+        if not clean_ok[i]:
+            assert b == "clean"
+    assert res.stage_acc["pgd"] >= res.stage_acc["autoattack"] == res.robust_acc
+    assert res.n_broken["pgd"] > 0  # the test exercises a real hand-over between stages
+    assert not res.flags["count_disagreement"]
+
+
+# ------------------------------------------------------------------------ pyautoattack parity
+
+
+def _direct(model, x, y, eps, version, batch_size, shrink=False):
+    if isinstance(version, list):
+        aa = AutoAttack(model, attacks=version, version="custom", eps=eps, norm="Linf", seed=0)
+    else:
+        aa = AutoAttack(model, version=version, eps=eps, norm="Linf", seed=0)
+    if shrink:
+        _shrink(aa)
+    _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+    return (y_adv == y).tolist()
+
+
+def test_identical_flags_to_pyautoattack_custom(fmnist_tiny, mlp, fast_aa):
+    x, y = _points(fmnist_tiny, 12)
+    eps = 0.02
+    res = ev.benchmark(mlp, x=x, y=y, eps=eps, version=CHEAP, batch_size=5, progress=False)
+    direct = _direct(mlp, x, y, eps, CHEAP, batch_size=5, shrink=True)
+    assert res.robust_flags.tolist() == direct
+    assert 0 < res.robust_acc < res.clean_acc  # some points broken, some robust: a real check
+
+
+@pytest.mark.slow
+def test_identical_flags_to_pyautoattack_standard(fmnist_tiny, mlp):
+    x, y = _points(fmnist_tiny, 10)
+    eps = 0.02
+    t0 = time.perf_counter()
+    res = ev.benchmark(mlp, x=x, y=y, eps=eps, version="standard", progress=False)
+    t_ours = time.perf_counter() - t0
+    direct = _direct(mlp, x, y, eps, "standard", batch_size=256)
+    assert res.robust_flags.tolist() == direct
+    assert t_ours > 0
+
+
+# ------------------------------------------------------------------------ flags
+
+
+class ProbabilityModel(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.base(x), dim=1)
+
+
+class QuantizedInputModel(nn.Module):
+    """Shattered gradients: the input is quantized to 5 levels (the input gradient is exactly 0)."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(torch.round(x * 4) / 4)
+
+
+class NoisyModel(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        return out + 3.0 * out.std() * torch.randn_like(out)
+
+
+class FiveClassModel(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)[:, :5]
+
+
+def test_flags_quiet_on_normal_model(fmnist_tiny, mlp, fast_aa):
+    x, y = _points(fmnist_tiny, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientMaskingWarning)
+        res = ev.benchmark(mlp, x=x, y=y, eps=0.02, version=CHEAP, progress=False)
+    assert set(res.flags) >= {
+        "nondeterministic_logits",
+        "probability_output",
+        "zero_gradients",
+        "too_few_classes",
+        "count_disagreement",
+    }
+    assert not any(res.flags.values()), res.flag_details
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "flag"),
+    [
+        (ProbabilityModel, "probability_output"),
+        (QuantizedInputModel, "zero_gradients"),
+        (NoisyModel, "nondeterministic_logits"),
+        (FiveClassModel, "too_few_classes"),
+    ],
+)
+def test_flags_fire_on_masking_models(fmnist_tiny, mlp, wrapper, flag, fast_aa):
+    x, y = _points(fmnist_tiny, 12)
+    if wrapper is FiveClassModel:
+        keep = y < 5
+        x, y = x[keep], y[keep]
+    torch.manual_seed(0)
+    with pytest.warns(GradientMaskingWarning, match=flag):
+        res = ev.benchmark(wrapper(mlp), x=x, y=y, eps=0.02, version=["apgd-ce"], progress=False)
+    assert res.flags[flag] is True
+    assert flag in res.to_dict()["flag_details"]
+
+
+def test_too_few_classes_adapts_targets(fmnist_tiny, mlp, fast_aa):
+    x, y = _points(fmnist_tiny, 20)
+    keep = y < 5
+    with pytest.warns(GradientMaskingWarning, match="too_few_classes"):
+        res = ev.benchmark(
+            FiveClassModel(mlp),
+            x=x[keep],
+            y=y[keep],
+            eps=0.02,
+            version=CHEAP,
+            progress=False,
+        )
+    assert res.attack_config["autoattack"]["apgd_t"]["n_target_classes"] == 4
+    assert res.flag_details["too_few_classes"]["used"] == 4
+
+
+def test_square_beats_gradient_flag_on_masked_model(fmnist_tiny, mlp, fast_aa):
+    x, y = _points(fmnist_tiny, 12)
+    torch.manual_seed(0)
+    with pytest.warns(GradientMaskingWarning):
+        res = ev.benchmark(
+            QuantizedInputModel(mlp),
+            x=x,
+            y=y,
+            eps=0.1,
+            attacks="clean,pgd,square",
+            pgd_steps=5,
+            pgd_restarts=1,
+            progress=False,
+        )
+    assert res.n_broken["square"] > 0
+    assert res.flags["square_beats_gradient"] is True
+    assert res.flags["zero_gradients"] is True
+    # the normal model at the same radius: PGD does the work, Square finds nothing left
+    res_n = ev.benchmark(
+        mlp,
+        x=x,
+        y=y,
+        eps=0.1,
+        attacks="clean,pgd,square",
+        pgd_steps=20,
+        pgd_restarts=1,
+        progress=False,
+    )
+    assert res_n.flags["square_beats_gradient"] is False
+
+
+def test_pgd_steps_flag_fires_when_more_steps_do_worse(fmnist_tiny, mlp, monkeypatch):
+    x, y = _points(fmnist_tiny, 16)
+
+    class FakePGD:
+        """Breaks every point with few steps, none with many: robust accuracy rises with steps."""
+
+        def __init__(self, model, *, steps, **kw):
+            self.steps = steps
+
+        def __call__(self, xb, yb):
+            if self.steps < 50:
+                return torch.zeros_like(xb)
+            return xb
+
+    monkeypatch.setattr(ev, "_make_pgd", lambda model, **kw: FakePGD(model, **kw))
+    with pytest.warns(GradientMaskingWarning, match="pgd_steps_nonmonotone"):
+        res = ev.benchmark(mlp, x=x, y=y, eps=0.05, attacks="clean,pgd", progress=False)
+    assert res.flags["pgd_steps_nonmonotone"] is True
+    assert res.flag_details["pgd_steps_nonmonotone"]["steps"] == [10, 50]
+
+
+def test_count_disagreement_fires_on_random_model(fmnist_tiny, mlp, fast_aa):
+    x, y = _points(fmnist_tiny, 30)
+    torch.manual_seed(0)
+    with pytest.warns(GradientMaskingWarning):
+        res = ev.benchmark(NoisyModel(mlp), x=x, y=y, eps=0.02, version=["apgd-ce"], progress=False)
+    assert res.flags["count_disagreement"] is True
+    assert res.robust_acc_repredicted != res.robust_acc
+
+
+# ------------------------------------------------------------------------ mode, RNG, record
+
+
+class ModeRecorder(nn.Module):
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return self.base(x)
+
+
+def test_eval_mode_inside_and_modes_restored(fmnist_tiny, mlp, fast_aa):
+    x, y = _points(fmnist_tiny, 8)
+    m = ModeRecorder(mlp)
+    m.train()
+    mlp.eval()  # mixed modes must come back exactly
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    ev.benchmark(m, x=x, y=y, eps=0.02, version=["apgd-ce"], progress=False)
+    after = torch.rand(3)
+    assert m.modes and not any(m.modes)
+    assert m.training is True and mlp.training is False
+    assert torch.equal(before, after)  # the caller's RNG stream is untouched
+
+
+def test_json_record(fmnist_tiny, mlp, tmp_path, fast_aa):
+    x, y = _points(fmnist_tiny, 10)
+    res = ev.benchmark(
+        mlp,
+        x=x,
+        y=y,
+        eps=0.02,
+        version=CHEAP,
+        progress=False,
+        model_info={"sparsity": 0.9, "optimizer": "agc"},
+        architecture="small-cnn",
+    )
+    d = json.loads(json.dumps(res.to_dict()))
+    for key in (
+        "clean_acc",
+        "autoattack_acc",
+        "robust_acc",
+        "eps",
+        "threat_model",
+        "dataset",
+        "architecture",
+        "n_examples",
+        "additional_data",
+        "number_forward_passes",
+        "stages",
+        "per_point_robust",
+        "flags",
+        "seed",
+        "timings",
+        "attack_config",
+        "versions",
+        "model_info",
+    ):
+        assert key in d, key
+    assert d["additional_data"] is False
+    assert d["autoattack_acc"] == d["robust_acc"] == res.robust_acc
+    assert d["n_examples"] == 10 and len(d["per_point_robust"]) == 10
+    assert sum(d["per_point_robust"]) / 10 == pytest.approx(d["robust_acc"])
+    assert [s["name"] for s in d["stages"]] == ["clean", "autoattack"]
+    assert [c["name"] for c in d["stages"][1]["components"]] == [
+        "autoattack/apgd-ce",
+        "autoattack/apgd-t",
+    ]
+    # the record holds the attack objects' actual settings (shrunk by the fast_aa fixture)
+    assert d["attack_config"]["autoattack"]["apgd"]["n_iter"] == 10
+    assert d["attack_config"]["autoattack"]["apgd_t"]["n_target_classes"] == 9
+    assert set(d["versions"]) >= {"robust_agc", "torch", "pyautoattack"}
+    assert d["model_info"] == {"sparsity": 0.9, "optimizer": "agc"}
+    assert all(isinstance(v, bool) for v in d["flags"].values())
+    out = tmp_path / "r.json"
+    res.save(out)
+    with pytest.raises(UserError, match="exists"):
+        res.save(out)
+    res.save(out, overwrite=True)
+    # no AutoAttack field when AutoAttack did not run
+    res_c = ev.benchmark(mlp, x=x, y=y, eps=0.02, attacks="clean", progress=False)
+    assert "autoattack_acc" not in res_c.to_dict()
+    assert res_c.robust_acc == res_c.clean_acc
+
+
+def test_standard_autoattack_configuration():
+    """pyautoattack's standard settings, as recorded (nothing is run)."""
+    runner = ev._AutoAttackRunner(
+        MeanIntensityModel(),
+        version="standard",
+        components=ev.AUTOATTACK_VERSIONS["standard"],
+        threat=ev.ThreatModel.Linf,
+        eps=0.1,
+        seed=0,
+        device=torch.device("cpu"),
+        n_targets=9,
+    )
+    cfg = runner.config()
+    assert cfg["version"] == "standard"
+    assert cfg["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert (cfg["apgd"]["n_iter"], cfg["apgd"]["n_restarts"]) == (100, 1)
+    assert (cfg["apgd_t"]["n_iter"], cfg["apgd_t"]["n_target_classes"]) == (100, 9)
+    assert cfg["fab"]["n_target_classes"] == 9
+    assert (cfg["square"]["n_queries"], cfg["square"]["p_init"]) == (5000, 0.8)
+    assert runner.aa.epsilon == 0.1 and runner.aa.seed == 0 and runner.aa.norm == "Linf"
+
+
+def test_dataset_by_name_uses_first_points(fmnist_tiny, mlp):
+    _, _, xt, yt = fmnist_tiny
+    res = ev.benchmark(
+        mlp,
+        dataset="fashion-mnist",
+        n_examples=50,
+        eps=0.1,
+        attacks="clean",
+        progress=False,
+    )
+    with torch.no_grad():
+        expected = (mlp(xt[:50]).argmax(1) == yt[:50]).float().mean().item()
+    assert res.clean_acc == pytest.approx(expected)
+    assert res.dataset == "fashion-mnist" and res.n_examples == 50
+
+
+# ------------------------------------------------------------------------ state file
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupting(monkeypatch, at_name: str, at_call: int):
+    """Make the AutoAttack runner raise on its ``at_call``-th call of component ``at_name``."""
+    real_call = ev._AutoAttackRunner.__call__
+    calls: list[str] = []
+
+    def spy(self, name, xb, yb):
+        calls.append(name)
+        if name == at_name and calls.count(name) == at_call:
+            raise Interrupt
+        return real_call(self, name, xb, yb)
+
+    monkeypatch.setattr(ev._AutoAttackRunner, "__call__", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("at_name", "at_call"), [("apgd-t", 1), ("apgd-ce", 2)])
+def test_state_file_resume(fmnist_tiny, mlp, tmp_path, monkeypatch, at_name, at_call, fast_aa):
+    x, y = _points(fmnist_tiny, 8)
+    kw = {"x": x, "y": y, "eps": 0.02, "version": CHEAP, "batch_size": 3, "progress": False}
+    ref = ev.benchmark(mlp, **kw)
+    state = tmp_path / "state.json"
+    with monkeypatch.context() as mp:
+        _interrupting(mp, at_name, at_call)
+        with pytest.raises(Interrupt):
+            ev.benchmark(mlp, state_file=state, **kw)
+    saved = json.loads(state.read_text())
+    assert "clean" in saved["done"]
+    calls = _interrupting(monkeypatch, "none", 0)
+    res = ev.benchmark(mlp, state_file=state, **kw)
+    assert res.robust_flags.tolist() == ref.robust_flags.tolist()
+    assert res.component_acc == ref.component_acc
+    assert any("resumed" in n for n in res.notes)
+    n_ce_chunks = -(-ref.n_attacked["autoattack/apgd-ce"] // 3)
+    if at_name == "apgd-t":
+        assert "apgd-ce" not in calls  # the finished stage is not repeated
+    else:
+        assert calls.count("apgd-ce") == n_ce_chunks - 1  # only the unfinished chunks run
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"eps": 0.03},
+        {"attacks": "clean,pgd"},
+        {"threat_model": "L2"},
+        {"seed": 1},
+        {"batch_size": 3},
+        {"points": True},
+    ],
+)
+def test_state_file_refuses_other_evaluation(fmnist_tiny, mlp, tmp_path, change):
+    x, y = _points(fmnist_tiny, 6)
+    kw = {"x": x, "y": y, "eps": 0.02, "attacks": "clean", "batch_size": 4, "progress": False}
+    state = tmp_path / "s.json"
+    ev.benchmark(mlp, state_file=state, **kw)
+    kw2 = dict(kw)
+    if change.pop("points", False):
+        kw2["x"] = x.flip(0)
+    kw2.update(change)
+    with pytest.raises(UserError, match="another evaluation"):
+        ev.benchmark(mlp, state_file=state, **kw2)
+    ev.benchmark(mlp, state_file=state, **kw)  # the same evaluation resumes
+
+
+def test_state_file_refuses_other_model(fmnist_tiny, mlp, tmp_path):
+    x, y = _points(fmnist_tiny, 6)
+    state = tmp_path / "s.json"
+    ev.benchmark(mlp, x=x, y=y, eps=0.02, attacks="clean", state_file=state, progress=False)
+    with pytest.raises(UserError, match="model_sha256"):
+        ev.benchmark(
+            ConstantModel(), x=x, y=y, eps=0.02, attacks="clean", state_file=state, progress=False
+        )
