@@ -1177,10 +1177,7 @@ def _load_state_dict_model(
     dataset: str | None,
     map_location: str | torch.device,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    import pickle
-    import zipfile
-
-    from .checkpoint import strip_prefixes
+    from .checkpoint import load_checkpoint, strip_prefixes
     from .data import DATASET_INFO
     from .models import create_model
 
@@ -1194,17 +1191,7 @@ def _load_state_dict_model(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"state dict not found: {path}")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors (unsafe pickle; "
-            f"nothing was executed): {first}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read state dict {path}: {first}") from None
+    obj = load_checkpoint(path, map_location=map_location)  # weights_only, CheckpointError
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

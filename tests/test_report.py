@@ -1,0 +1,129 @@
+"""robust_agc.report: grouping over seeds, mean ± std, markdown and plots from fake run folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from robust_agc import report as rp
+from robust_agc.errors import UserError
+
+
+def _write_run(
+    root: Path, name: str, cfg: dict, accs: list[float], *, seed: int, dens=None
+) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "seed": seed, "out_dir": str(d)}))
+    lines = []
+    for e, a in enumerate(accs, 1):
+        row = {
+            "epoch": e,
+            "train_loss": 1.0 / e,
+            "test_clean_acc": a,
+            "test_robust_acc": a / 2,
+            "val_robust_acc": a / 2 - 0.01,
+            "wall_time_s": 10.0 * e + seed,
+            "grad_evals": 100 * e,
+            "agc_coef": 0.01 * e,
+        }
+        if dens is not None:
+            row["density"] = dens
+        lines.append(json.dumps(row))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "summary.json").write_text(json.dumps({"final_test_clean_acc": accs[-1]}))
+    return d
+
+
+@pytest.fixture
+def runs(tmp_path):
+    base = {"model": "small-cnn", "optimizer": "agc", "sparsity": 0.9, "train": {"lr": 0.05}}
+    other = {**base, "optimizer": "sgd"}
+    dens = {"conv1.weight": 1.0, "fc.weight": 0.05}
+    _write_run(tmp_path, "agc_s0", base, [0.5, 0.6, 0.70], seed=0, dens=dens)
+    _write_run(tmp_path, "agc_s1", base, [0.5, 0.6, 0.74], seed=1, dens=dens)
+    _write_run(tmp_path, "sgd_s0", other, [0.4, 0.5, 0.60], seed=0)
+    return tmp_path
+
+
+def test_grouping_ignores_seed_only(runs):
+    found, evals = rp.collect([runs])
+    assert len(found) == 3 and evals == []
+    groups = rp.group_runs(found)
+    sizes = sorted(len(g) for g in groups.values())
+    assert sizes == [1, 2]
+    # the nested key and the optimizer distinguish groups; seed and out_dir do not
+    for g in groups.values():
+        assert len({r.config["optimizer"] for r in g}) == 1
+        assert all("train.lr" in r.config for r in g)
+
+
+def test_table_mean_std_over_seeds(runs):
+    groups = rp.group_runs(rp.collect([runs])[0])
+    table = rp.run_table(groups)
+    m = statistics.fmean([70.0, 74.0])
+    s = statistics.stdev([70.0, 74.0])
+    assert f"{m:.2f} ± {s:.2f}" in table  # test clean acc of the AGC group, in percent
+    assert f"{m / 2:.2f} ± {s / 2:.2f}" in table  # robust
+    assert "| optimizer=agc | 2 |" in table and "| optimizer=sgd | 1 |" in table
+    assert "60.00" in table  # the single-seed group, no ± part
+    assert table.count("\n") == 4  # header, separator, two rows
+
+
+def test_build_report_writes_markdown_and_plots(runs, tmp_path):
+    ev = {
+        "clean_acc": 0.8,
+        "robust_acc": 0.4,
+        "autoattack_acc": 0.4,
+        "dataset": "fashion-mnist",
+        "eps": 0.1,
+        "threat_model": "Linf",
+        "n_examples": 100,
+        "architecture": "small-cnn",
+        "flags": {"zero_gradients": True, "probability_output": False},
+        "attack_config": {"units": ["clean", "autoattack/apgd-ce"]},
+        "model_info": {"config": {"model": "small-cnn", "seed": 0}},
+    }
+    ev1 = {**ev, "clean_acc": 0.82, "model_info": {"config": {"model": "small-cnn", "seed": 1}}}
+    (tmp_path / "e0.json").write_text(json.dumps(ev))
+    (tmp_path / "e1.json").write_text(json.dumps(ev1))
+    (runs / "agc_s0" / "eval_aa.json").write_text(json.dumps(ev))
+    out = tmp_path / "report"
+    args = argparse.Namespace(
+        paths=[str(runs), str(tmp_path / "e0.json"), str(tmp_path / "e1.json")]
+    )
+    args.out = str(out)
+    assert rp.run_report(args) == 0
+    md = (out / "report.md").read_text()
+    assert "## Training runs" in md and "## Evaluations" in md
+    assert "81.00 ± 1.41" in md  # two eval seeds grouped: clean 80 and 82
+    assert "zero_gradients" in md
+    assert "40.00" in md  # the eval attached to a run
+    for name in ("accuracy_vs_epoch", "accuracy_vs_time", "agc_coef", "density"):
+        png = out / f"{name}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"({name}.png)" in md
+
+
+def test_parser_and_user_errors(tmp_path):
+    p = argparse.ArgumentParser()
+    rp.add_report_arguments(p)
+    args = p.parse_args([str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="no such file"):
+        rp.run_report(args)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no run folder"):
+        rp.build_report([tmp_path / "empty"], tmp_path / "o")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="not an evaluation result"):
+        rp.build_report([tmp_path / "bad.json"], tmp_path / "o")
+    bad = tmp_path / "badrun"
+    bad.mkdir()
+    (bad / "metrics.jsonl").write_text("{not json\n")
+    with pytest.raises(UserError, match="invalid JSON"):
+        rp.build_report([bad], tmp_path / "o")
