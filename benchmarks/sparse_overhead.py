@@ -3,16 +3,18 @@
 Natural (non-adversarial) training steps -- the worst case for the relative overhead, since a
 PGD-10 step costs ~11x more compute while the mask work stays the same. Model: ``small-cnn`` on
 1x28x28 random inputs (batch 128), SGD with Nesterov momentum, 90% ERK sparsity, RigL with its
-default update interval (100 steps). The three variants start from the same weights and run
-interleaved in rounds of ``--round-steps`` steps (rotating the order, first round discarded as
-warm-up), so machine load hits all of them alike; the median per-step time over rounds is reported.
+default update interval (100 steps). The three variants start from the same weights and are
+interleaved **step by step** (rotating the order), so machine load hits all of them alike. Per
+variant the median step time is reported; for RigL the extra time of its update steps (dense
+gradient stash + drop/grow) is added amortised over all steps:
+``median(ordinary steps) + sum(update step - median) / steps``.
 
 A second, less noisy measure times ``optimizer.step()`` alone with and without the mask hooks.
 
 Usage::
 
-    .venv/bin/python benchmarks/sparse_overhead.py            # ~2-3 min on 2 shared cores
-    .venv/bin/python benchmarks/sparse_overhead.py --rounds 5 --round-steps 100 --threads 2
+    .venv/bin/python benchmarks/sparse_overhead.py               # 400 steps per variant
+    .venv/bin/python benchmarks/sparse_overhead.py --steps 1000 --threads 2
 """
 
 from __future__ import annotations
@@ -45,16 +47,14 @@ def _build(mode: str, base: nn.Module, sparsity: float, total_steps: int):
     return model, opt, sched
 
 
-def _run(model, opt, sched, x, y, steps: int) -> float:
+def _one_step(model, opt, sched, x, y) -> tuple[float, bool]:
     t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-    return (time.perf_counter() - t0) / steps
+    loss = nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    updated = sched is not None and sched.step() is not None
+    return time.perf_counter() - t0, updated
 
 
 def _time_optimizer_step(model, opt, x, y, reps: int) -> float:
@@ -77,8 +77,8 @@ def main() -> None:
     ap.add_argument("--model", default="small-cnn", choices=["small-cnn", "mnist-cnn"])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (plus one warm-up)")
-    ap.add_argument("--round-steps", type=int, default=100, help="steps per variant per round")
+    ap.add_argument("--steps", type=int, default=400, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed steps per variant")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -89,31 +89,43 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     x = torch.rand(args.batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
-    total = (args.rounds + 1) * args.round_steps * 100  # updates never stop during the run
+    total = (args.steps + args.warmup) * 100  # topology updates never stop during the run
     modes = ["dense", "static", "rigl"]
     built = {m: _build(m, base, args.sparsity, total) for m in modes}
 
     print(
         f"# torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
         f"{args.model} batch {args.batch}, natural training, sparsity {args.sparsity} ERK, "
-        f"RigL interval {built['rigl'][2].update_interval}"
+        f"RigL interval {built['rigl'][2].update_interval}, {args.steps} timed steps per variant"
     )
-    per_mode: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(args.rounds + 1):
-        order = modes[r % 3 :] + modes[: r % 3]
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    upd: dict[str, list[bool]] = {m: [] for m in modes}
+    for t in range(args.warmup + args.steps):
+        order = modes[t % 3 :] + modes[: t % 3]
         for m in order:
-            t = _run(*built[m], x, y, args.round_steps)
-            if r > 0:
-                per_mode[m].append(t)
+            dt, updated = _one_step(*built[m], x, y)
+            if t >= args.warmup:
+                times[m].append(dt)
+                upd[m].append(updated)
     rigl_sched = built["rigl"][2]
-    dense = statistics.median(per_mode["dense"])
-    print(
-        f"{'variant':<8} {'ms/step (median)':>17} {'img/s':>8} {'ratio vs dense':>15}  rounds (ms)"
-    )
+    cost: dict[str, float] = {}
     for m in modes:
-        med = statistics.median(per_mode[m])
-        rounds = " ".join(f"{1000 * t:.1f}" for t in per_mode[m])
-        print(f"{m:<8} {1000 * med:>17.2f} {args.batch / med:>8.0f} {med / dense:>15.3f}  {rounds}")
+        ordinary = [dt for dt, u in zip(times[m], upd[m]) if not u]
+        med = statistics.median(ordinary)
+        extra = sum(dt - med for dt, u in zip(times[m], upd[m]) if u)
+        cost[m] = med + extra / len(times[m])
+    dense = cost["dense"]
+    print(f"{'variant':<8} {'ms/step':>9} {'img/s':>7} {'ratio vs dense':>15} {'update steps':>13}")
+    for m in modes:
+        n_upd = sum(upd[m])
+        print(
+            f"{m:<8} {1000 * cost[m]:>9.2f} {args.batch / cost[m]:>7.0f} "
+            f"{cost[m] / dense:>15.3f} {n_upd:>13}"
+        )
+    if any(upd["rigl"]):
+        med = statistics.median(dt for dt, u in zip(times["rigl"], upd["rigl"]) if not u)
+        mean_upd = statistics.mean(dt for dt, u in zip(times["rigl"], upd["rigl"]) if u)
+        print(f"rigl update step: {1000 * mean_upd:.1f} ms vs {1000 * med:.1f} ms ordinary")
     print(
         f"rigl: {rigl_sched.num_updates} topology updates in {rigl_sched.step_count} steps, "
         f"density {rigl_sched.masks.density:.4f}, exploration {rigl_sched.masks.exploration_rate:.4f}"
