@@ -14,6 +14,7 @@ from robust_agc import eval as ev
 from robust_agc.checkpoint import save_checkpoint
 from robust_agc.errors import CheckpointError, UserError
 from robust_agc.eval_cli import add_eval_arguments, run_eval
+from robust_agc.models import create_model
 
 CFG = {
     "model": "small-cnn",
@@ -30,14 +31,21 @@ CFG = {
 }
 
 
+@pytest.fixture(scope="module")
+def cnn() -> torch.nn.Module:
+    """An (untrained, seeded) small-cnn: loading and the CLI do not need a trained model."""
+    torch.manual_seed(0)
+    return create_model("small-cnn", num_classes=10, in_channels=1, input_size=28).eval()
+
+
 def _parse(argv):
     p = argparse.ArgumentParser()
     add_eval_arguments(p)
     return p.parse_args(argv)
 
 
-def _ckpt(tmp_path, trained_cnn, cfg=CFG, mask=True):
-    state = {k: v.clone() for k, v in trained_cnn.state_dict().items()}
+def _ckpt(tmp_path, cnn, cfg=CFG, mask=True):
+    state = {k: v.clone() for k, v in cnn.state_dict().items()}
     if mask:
         w = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)
         m = torch.ones_like(state[w], dtype=torch.bool)
@@ -48,8 +56,8 @@ def _ckpt(tmp_path, trained_cnn, cfg=CFG, mask=True):
     return path
 
 
-def test_load_model_checkpoint_folds_masks(tmp_path, trained_cnn):
-    path = _ckpt(tmp_path, trained_cnn)
+def test_load_model_checkpoint_folds_masks(tmp_path, cnn):
+    path = _ckpt(tmp_path, cnn)
     model, info = ev.load_model_and_info(path)
     assert not model.training
     assert info["config"]["eps"] == 0.1 and info["architecture"] == "small-cnn"
@@ -58,14 +66,14 @@ def test_load_model_checkpoint_folds_masks(tmp_path, trained_cnn):
     assert isinstance(ev.load_model(path), torch.nn.Module)
 
 
-def test_load_model_state_dict_strips_prefixes(tmp_path, trained_cnn, fmnist_tiny):
-    sd = {"module." + k: v for k, v in trained_cnn.state_dict().items()}
+def test_load_model_state_dict_strips_prefixes(tmp_path, cnn, fmnist_tiny):
+    sd = {"module." + k: v for k, v in cnn.state_dict().items()}
     path = tmp_path / "w.pt"
     torch.save({"state_dict": sd}, path)
     model = ev.load_model(path, arch="small-cnn", dataset="fashion-mnist")
     x = fmnist_tiny[2][:8]
     with torch.no_grad():
-        assert torch.allclose(model(x), trained_cnn(x))
+        assert torch.allclose(model(x), cnn(x))
 
 
 class _Evil:
@@ -102,7 +110,7 @@ class _Evil:
         ("missing", {}, CheckpointError, "not found"),
     ],
 )
-def test_load_model_errors(tmp_path, trained_cnn, setup, kwargs, error, match):
+def test_load_model_errors(tmp_path, cnn, setup, kwargs, error, match):
     path = tmp_path / "f.pt"
     if setup == "garbage":
         path.write_bytes(b"not a torch file")
@@ -111,7 +119,7 @@ def test_load_model_errors(tmp_path, trained_cnn, setup, kwargs, error, match):
     elif setup == "wrong":
         torch.save({"fc.weight": torch.zeros(2, 2)}, path)
     elif setup == "good":
-        torch.save(trained_cnn.state_dict(), path)
+        torch.save(cnn.state_dict(), path)
     with pytest.raises(error, match=match):
         ev.load_model(path, **kwargs)
 
@@ -147,8 +155,8 @@ def test_robustbench_path_with_fake_module(monkeypatch):
     assert not model.training and info["source"] == "robustbench"
 
 
-def test_cli_eps_from_checkpoint_config_to_stdout(tmp_path, trained_cnn, capsys):
-    path = _ckpt(tmp_path, trained_cnn)
+def test_cli_eps_from_checkpoint_config_to_stdout(tmp_path, cnn, capsys):
+    path = _ckpt(tmp_path, cnn)
     rc = run_eval(_parse([str(path), "--attacks", "clean", "--n-examples", "20", "--no-progress"]))
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
@@ -159,8 +167,8 @@ def test_cli_eps_from_checkpoint_config_to_stdout(tmp_path, trained_cnn, capsys)
     assert d["architecture"] == "small-cnn"
 
 
-def test_cli_out_and_overwrite(tmp_path, trained_cnn):
-    path = _ckpt(tmp_path, trained_cnn)
+def test_cli_out_and_overwrite(tmp_path, cnn):
+    path = _ckpt(tmp_path, cnn)
     out = tmp_path / "r.json"
     argv = [str(path), "--attacks", "clean", "--n-examples", "8", "--eps", "0.05", "--no-progress"]
     assert run_eval(_parse([*argv, "--out", str(out)])) == 0
@@ -184,22 +192,22 @@ def test_cli_out_and_overwrite(tmp_path, trained_cnn):
         (["--eps", "0.1", "--arch", "small-cnn"], "--arch goes with --state-dict"),
     ],
 )
-def test_cli_user_errors(tmp_path, trained_cnn, extra, match):
-    path = _ckpt(tmp_path, trained_cnn)
+def test_cli_user_errors(tmp_path, cnn, extra, match):
+    path = _ckpt(tmp_path, cnn)
     with pytest.raises(UserError, match=match):
         run_eval(_parse([str(path), "--attacks", "clean", "--no-progress", *extra]))
 
 
-def test_cli_eps_required_without_config_eps(tmp_path, trained_cnn):
+def test_cli_eps_required_without_config_eps(tmp_path, cnn):
     cfg = {k: v for k, v in CFG.items() if k != "eps"}
-    path = _ckpt(tmp_path, trained_cnn, cfg=cfg)
+    path = _ckpt(tmp_path, cnn, cfg=cfg)
     with pytest.raises(UserError, match="--eps is required"):
         run_eval(_parse([str(path), "--attacks", "clean", "--no-progress"]))
 
 
-def test_cli_state_dict_needs_one_source(tmp_path, trained_cnn, capsys):
+def test_cli_state_dict_needs_one_source(tmp_path, cnn, capsys):
     sd = tmp_path / "w.pt"
-    torch.save(trained_cnn.state_dict(), sd)
+    torch.save(cnn.state_dict(), sd)
     with pytest.raises(UserError, match="exactly one"):
         run_eval(_parse(["--no-progress", "--eps", "0.1"]))
     argv = ["--state-dict", str(sd), "--arch", "small-cnn", "--dataset", "fashion-mnist"]
