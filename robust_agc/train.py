@@ -396,6 +396,8 @@ class Trainer:
 
         self.model.train()
         tel = self.optimizer.refresh(self.model, batches(), loss_fn)
+        if self.masks is not None:  # mu is dense: keep every state tensor zero at pruned positions
+            self.masks.zero_optimizer_state_(self.optimizer)
         local = int(tel.get("refresh_grad_evals", 0)) + attack_cost
         self.state.grad_evals += local * self.world_size
         return tel
