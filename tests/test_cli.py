@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from robust_agc.cli import main
+from robust_agc.models import create_model
 from robust_agc.train import TIMING_FIELDS
 
 from .test_checkpoint import make_malicious_checkpoint
@@ -76,6 +77,17 @@ def test_train_end_to_end_writes_the_run_folder(tmp_path, capsys):
     assert masks and all(v.dtype == torch.bool for v in masks.values())
     for k, m in masks.items():
         assert torch.all(ckpt["model"][k[: -len("_mask")]][~m] == 0)
+    # every AGC state tensor is zero at pruned positions too (full gradient included)
+    names = [n for n, _ in create_model("small-cnn", in_channels=1, input_size=28).named_parameters()]
+    opt_state = ckpt["optimizer"]["state"]
+    checked = 0
+    for i, name in enumerate(names):
+        if f"{name}_mask" in masks:
+            pruned = ~masks[f"{name}_mask"]
+            for key in ("momentum_buffer", "snapshot", "full_grad", "snap_grad"):
+                assert torch.all(opt_state[i][key][pruned] == 0), (name, key)
+                checked += 1
+    assert checked >= 4 * 4
 
 
 def test_dense_pgd_at_learns_on_real_data(tmp_path):
