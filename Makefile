@@ -64,3 +64,17 @@ bench: install
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+
+# For a machine with one CUDA GPU (not CI): RigL + AGC + PGD-AT, a SIGKILL and --resume, AutoAttack
+# on 300 points, throughput from the metrics. The Fashion-MNIST files travel in data/fashion-mnist.
+GPU_DATA ?= $(if $(wildcard data/fashion-mnist/*.gz),--data-dir data/fashion-mnist,)
+gpu-smoke:
+	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+	-timeout -s KILL 25 $(BIN)/python -m robust_agc train $(GPU_DATA) --device cuda --optimizer agc \
+	  --sparse-method rigl --sparsity 0.9 --train-subset 20000 --epochs 4 --out runs/gpu-smoke --overwrite --no-progress
+	R=$$([ -f runs/gpu-smoke/last.pt ] && echo --resume || echo --overwrite); \
+	$(BIN)/python -m robust_agc train $(GPU_DATA) --device cuda --optimizer agc --sparse-method rigl \
+	  --sparsity 0.9 --train-subset 20000 --epochs 4 --out runs/gpu-smoke $$R --no-progress
+	$(BIN)/python -m robust_agc eval runs/gpu-smoke/best.pt $(GPU_DATA) --device cuda --attacks clean,autoattack \
+	  --n-examples 300 --batch-size 300 --seed 0 --out runs/gpu-smoke/eval.json --overwrite
+	$(BIN)/python -c "import json; [print('epoch', r['epoch'], 'images/s', round(r['images_per_s'])) for r in map(json.loads, open('runs/gpu-smoke/metrics.jsonl'))]"
