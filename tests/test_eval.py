@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
 
 import pytest
@@ -273,12 +272,10 @@ def test_identical_flags_to_pyautoattack_custom(fmnist_tiny, mlp, fast_aa):
 def test_identical_flags_to_pyautoattack_standard(fmnist_tiny, mlp):
     x, y = _points(fmnist_tiny, 10)
     eps = 0.02
-    t0 = time.perf_counter()
     res = ev.benchmark(mlp, x=x, y=y, eps=eps, version="standard", progress=False)
-    t_ours = time.perf_counter() - t0
     direct = _direct(mlp, x, y, eps, "standard", batch_size=256)
     assert res.robust_flags.tolist() == direct
-    assert t_ours > 0
+    assert 0 < res.robust_acc < res.clean_acc
 
 
 # ------------------------------------------------------------------------ flags
