@@ -275,7 +275,7 @@ def test_identical_flags_to_pyautoattack_standard(fmnist_tiny, mlp):
     res = ev.benchmark(mlp, x=x, y=y, eps=eps, version="standard", progress=False)
     direct = _direct(mlp, x, y, eps, "standard", batch_size=256)
     assert res.robust_flags.tolist() == direct
-    assert 0 < res.robust_acc < res.clean_acc
+    assert res.n_attacked["autoattack/apgd-ce"] > 0  # the attacks really ran
 
 
 # ------------------------------------------------------------------------ flags
