@@ -382,3 +382,27 @@ def test_warnings_for_suspicious_settings():
     sched = BSRScheduler(masks, optimizer=opt2, total_steps=10, n_train=10)
     with pytest.warns(UserWarning, match="without optimizer.step"):
         sched.step()
+
+
+def test_channels_last_layout_gives_the_same_sampling():
+    runs = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+        masks = apply_masks(model, sparsity=0.5, distribution="uniform", generator=0)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+            assert not model[0].weight.is_contiguous()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        masks.attach(opt)
+        sched = BSRScheduler(
+            masks, optimizer=opt, total_steps=10, n_train=64, noise=40.0, weight_decay=0.1,
+            generator=1,
+        )  # fmt: skip
+        for _ in range(5):
+            opt.step()  # no gradients: only decay, noise, removal and re-activation
+            sched.step()
+        _check_invariants(masks, opt, sched, sched.signs())
+        runs.append(([w.detach().clone() for w in masks.weights()], sched.total_reactivated))
+    assert runs[0][1] == runs[1][1] > 0
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))

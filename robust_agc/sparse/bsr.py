@@ -62,7 +62,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .masks import MASK_BUFFER, SparseMasks, _fill_state, apply_masks
+from .masks import EVER_BUFFER, MASK_BUFFER, SparseMasks, apply_masks
 from .schedulers import TopologyScheduler
 
 __all__ = ["SIGN_BUFFER", "NOISE_FORMS", "BSRScheduler", "create_bsr"]
@@ -318,41 +318,54 @@ class BSRScheduler(TopologyScheduler):
         gen = self.generator
         removed: list[int] = []
         stds: list[float] = []
+        counts: list[int] = []
+        # Index-based (O(active) after one nonzero per layer), valid for any memory layout; the
+        # noise is drawn in the logical (row-major) order of the active positions.
         for i, m in enumerate(self.masks.modules):
             w, mask = m.weight, getattr(m, MASK_BUFFER)
-            sign = getattr(m, SIGN_BUFFER).to(w.dtype)
             lr = lrs[i]
-            if self.weight_decay and lr:
-                w.mul_(1.0 - lr * self.weight_decay)
             std = self.noise_std(lr, t)
             stds.append(std)
-            n_active = int(mask.sum())
-            if std > 0 and n_active:
+            flat = mask.reshape(-1).nonzero().squeeze(1)
+            n_active = int(flat.numel())
+            if n_active == 0:
+                removed.append(0)
+                counts.append(0)
+                continue
+            s_act = _get(getattr(m, SIGN_BUFFER), flat).to(w.dtype)
+            vals = _get(w, flat)
+            if self.weight_decay and lr:
+                vals.mul_(1.0 - lr * self.weight_decay)
+            if std > 0:
                 z = torch.randn(n_active, generator=gen, dtype=torch.float32)
-                w[mask] += z.to(w.device, w.dtype).mul_(std) * sign[mask]
-            dead = mask & ~(w * sign > 0)
-            k = int(dead.sum())
+                vals.add_(z.to(w.device, w.dtype).mul_(std) * s_act)
+            _put(w, flat, vals)
+            dead_sel = torch.logical_not(vals * s_act > 0)  # theta <= 0 or NaN
+            k = int(dead_sel.sum())
             removed.append(k)
+            counts.append(n_active - k)
             if k:
-                mask.masked_fill_(dead, False)
-                self._zero_at(w, dead, optimizers)
-        n_active_total = sum(int(mask.sum()) for mask in self.masks.masks())
-        deficit = self.budget - n_active_total
+                dead = flat[dead_sel]
+                _put(mask, dead, False)
+                self._zero_idx(w, dead, optimizers)
+        deficit = self.budget - sum(counts)
         grown = self._reactivate(deficit, optimizers) if deficit > 0 else [0] * len(removed)
-        if self.masks.num_active != self.budget:  # pragma: no cover - internal invariant
-            raise RuntimeError(f"bsr: {self.masks.num_active} active != budget {self.budget}")
-        for ever, mask in zip(self.masks.ever_masks(), self.masks.masks()):
-            ever |= mask
-        return self._record(t, removed, grown, stds, lrs)
+        counts = [c + g for c, g in zip(counts, grown)]
+        if sum(counts) != self.budget:  # pragma: no cover - internal invariant
+            raise RuntimeError(f"bsr: {sum(counts)} active != budget {self.budget}")
+        return self._record(t, removed, grown, stds, lrs, counts)
 
-    def _zero_at(self, w: Tensor, where: Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
-        w.masked_fill_(where, 0)
-        if w.grad is not None:
-            w.grad.masked_fill_(where, 0)
+    def _zero_idx(self, w: Tensor, flat: Tensor, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Set ``w``, ``w.grad`` and every same-shaped optimizer state to 0 at ``flat``."""
+        _put(w, flat, 0)
+        if w.grad is not None and w.grad.shape == w.shape:
+            _put(w.grad, flat, 0)
         for opt in optimizers:
             state = opt.state.get(w)
             if state:
-                _fill_state(state, w.shape, where)
+                for v in state.values():
+                    if isinstance(v, Tensor) and v.shape == w.shape:
+                        _put(v, flat, 0)
 
     def _reactivate(self, k: int, optimizers: list[torch.optim.Optimizer]) -> list[int]:
         """Activate ``k`` inactive positions drawn uniformly without replacement over all layers."""
@@ -382,26 +395,31 @@ class BSRScheduler(TopologyScheduler):
             grown[i] = int(sel.numel())
             flat = torch.logical_not(mask).reshape(-1).nonzero().squeeze(1)
             pos = flat[sel.to(flat.device)]
-            idx = torch.unravel_index(pos, tuple(mask.shape))
-            born = torch.zeros_like(mask)
-            born[idx] = True
             w = m.weight
-            sign = getattr(m, SIGN_BUFFER)
-            self._zero_at(w, born, optimizers)
-            w[idx] = sign[idx].to(w.dtype) * self.init_theta
-            mask[idx] = True
-            self._fresh[i] |= born
+            self._zero_idx(w, pos, optimizers)
+            _put(w, pos, _get(getattr(m, SIGN_BUFFER), pos).to(w.dtype) * self.init_theta)
+            _put(mask, pos, True)
+            _put(getattr(m, EVER_BUFFER), pos, True)
+            _put(self._fresh[i], pos, True)
         return grown
 
     def _record(
-        self, t: int, removed: list[int], grown: list[int], stds: list[float], lrs: list[float]
+        self,
+        t: int,
+        removed: list[int],
+        grown: list[int],
+        stds: list[float],
+        lrs: list[float],
+        counts: list[int],
     ) -> dict[str, Any]:
         n_rem, n_grow = sum(removed), sum(grown)
         self.total_removed += n_rem
         self.total_reactivated += n_grow
         per_layer = {
-            name: {"removed": r, "reactivated": g, "density": float(mask.float().mean())}
-            for (name, _, mask), r, g in zip(self.masks, removed, grown)
+            name: {"removed": r, "reactivated": g, "density": c / m.weight.numel()}
+            for name, m, r, g, c in zip(
+                self.masks.names, self.masks.modules, removed, grown, counts
+            )
         }
         summary: dict[str, Any] = {
             "step": t,
@@ -542,6 +560,21 @@ class BSRScheduler(TopologyScheduler):
             f"weight_decay={self.weight_decay}, init_theta={self.init_theta}, "
             f"step_count={self.step_count})"
         )
+
+
+def _get(t: Tensor, flat: Tensor) -> Tensor:
+    """``t`` at logical (row-major) flat indices ``flat``, for any memory layout."""
+    if t.is_contiguous():
+        return t.view(-1)[flat]
+    return t[torch.unravel_index(flat, tuple(t.shape))]
+
+
+def _put(t: Tensor, flat: Tensor, value: Tensor | float | bool) -> None:
+    """``t[flat] = value`` at logical (row-major) flat indices, in place, for any memory layout."""
+    if t.is_contiguous():
+        t.view(-1)[flat] = value
+    else:
+        t[torch.unravel_index(flat, tuple(t.shape))] = value
 
 
 def _num_refreshes(optimizer: torch.optim.Optimizer) -> int | None:
