@@ -39,7 +39,7 @@ demo: install
 	$(BIN)/python -m robust_agc eval $(DEMO_OUT)/best.pt --attacks clean,pgd,autoattack \
 	  --n-examples 200 --pgd-steps 20 --pgd-restarts 1 --seed 0 --out $(DEMO_OUT)/eval.json --overwrite
 	$(BIN)/python -m robust_agc report $(DEMO_OUT) $(DEMO_OUT)/eval.json --out $(DEMO_OUT)/report
-	@echo "run stored in $(DEMO_OUT); report in $(DEMO_OUT)/report/README.md"
+	@echo "run stored in $(DEMO_OUT); report in $(DEMO_OUT)/report/report.md"
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)

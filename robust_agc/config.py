@@ -142,7 +142,7 @@ class TrainConfig:
         "dense",
         "sparse",
         "sparse-training method",
-        choices=("dense", "static", "set", "rigl", "itop-set", "itop-rigl"),
+        choices=("dense", "static", "set", "rigl", "itop-set", "itop-rigl", "bsr"),
     )
     sparsity: float = _f(0.9, "sparse", "fraction of maskable weights that are zero")
     sparse_init: str = _f(
@@ -158,6 +158,23 @@ class TrainConfig:
         None, "sparse", "fraction of training after which the topology is frozen (method default)"
     )
     dense_first_layer: bool = _f(False, "sparse", "keep the first layer dense")
+    bsr_noise: float = _f(
+        1.0, "sparse", "bsr: Langevin noise scale sigma (std sqrt(2 lr T / N) * sigma)"
+    )
+    bsr_noise_form: str = _f(
+        "langevin",
+        "sparse",
+        "bsr: noise form (release = lr * sigma * sqrt(T), the TF code's)",
+        choices=("langevin", "release"),
+    )
+    bsr_noise_milestone: float | None = _f(
+        None, "sparse", "bsr: fraction of training after which the temperature T is multiplied"
+    )
+    bsr_noise_factor: float = _f(1.0, "sparse", "bsr: temperature factor at the milestone")
+    bsr_weight_decay: float | None = _f(
+        None, "sparse", "bsr: decoupled (SGDW) decay of theta (default: --weight-decay)"
+    )
+    bsr_init_theta: float = _f(1e-12, "sparse", "bsr: theta of re-activated connections")
     # evaluation during training
     eval_subset: int = _f(
         500, "evaluation", "validation and test points evaluated each epoch (first N test points)"
@@ -199,6 +216,14 @@ class TrainConfig:
             ("update_interval", self.update_interval is None or self.update_interval >= 1),
             ("drop_fraction", self.drop_fraction is None or 0.0 <= self.drop_fraction <= 1.0),
             ("update_end", self.update_end is None or 0.0 <= self.update_end <= 1.0),
+            ("bsr_noise", self.bsr_noise >= 0),
+            (
+                "bsr_noise_milestone",
+                self.bsr_noise_milestone is None or 0 <= self.bsr_noise_milestone <= 1,
+            ),
+            ("bsr_noise_factor", self.bsr_noise_factor > 0),
+            ("bsr_weight_decay", self.bsr_weight_decay is None or self.bsr_weight_decay >= 0),
+            ("bsr_init_theta", self.bsr_init_theta > 0),
             ("eval_subset", self.eval_subset >= 0),
             ("eval_steps", self.eval_steps >= 1),
             ("threads", self.threads is None or self.threads >= 1),

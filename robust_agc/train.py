@@ -254,9 +254,17 @@ class Trainer:
             agc_kwargs = dict(
                 coef="ramp" if cfg.svrg_schedule == "ramp" else "fixed", fixed_coef=cfg.svrg_coef
             )
+        params: Any = self.model.parameters()
+        if cfg.sparse_method == "bsr":  # BSR-Net decays theta itself (decoupled, SGDW)
+            masked = {id(w) for w in self.masks.weights()}
+            rest = [p for p in self.model.parameters() if id(p) not in masked]
+            params = [
+                {"params": self.masks.weights(), "weight_decay": 0.0},
+                {"params": rest, "weight_decay": cfg.weight_decay},
+            ]
         self.optimizer = create_optimizer(
             cfg.optimizer,
-            self.model.parameters(),
+            params,
             lr=cfg.lr,
             momentum=cfg.momentum,
             nesterov=cfg.nesterov,
@@ -310,6 +318,24 @@ class Trainer:
             ).items()
             if v is not None
         }
+        if cfg.sparse_method == "bsr":
+            from .sparse import BSRScheduler
+
+            wd = cfg.weight_decay if cfg.bsr_weight_decay is None else cfg.bsr_weight_decay
+            self.topology = BSRScheduler(
+                self.masks,
+                optimizer=self.optimizer,
+                total_steps=self.total_steps,
+                n_train=self.splits.x_train.shape[0],
+                noise=cfg.bsr_noise,
+                noise_form=cfg.bsr_noise_form,
+                noise_milestone=cfg.bsr_noise_milestone,
+                noise_factor=cfg.bsr_noise_factor,
+                weight_decay=wd,
+                init_theta=cfg.bsr_init_theta,
+                generator=torch.Generator().manual_seed(cfg.seed + 11),
+            )
+            return
         self.topology = create_scheduler(
             cfg.sparse_method,
             self.masks,
@@ -464,7 +490,7 @@ class Trainer:
 
     def _check_masks_agree(self) -> None:
         """After each topology update, verify (not assume) that every rank holds the same masks."""
-        n = len(self.topology.history)
+        n = self.topology.num_updates
         if n == self._mask_updates_checked:
             return
         self._mask_updates_checked = n

@@ -48,7 +48,10 @@ def run_cli(*argv: str) -> int:
 def _metrics(run: Path) -> list[str]:
     """Each epoch's record without the timing fields, as canonical JSON (so NaN compares equal)."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [json.dumps({k: v for k, v in r.items() if k not in TIMING_FIELDS}, sort_keys=True) for r in rows]
+    return [
+        json.dumps({k: v for k, v in r.items() if k not in TIMING_FIELDS}, sort_keys=True)
+        for r in rows
+    ]
 
 
 def test_train_end_to_end_writes_the_run_folder(tmp_path, capsys):
@@ -78,7 +81,9 @@ def test_train_end_to_end_writes_the_run_folder(tmp_path, capsys):
     for k, m in masks.items():
         assert torch.all(ckpt["model"][k[: -len("_mask")]][~m] == 0)
     # every AGC state tensor is zero at pruned positions too (full gradient included)
-    names = [n for n, _ in create_model("small-cnn", in_channels=1, input_size=28).named_parameters()]
+    names = [
+        n for n, _ in create_model("small-cnn", in_channels=1, input_size=28).named_parameters()
+    ]
     opt_state = ckpt["optimizer"]["state"]
     checked = 0
     for i, name in enumerate(names):
@@ -209,3 +214,34 @@ def test_python_dash_m_matches_console_script():
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )
     assert res.returncode == 0 and res.stdout.startswith("robust_agc ")
+
+
+def test_bsr_with_agc_keeps_the_exact_budget(tmp_path):
+    """`--sparse-method bsr --sparsity 0.99 --optimizer agc --objective pgd-at` (issue 9's command)."""
+    out = tmp_path / "bsr"
+    argv = [
+        *SMALL,
+        "--epochs",
+        "2",
+        "--optimizer",
+        "agc",
+        "--sparse-method",
+        "bsr",
+        "--sparsity",
+        "0.99",
+    ]
+    assert run_cli("train", *argv, "--out", str(out)) == 0
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    masks = [v for k, v in ckpt["model"].items() if k.endswith("weight_mask")]
+    total = sum(m.numel() for m in masks)
+    assert (
+        sum(int(m.sum()) for m in masks) == ckpt["topology"]["bsr"]["budget"] == round(0.01 * total)
+    )
+    signs = ckpt["topology"]["bsr"]["signs"]
+    for (k, m), s in zip(
+        ((k, v) for k, v in ckpt["model"].items() if k.endswith("weight_mask")), signs
+    ):
+        w = ckpt["model"][k[: -len("_mask")]]
+        assert torch.all(w[~m] == 0) and torch.all(w[m] * s[m] > 0)  # active theta > 0, fixed sign
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["density"] == pytest.approx(0.01, abs=1e-4) and "layer_densities" in rows[-1]

@@ -10,6 +10,7 @@ Typical use::
     dense_model = fold_masks(model)
 """
 
+from .bsr import NOISE_FORMS, SIGN_BUFFER, BSRScheduler, create_bsr
 from .distributions import DISTRIBUTIONS, layer_counts, layer_densities
 from .export import densify_state_dict, fold_masks, state_dict_nbytes, to_sparse_state_dict
 from .masks import (
@@ -32,6 +33,10 @@ from .schedulers import (
 )
 
 __all__ = [
+    "BSRScheduler",
+    "NOISE_FORMS",
+    "SIGN_BUFFER",
+    "create_bsr",
     "DISTRIBUTIONS",
     "EVER_BUFFER",
     "MASK_BUFFER",

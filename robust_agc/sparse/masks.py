@@ -96,7 +96,7 @@ def training_flops_ratio(
     if base == "rigl":
         dt = float(interval)
         cost = (3.0 * sparse_flops * dt + 2.0 * sparse_flops + dense_flops) / (dt + 1.0)
-    elif base in ("static", "set"):
+    elif base in ("static", "set", "bsr"):
         cost = 3.0 * sparse_flops
     else:
         raise ValueError(f"Invalid method value: {method!r}")
