@@ -66,28 +66,8 @@ class PreActResNet(nn.Module):
         return self.linear(out)
 
 
-class WideBlock(nn.Module):
-    """Wide ResNet basic block (pre-activation)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(x))
-        sc = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + sc
-
-
 class WideResNet(nn.Module):
-    """WRN-depth-widen (depth = 6n + 4)."""
+    """WRN-depth-widen (depth = 6n + 4) of pre-activation basic blocks."""
 
     def __init__(
         self,
@@ -109,7 +89,7 @@ class WideResNet(nn.Module):
         in_planes = widths[0]
         for i, planes in enumerate(widths[1:]):
             for j in range(n):
-                blocks.append(WideBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
+                blocks.append(PreActBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1))
                 in_planes = planes
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(in_planes)
