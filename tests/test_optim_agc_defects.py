@@ -259,3 +259,27 @@ def test_correction_reduces_gradient_variance_near_the_snapshot(fmnist_tiny):
     out = opt.refresh(model, _batches(x, y, 250), _ce)
     assert out["agc_tau_now"] == pytest.approx(c_hat)
     assert var(opt.coefficient) < var(0.0)  # the damped default c = gamma * tau also helps
+
+
+def test_rounding_level_spread_of_snapshot_losses_gives_no_estimate():
+    """A previous snapshot with a constant loss (a zero-initialised head gives log(C) on every batch)
+    makes var(b) pure float rounding; the slope must not be taken from it (it once gave
+    tau_now = -64374 and NaN weights in the demo)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    x, y = torch.randn(203, 8), torch.randint(0, 3, (203,))  # unequal last batch: rounding differs
+    opt = AGC(model.parameters(), lr=0.1, tau_init=0.1)
+    opt.refresh(model, _batches(x, y, 16), _ce)  # snapshot = the constant-loss model
+    _steps(model, opt, x, y, n=5, bs=16)
+    with pytest.warns(RuntimeWarning, match="float resolution"):
+        tel = opt.refresh(model, _batches(x, y, 16), _ce)
+    _, b = opt.refresh_losses
+    assert float(b.std()) < 1e-5 * float(b.mean())  # the constant loss, up to rounding
+    assert opt.tau == pytest.approx(0.1) and not tel["agc_tau_updated"]
+    _steps(model, opt, x, y, n=5, bs=16)
+    tel = opt.refresh(
+        model, _batches(x, y, 16), _ce
+    )  # a trained previous snapshot: a real estimate
+    assert tel["agc_tau_updated"] and abs(opt.tau) < 10

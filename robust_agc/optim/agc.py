@@ -806,10 +806,18 @@ class AGC(Optimizer):
                 bc = b - b.mean()
                 var_b = float((bc * bc).sum()) / (b.numel() - 1)
                 cov_ab = float(((a - a.mean()) * bc).sum()) / (b.numel() - 1)
-                if var_b > 0 and math.isfinite(var_b) and math.isfinite(cov_ab):
+                # Below this the b_i differ only by float rounding (e.g. a previous snapshot whose
+                # loss is the same constant on every batch, as a zero-initialised head gives) and the
+                # slope cov/var is rounding noise divided by rounding noise: no estimate.
+                resolution = (_VAR_RESOLUTION * float(b.abs().mean())) ** 2
+                if var_b > resolution and math.isfinite(var_b) and math.isfinite(cov_ab):
                     tau_now = cov_ab / var_b
                 else:
-                    self._warn_once("var0", f"AGC refresh: var(b) = {var_b}, tau kept")
+                    self._warn_once(
+                        "var0",
+                        f"AGC refresh: var(b) = {var_b:.3g} is at float resolution (the previous "
+                        "snapshot's loss is constant over batches): tau kept",
+                    )
         else:
             if online_count > 0 and online:
                 sq = float(online["sq"])
@@ -863,6 +871,10 @@ class AGC(Optimizer):
             out["refresh_time_s"],
         )
         return out
+
+
+#: Relative spread of the previous-snapshot losses below which ``var(b)`` counts as zero.
+_VAR_RESOLUTION = 1e-5
 
 
 def _dist_reduce(
