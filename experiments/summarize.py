@@ -1,0 +1,253 @@
+"""Tables of a study from its committed results (``experiments/results/<study>``), mean ± std.
+
+Per cell (mean ± std over seeds, sample std): final and best-validation clean/robust accuracy,
+the final evaluation (``eval.json``) when present, and, when the study names a ``baseline``
+(e.g. ``{axis: optimizer, value: sgd}``), the to-target columns against the baseline cell that
+agrees on every other axis:
+
+* target = mean over the baseline's seeds of its final validation robust accuracy;
+* epochs / wall-clock seconds / gradient evaluations until the validation robust accuracy first
+  reaches the target (mean over the seeds that reach it; ``k/n`` says how many did);
+* validation and test robust accuracy at the baseline's final wall-clock time (mean over its seeds):
+  the last epoch that ended by then (equal-time comparison; equal epochs = the final columns, since
+  every cell has the same epoch budget).
+
+Wall-clock times come from a shared CPU and are noisy; gradient evaluations are exact.
+
+    .venv/bin/python experiments/summarize.py experiments/configs/main_adversarial.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from run_study import RESULTS_ROOT, RUNS_ROOT, RunSpec, Study, expand, load_study
+
+from robust_agc.errors import UserError
+from robust_agc.report import Run, load_run
+
+__all__ = [
+    "CellRuns",
+    "collect_cells",
+    "first_reaching",
+    "at_time",
+    "to_target_rows",
+    "format_table",
+    "main",
+]
+
+ACC_DIGITS = 2  # accuracies in percent
+FINAL_KEYS = ("val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc")
+
+
+@dataclass
+class CellRuns:
+    """The stored runs of one cell."""
+
+    cell: str
+    labels: dict[str, str]
+    runs: list[Run]
+
+
+def collect_cells(study: Study, results_root: Path = RESULTS_ROOT) -> list[CellRuns]:
+    """Stored runs per cell, in the study's cell order (cells without results are kept, empty)."""
+    cells: dict[str, CellRuns] = {}
+    specs: list[RunSpec] = expand(study, runs_root=RUNS_ROOT, results_root=results_root)
+    for spec in specs:
+        c = cells.setdefault(spec.cell, CellRuns(spec.cell, spec.labels, []))
+        if (spec.result_dir / "metrics.jsonl").is_file():
+            c.runs.append(load_run(spec.result_dir))
+    return list(cells.values())
+
+
+def first_reaching(run: Run, key: str, target: float) -> dict[str, float] | None:
+    """The first epoch's record whose ``key`` is >= ``target`` (None when never reached)."""
+    for row in run.metrics:
+        v = row.get(key)
+        if isinstance(v, int | float) and v >= target:
+            return row
+    return None
+
+
+def at_time(run: Run, seconds: float) -> dict[str, Any] | None:
+    """The last epoch's record that ended by ``seconds`` of training wall-clock (None if none)."""
+    found = None
+    for row in run.metrics:
+        t = row.get("wall_time_s")
+        if isinstance(t, int | float) and t <= seconds:
+            found = row
+    return found
+
+
+def _best_val(run: Run) -> dict[str, Any]:
+    """The record with the best validation robust accuracy (first one on ties), as best.pt."""
+    best: dict[str, Any] = {}
+    for row in run.metrics:
+        if not best or row.get("val_robust_acc", -math.inf) > best.get("val_robust_acc", -math.inf):
+            best = row
+    return best
+
+
+def _fmt(values: Sequence[float | None], *, pct: bool = False, digits: int = ACC_DIGITS) -> str:
+    vals = [100.0 * v if pct else v for v in values if v is not None]
+    if not vals:
+        return "-"
+    m = statistics.fmean(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _final(run: Run, key: str) -> float | None:
+    return run.metrics[-1].get(key) if run.metrics else None
+
+
+def _eval_acc(run: Run, key: str) -> float | None:
+    if not run.evals:
+        return None
+    v = run.evals[-1].get(key)
+    return float(v) if isinstance(v, int | float) else None
+
+
+def _baseline_cell(cell: CellRuns, cells: list[CellRuns], baseline: dict[str, str]) -> CellRuns:
+    want = {**cell.labels, baseline["axis"]: baseline["value"]}
+    for c in cells:
+        if c.labels == want:
+            return c
+    raise UserError(f"no baseline cell for {cell.cell}")  # expand() always makes it
+
+
+def to_target_rows(cells: list[CellRuns], baseline: dict[str, str]) -> list[dict[str, Any]]:
+    """Per cell: target, the to-target lists (per seed) and accuracies at the baseline's time."""
+    rows = []
+    for cell in cells:
+        base = _baseline_cell(cell, cells, baseline)
+        metric = baseline.get("metric", "val_robust_acc")
+        finals = [_final(r, metric) for r in base.runs]
+        times = [_final(r, "wall_time_s") for r in base.runs]
+        finals = [v for v in finals if v is not None]
+        times = [t for t in times if t is not None]
+        row: dict[str, Any] = {
+            "cell": cell.cell,
+            "baseline": base.cell,
+            "metric": metric,
+            "n": len(cell.runs),
+        }
+        row["target"] = statistics.fmean(finals) if finals else None
+        row["baseline_time_s"] = statistics.fmean(times) if times else None
+        hits = [first_reaching(r, metric, row["target"]) if finals else None for r in cell.runs]
+        reached = [h for h in hits if h is not None]
+        row["reached"] = len(reached)
+        row["epochs_to_target"] = [float(h["epoch"]) for h in reached]
+        row["wall_to_target_s"] = [float(h["wall_time_s"]) for h in reached]
+        row["grad_evals_to_target"] = [float(h["grad_evals"]) for h in reached]
+        at = [
+            at_time(r, row["baseline_time_s"]) if row["baseline_time_s"] is not None else None
+            for r in cell.runs
+        ]
+        row["val_robust_at_time"] = [a.get("val_robust_acc") if a else None for a in at]
+        row["test_robust_at_time"] = [a.get("test_robust_acc") if a else None for a in at]
+        row["epoch_at_time"] = [float(a["epoch"]) if a else None for a in at]
+        rows.append(row)
+    return rows
+
+
+def format_table(cells: list[CellRuns], baseline: dict[str, str] | None) -> str:
+    """Markdown tables: final/best-val accuracy and, with a baseline, the to-target columns."""
+    head = (
+        "| cell | seeds | epochs | val clean | val robust | test clean | test robust | "
+        "best-val epoch | best-val: test clean | best-val: test robust | eval clean | "
+        "eval robust | train wall (s) | grad evals |\n" + "| --- " * 14 + "|\n"
+    )
+    lines = []
+    for c in cells:
+        rs = c.runs
+        best = [_best_val(r) for r in rs]
+        lines.append(
+            f"| {c.cell} | {len(rs)} | {_fmt([_final(r, 'epoch') for r in rs], digits=0)} | "
+            + " | ".join(_fmt([_final(r, k) for r in rs], pct=True) for k in FINAL_KEYS)
+            + f" | {_fmt([b.get('epoch') for b in best], digits=1)}"
+            + f" | {_fmt([b.get('test_clean_acc') for b in best], pct=True)}"
+            + f" | {_fmt([b.get('test_robust_acc') for b in best], pct=True)}"
+            + f" | {_fmt([_eval_acc(r, 'clean_acc') for r in rs], pct=True)}"
+            + f" | {_fmt([_eval_acc(r, 'robust_acc') for r in rs], pct=True)}"
+            + f" | {_fmt([_final(r, 'wall_time_s') for r in rs], digits=0)}"
+            + f" | {_fmt([_final(r, 'grad_evals') for r in rs], digits=0)} |"
+        )
+    out = (
+        "Accuracies in %, mean ± std over seeds (sample std); val/test = per-epoch evaluation "
+        "of the final epoch (PGD from the run's eval_steps); eval = final evaluation of best.pt "
+        "(eval.json).\n\n" + head + "\n".join(lines) + "\n"
+    )
+    if baseline is None:
+        return out
+    rows = to_target_rows(cells, baseline)
+    head2 = (
+        f"\nTarget = final {baseline.get('metric', 'val_robust_acc')} of the cell's "
+        f"{baseline['axis']}={baseline['value']} baseline (mean over its seeds); to-target "
+        "columns average the seeds that reach it "
+        "(k/n); 'at baseline time' = last epoch finished by the baseline's final wall-clock.\n\n"
+        "| cell | target (%) | reached | epochs to target | wall to target (s) | "
+        "grad evals to target | baseline time (s) | epoch at baseline time | "
+        "val robust at baseline time | test robust at baseline time |\n" + "| --- " * 10 + "|\n"
+    )
+    lines2 = []
+    for r in rows:
+        tgt = "-" if r["target"] is None else f"{100 * r['target']:.{ACC_DIGITS}f}"
+        bt = "-" if r["baseline_time_s"] is None else f"{r['baseline_time_s']:.0f}"
+        lines2.append(
+            f"| {r['cell']} | {tgt} | {r['reached']}/{r['n']} | "
+            f"{_fmt(r['epochs_to_target'], digits=1)} | {_fmt(r['wall_to_target_s'], digits=0)} | "
+            f"{_fmt(r['grad_evals_to_target'], digits=0)} | {bt} | "
+            f"{_fmt(r['epoch_at_time'], digits=1)} | "
+            f"{_fmt(r['val_robust_at_time'], pct=True)} | "
+            f"{_fmt(r['test_robust_at_time'], pct=True)} |"
+        )
+    return out + head2 + "\n".join(lines2) + "\n"
+
+
+def _hardware(cells: list[CellRuns]) -> str:
+    seen = set()
+    for c in cells:
+        for r in c.runs:
+            v, m = r.summary.get("versions", {}), r.summary.get("machine", {})
+            seen.add(
+                f"torch {v.get('torch')}, threads {m.get('threads')}, cpu field {m.get('cpu')!r}"
+            )
+    return "; ".join(sorted(seen)) or "no runs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the study's tables (markdown); ``--json`` also writes the computed rows."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("study", help="study YAML file")
+    p.add_argument("--results", default=str(RESULTS_ROOT), help="results root folder")
+    p.add_argument("--json", default=None, help="also write the to-target rows to this file")
+    args = p.parse_args(argv)
+    try:
+        study = load_study(args.study, results_root=Path(args.results))
+        cells = collect_cells(study, Path(args.results))
+        n = sum(len(c.runs) for c in cells)
+        print(f"## {study.name}: {n} stored runs in {sum(bool(c.runs) for c in cells)} cells\n")
+        print(f"Runs recorded: {_hardware(cells)}\n")
+        print(format_table(cells, study.baseline), end="")
+        if args.json and study.baseline is not None:
+            Path(args.json).write_text(
+                json.dumps(to_target_rows(cells, study.baseline), indent=2) + "\n"
+            )
+    except UserError as e:
+        print(f"summarize: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Tests of experiments/run_study.py: study parsing, expansion, status, resume, result copies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from run_study import (
+    EVAL_FILE,
+    RESULT_FILES,
+    expand,
+    load_study,
+    main,
+    run_status,
+)
+
+import robust_agc.train as train_mod
+from robust_agc.errors import UserError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TIMING = {"epoch_time_s", "wall_time_s", "images_per_s", "refresh_time_s"}
+
+TINY_BASE = {
+    "train_subset": 64,
+    "val_size": 32,
+    "batch_size": 32,
+    "epochs": 2,
+    "attack_steps": 1,
+    "eval_subset": 16,
+    "eval_steps": 1,
+    "sparse_method": "rigl",
+    "sparsity": 0.9,
+    "update_interval": 1,
+    "lr": 0.05,
+}
+
+
+def _write(tmp_path: Path, data: dict, name: str = "study.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def _load(tmp_path: Path, data: dict):
+    return load_study(
+        _write(tmp_path, data), runs_root=tmp_path / "runs", results_root=tmp_path / "results"
+    )
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"bogus": 1}, r"unknown key"),
+        ({"base": {"not_a_setting": 1}}, r"unknown setting 'not_a_setting'"),
+        ({"base": {"seed": 3}}, r"chosen by the driver"),
+        ({"base": {"out": "x"}}, r"chosen by the driver"),
+        ({"grid": [1, 2]}, r"Invalid grid value"),
+        ({"grid": {"lr": []}}, r"Invalid grid value: axis 'lr'"),
+        ({"grid": {"opt": [{"optimizer": "agc"}]}}, r"has no name"),
+        ({"grid": {"opt": [{"name": "a/b", "optimizer": "agc"}]}}, r"not a folder name"),
+        ({"grid": {"opt": [{"name": "a"}, {"name": "a"}]}}, r"duplicate labels"),
+        ({"grid": {"opt": [{"name": "a", "bogus": 1}]}}, r"unknown setting 'bogus'"),
+        ({"seeds": []}, r"Invalid seeds value"),
+        ({"seeds": [0, 0]}, r"Invalid seeds value"),
+        ({"seeds": ["0"]}, r"Invalid seeds value"),
+        ({"eval": {"n_exemples": 3}}, r"Invalid eval value"),
+        ({"grid": {"lr": [0.1]}, "baseline": {"axis": "opt", "value": "x"}}, r"Invalid baseline"),
+        ({"grid": {"lr": [0.1]}, "baseline": {"axis": "lr", "value": 0.5}}, r"Invalid baseline"),
+        (
+            {"grid": {"lr": [0.1]}, "baseline": {"axis": "lr", "value": 0.1, "metric": "loss"}},
+            r"Invalid baseline",
+        ),
+        ({"grid": {"lr": [0.1, -1.0]}}, r"Invalid lr value: -1.0"),
+        ({"base": {"optimizer": "adam"}}, r"Invalid optimizer value"),
+    ],
+)
+def test_load_study_rejects(tmp_path: Path, data: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        _load(tmp_path, data)
+
+
+def test_missing_file_and_cli_exit_status(tmp_path: Path, capsys) -> None:
+    with pytest.raises(UserError, match="study file not found"):
+        load_study(tmp_path / "none.yaml")
+    assert main([str(tmp_path / "none.yaml"), "--dry-run"]) == 2
+    assert "study file not found" in capsys.readouterr().err
+
+
+def test_expand_is_the_product_with_overrides(tmp_path: Path) -> None:
+    study = _load(
+        tmp_path,
+        {
+            "base": {"lr": 0.05, "optimizer": "sgd", "epochs": 3},
+            "grid": {
+                "sparse": [
+                    {"name": "r90", "sparse_method": "rigl", "sparsity": 0.9},
+                    {"name": "s99", "sparse_method": "static", "sparsity": 0.99},
+                ],
+                "lr": [0.01, 0.1],
+                "opt": [{"name": "sgd"}, {"name": "agc", "optimizer": "agc"}],
+            },
+            "seeds": [0, 5],
+            "baseline": {"axis": "opt", "value": "sgd"},
+        },
+    )
+    assert study.baseline == {"axis": "opt", "value": "sgd", "metric": "val_robust_acc"}
+    specs = expand(study, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    assert len(specs) == 2 * 2 * 2 * 2
+    assert len({(s.cell, s.seed) for s in specs}) == len(specs)
+    assert [s.seed for s in specs] == [0] * 8 + [5] * 8  # seed-major
+    by = {(s.cell, s.seed): s for s in specs}
+    s = by[("s99_lr0.1_agc", 5)]
+    assert s.labels == {"sparse": "s99", "lr": "lr0.1", "opt": "agc"}
+    assert s.settings == {
+        "lr": 0.1,
+        "optimizer": "agc",
+        "epochs": 3,
+        "sparse_method": "static",
+        "sparsity": 0.99,
+        "seed": 5,
+    }
+    assert by[("r90_lr0.01_sgd", 0)].settings["optimizer"] == "sgd"
+    assert s.run_dir == tmp_path / "runs" / "study" / "s99_lr0.1_agc" / "s5"
+    assert s.result_dir == tmp_path / "results" / "study" / "s99_lr0.1_agc" / "s5"
+    cfg = s.config(threads=1)
+    assert (cfg.out, cfg.threads, cfg.seed, cfg.lr) == (str(s.run_dir), 1, 5, 0.1)
+
+
+@pytest.mark.parametrize("name", ["lr_sweep", "main_adversarial", "standard", "ablations"])
+def test_shipped_configs_parse(name: str) -> None:
+    study = load_study(CONFIGS / f"{name}.yaml")
+    specs = expand(study)
+    assert study.name == name
+    cfgs = [s.config() for s in specs]
+    # the same data, epoch budget and schedule for every run of a study
+    for key in ("train_subset", "val_size", "epochs", "batch_size", "lr_schedule", "eval_subset"):
+        assert len({getattr(c, key) for c in cfgs}) == 1, key
+    if name != "lr_sweep":
+        assert len(study.seeds) >= 3
+        assert len({c.lr for c in cfgs}) == 1
+    if name == "main_adversarial":
+        assert {(c.sparse_method, c.sparsity) for c in cfgs} == {
+            (m, s) for m in ("rigl", "static") for s in (0.9, 0.99)
+        }
+        assert {
+            (c.optimizer, c.svrg_schedule if c.optimizer == "svrg" else None) for c in cfgs
+        } == {
+            ("sgd", None),
+            ("agc", None),
+            ("svrg", "fixed"),
+            ("svrg", "ramp"),
+        }
+        assert {(c.objective, c.eps, c.sparse_init) for c in cfgs} == {("pgd-at", 0.1, "erk")}
+
+
+def _fake_run(folder: Path, cfg_dict: dict, epochs: int, *, summary: bool, ckpt: bool) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg_dict))
+    (folder / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e + 1}) + "\n" for e in range(epochs))
+    )
+    if summary:
+        (folder / "summary.json").write_text("{}")
+    if ckpt:
+        (folder / "last.pt").write_bytes(b"x")
+
+
+def test_run_status_transitions(tmp_path: Path) -> None:
+    study = _load(tmp_path, {"base": {"epochs": 3}, "eval": {"n_examples": 10}})
+    (spec,) = expand(study, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    cfg = spec.config().to_dict()
+    assert run_status(spec, study) == "new"
+    spec.run_dir.mkdir(parents=True)
+    assert run_status(spec, study) == "new"  # empty folder
+    (spec.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_status(spec, study) == "restart"  # killed before its first checkpoint
+    _fake_run(spec.run_dir, cfg, 1, summary=False, ckpt=True)
+    assert run_status(spec, study) == "resume"
+    _fake_run(spec.run_dir, cfg, 3, summary=True, ckpt=True)
+    assert run_status(spec, study) == "eval"
+    _fake_run(spec.result_dir, cfg, 3, summary=True, ckpt=False)
+    assert run_status(spec, study) == "eval"  # evaluation not stored yet
+    (spec.result_dir / EVAL_FILE).write_text("{}")
+    assert run_status(spec, study) == "done"
+    _fake_run(spec.result_dir, {**cfg, "lr": 0.5}, 3, summary=True, ckpt=False)
+    assert run_status(spec, study) == "stale"
+    _fake_run(
+        spec.result_dir, {**cfg, "threads": 7, "out": "elsewhere"}, 3, summary=True, ckpt=False
+    )
+    assert run_status(spec, study) == "done"  # thread count and folder are not settings
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_driver_trains_evaluates_resumes_and_skips(tmp_path: Path, monkeypatch, capsys) -> None:
+    """End to end on a tiny real run: an interrupted run resumes to the uninterrupted result."""
+    data = {
+        "study": "tiny",
+        "base": TINY_BASE,
+        "grid": {"opt": [{"name": "sgd", "optimizer": "sgd"}, {"name": "agc", "optimizer": "agc"}]},
+        "seeds": [0],
+        "eval": {"attacks": "clean,pgd", "n_examples": 8, "pgd_steps": 2, "eps": 0.1},
+        "baseline": {"axis": "opt", "value": "sgd"},
+    }
+    path = _write(tmp_path, data)
+    roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "results")]
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    sgd, agc = expand(study, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+
+    # interrupt the AGC run in its second epoch, as a killed process would be
+    real_epoch = train_mod.Trainer.train_epoch
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if self.cfg.optimizer == "agc" and self.state.epoch == 1 and calls["n"] < 100:
+            calls["n"] = 100
+            raise KeyboardInterrupt
+        return real_epoch(self, *a, **k)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main([str(path), "--threads", "1", *roots])
+    assert run_status(sgd, study) == "done"
+    assert run_status(agc, study) == "resume"
+    assert main([str(path), "--dry-run", *roots]) == 0
+    out = capsys.readouterr().out
+    assert "done     tiny/sgd/s0" in out and "resume   tiny/agc/s0" in out
+    assert main([str(path), "--threads", "1", *roots]) == 0
+    assert run_status(agc, study) == "done"
+    for spec in (sgd, agc):
+        assert sorted(p.name for p in spec.result_dir.iterdir()) == sorted(RESULT_FILES)
+        assert len(_metrics(spec.result_dir)) == 2
+        ev = json.loads((spec.result_dir / EVAL_FILE).read_text())
+        assert ev["n_examples"] == 8 and 0.0 <= ev["robust_acc"] <= ev["clean_acc"] <= 1.0
+    resumed = _metrics(agc.result_dir)
+
+    # the same AGC run without interruption gives the same metrics (timing aside)
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", real_epoch)
+    ref = expand(study, runs_root=tmp_path / "ref", results_root=tmp_path / "ref_res")[1]
+    train_mod.train(ref.config(1, progress=False))
+    assert _strip(resumed) == _strip(_metrics(ref.run_dir))
+
+    # a finished study is skipped: nothing is retrained
+    monkeypatch.setattr(train_mod, "train", lambda cfg: pytest.fail("retrained a finished run"))
+    assert main([str(path), "--threads", "1", *roots]) == 0

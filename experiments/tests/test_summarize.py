@@ -1,0 +1,130 @@
+"""Tests of experiments/summarize.py on synthetic stored results with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from run_study import expand, load_study
+from summarize import at_time, collect_cells, first_reaching, format_table, main, to_target_rows
+
+from robust_agc.report import Run
+
+STUDY = {
+    "study": "toy",
+    "base": {"epochs": 3},
+    "grid": {
+        "sparse": [{"name": "r90", "sparsity": 0.9}, {"name": "r99", "sparsity": 0.99}],
+        "opt": [{"name": "sgd", "optimizer": "sgd"}, {"name": "agc", "optimizer": "agc"}],
+    },
+    "seeds": [0, 1],
+    "baseline": {"axis": "opt", "value": "sgd"},
+}
+
+# (cell, seed) -> per-epoch (val_robust_acc, wall_time_s, grad_evals)
+CURVES = {
+    ("r90_sgd", 0): [(0.30, 10, 100), (0.40, 20, 200), (0.50, 30, 300)],
+    ("r90_sgd", 1): [(0.32, 12, 100), (0.44, 24, 200), (0.54, 36, 300)],  # target 0.52, time 33
+    ("r90_agc", 0): [(0.40, 15, 120), (0.53, 30, 240), (0.55, 45, 360)],  # reaches at epoch 2
+    ("r90_agc", 1): [(0.35, 14, 120), (0.45, 28, 240), (0.60, 42, 360)],  # reaches at epoch 3
+    ("r99_sgd", 0): [(0.20, 10, 100), (0.25, 20, 200), (0.30, 30, 300)],  # target 0.30, time 30
+    ("r99_agc", 0): [(0.10, 11, 120), (0.20, 22, 240), (0.29, 33, 360)],  # never reaches
+}
+
+
+def _write_results(tmp_path: Path) -> tuple[Path, Path]:
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(STUDY, sort_keys=False))
+    results = tmp_path / "results"
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    for spec in expand(study, runs_root=tmp_path / "runs", results_root=results):
+        curve = CURVES.get((spec.cell, spec.seed))
+        if curve is None:
+            continue
+        d = spec.result_dir
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump(spec.config().to_dict()))
+        rows = [
+            {
+                "epoch": e + 1,
+                "val_robust_acc": v,
+                "val_clean_acc": v + 0.2,
+                "test_robust_acc": v - 0.01,
+                "test_clean_acc": v + 0.19,
+                "wall_time_s": float(t),
+                "grad_evals": g,
+            }
+            for e, (v, t, g) in enumerate(curve)
+        ]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "summary.json").write_text(json.dumps({"versions": {"torch": "x"}, "machine": {}}))
+    return path, results
+
+
+def test_helpers() -> None:
+    run = Run(
+        path=Path("."),
+        config={},
+        metrics=[
+            {"epoch": 1, "a": 0.1, "wall_time_s": 5.0},
+            {"epoch": 2, "a": 0.3, "wall_time_s": 9.0},
+        ],
+    )
+    assert first_reaching(run, "a", 0.3)["epoch"] == 2
+    assert first_reaching(run, "a", 0.05)["epoch"] == 1
+    assert first_reaching(run, "a", 0.31) is None
+    assert at_time(run, 4.9) is None
+    assert at_time(run, 5.0)["epoch"] == 1
+    assert at_time(run, 100.0)["epoch"] == 2
+
+
+def test_to_target_against_hand_computed_values(tmp_path: Path) -> None:
+    path, results = _write_results(tmp_path)
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    cells = collect_cells(study, results)
+    assert [(c.cell, len(c.runs)) for c in cells] == [
+        ("r90_sgd", 2),
+        ("r90_agc", 2),
+        ("r99_sgd", 1),
+        ("r99_agc", 1),
+    ]
+    rows = {r["cell"]: r for r in to_target_rows(cells, study.baseline)}
+    r = rows["r90_agc"]
+    assert r["baseline"] == "r90_sgd"
+    assert r["target"] == pytest.approx(0.52)
+    assert r["baseline_time_s"] == pytest.approx(33.0)
+    assert r["reached"] == 2
+    assert sorted(r["epochs_to_target"]) == [2.0, 3.0]
+    assert sorted(r["wall_to_target_s"]) == [30.0, 42.0]
+    assert sorted(r["grad_evals_to_target"]) == [240.0, 360.0]
+    # at 33 s: seed 0 finished epoch 2 (30 s), seed 1 epoch 2 (28 s)
+    assert r["epoch_at_time"] == [2.0, 2.0]
+    assert r["val_robust_at_time"] == [0.53, 0.45]
+    # the baseline's own row: seed 1 reaches its mean, seed 0 never does
+    assert rows["r90_sgd"]["reached"] == 1 and rows["r90_sgd"]["epochs_to_target"] == [3.0]
+    r99 = rows["r99_agc"]
+    assert (r99["target"], r99["reached"], r99["epochs_to_target"]) == (
+        pytest.approx(0.30),
+        0,
+        [],
+    )
+    assert r99["epoch_at_time"] == [2.0]  # 33 s > 30 s: only epochs 1-2 count
+    table = format_table(cells, study.baseline)
+    line = next(x for x in table.splitlines() if x.startswith("| r90_agc | 52.00"))
+    assert "| 2/2 | 2.5 ± 0.7 | 36 ± 8 | 300 ± 85 | 33 |" in line
+    assert "| r99_agc | 30.00 | 0/1 | - | - | - |" in table
+    # final columns: mean ± sample std of the last epoch, in percent
+    final = next(x for x in table.splitlines() if x.startswith("| r90_sgd | 2 |"))
+    assert "| 52.00 ± 2.83 |" in final
+
+
+def test_cli(tmp_path: Path, capsys) -> None:
+    path, results = _write_results(tmp_path)
+    out_json = tmp_path / "rows.json"
+    assert main([str(path), "--results", str(results), "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "## toy: 6 stored runs in 4 cells" in text
+    assert len(json.loads(out_json.read_text())) == 4
+    assert main([str(tmp_path / "missing.yaml")]) == 2
