@@ -10,7 +10,6 @@ images/s of each is reported with the ratio ours/plain (target: >= 0.95, i.e. at
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from robust_agc.config import TrainConfig
 from robust_agc.data import make_splits
 from robust_agc.models import create_model
-from robust_agc.train import Trainer
+from robust_agc.train import Trainer, cpu_model
 
 
 def plain_epoch(model, opt, x, y, *, batch_size, eps, alpha, steps, seed):
@@ -56,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     splits = make_splits("fashion-mnist", train_subset=args.images, val_size=0, test_size=1)
     info = splits.info
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}")
+    print(f"# torch {torch.__version__}, {cpu_model()}, threads {args.threads}")
     print("model       plain img/s   ours img/s   ratio ours/plain")
     for name in args.models.split(","):
         cfg = TrainConfig(

@@ -682,11 +682,22 @@ class Trainer:
                 "python": platform.python_version(),
             },
             "machine": {
-                "cpu": platform.processor() or platform.machine(),
+                "cpu": cpu_model(),
                 "threads": torch.get_num_threads(),
                 "world_size": self.world_size,
             },
         }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _write_metrics(out_dir: Path, metrics: list[dict[str, Any]]) -> None:
