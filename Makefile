@@ -37,7 +37,7 @@ install: $(STAMP) data
 demo: install
 	$(BIN)/python -m robust_agc train --config experiments/configs/demo.yaml --out $(DEMO_OUT) --overwrite
 	$(BIN)/python -m robust_agc eval $(DEMO_OUT)/best.pt --attacks clean,pgd,autoattack \
-	  --n-examples 200 --pgd-steps 20 --pgd-restarts 1 --seed 0 --out $(DEMO_OUT)/eval.json --overwrite
+	  --n-examples 100 --pgd-steps 20 --pgd-restarts 1 --seed 0 --out $(DEMO_OUT)/eval.json --overwrite
 	$(BIN)/python -m robust_agc report $(DEMO_OUT) $(DEMO_OUT)/eval.json --out $(DEMO_OUT)/report
 	@echo "run stored in $(DEMO_OUT); report in $(DEMO_OUT)/report/report.md"
 
