@@ -7,6 +7,7 @@ run code on load) is refused with :class:`~robust_agc.errors.CheckpointError` be
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -46,18 +47,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
     """Save ``obj`` atomically: a reader (or a crash) never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -27,9 +27,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks as _checks
+from .checkpoint import atomic_write_bytes
 from .errors import CheckpointError, UserError
 
 __all__ = [
@@ -239,17 +238,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _sha256_tensors(tensors: Sequence[tuple[str, Tensor]]) -> str:
