@@ -163,7 +163,9 @@ def run_eval(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     else:
         result.save(out, overwrite=args.overwrite)
-        stages = ", ".join(f"{st['name']} {st['robust_acc']:.2%}" for st in result.to_dict()["stages"])
+        stages = ", ".join(
+            f"{st['name']} {st['robust_acc']:.2%}" for st in result.to_dict()["stages"]
+        )
         fired = [k for k, v in result.flags.items() if v]
         print(
             f"first {result.n_examples} test points, {result.threat_model} eps {result.eps:g}: "
