@@ -627,10 +627,10 @@ class Trainer:
                 step=st.step,
             )
             st.metrics.append(rec)
+            # No validation points (--val-size 0): best.pt follows the last epoch (the test set never
+            # selects checkpoints).
             is_best = (
-                rec["val_robust_acc"] > st.best_val_robust
-                if not math.isnan(rec["val_robust_acc"])
-                else False
+                math.isnan(rec["val_robust_acc"]) or rec["val_robust_acc"] > st.best_val_robust
             )
             if is_best:
                 st.best_val_robust = rec["val_robust_acc"]

@@ -245,3 +245,11 @@ def test_bsr_with_agc_keeps_the_exact_budget(tmp_path):
         assert torch.all(w[~m] == 0) and torch.all(w[m] * s[m] > 0)  # active theta > 0, fixed sign
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["density"] == pytest.approx(0.01, abs=1e-4) and "layer_densities" in rows[-1]
+
+
+def test_without_validation_points_best_follows_the_last_epoch(tmp_path):
+    out = tmp_path / "noval"
+    assert run_cli("train", *SMALL, "--epochs", "1", "--val-size", "0", "--out", str(out)) == 0
+    best = torch.load(out / "best.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert best["epoch"] == last["epoch"] == 1
