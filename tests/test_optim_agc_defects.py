@@ -283,3 +283,44 @@ def test_rounding_level_spread_of_snapshot_losses_gives_no_estimate():
         model, _batches(x, y, 16), _ce
     )  # a trained previous snapshot: a real estimate
     assert tel["agc_tau_updated"] and abs(opt.tau) < 10
+
+
+def test_positions_regrown_after_the_refresh_get_no_correction():
+    """A position pruned at the refresh (snapshot and mu zeroed by the sparse hooks) that regrows
+    before the next refresh has no valid mu: its snapshot gradient is dropped (v = g there), while
+    every position alive at the refresh keeps the exact snapshot gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    w = model[0].weight
+    mask = torch.rand_like(w) > 0.5
+    with torch.no_grad():
+        w.mul_(mask)
+    opt = AGC(model.parameters(), lr=0.1, gamma=1.0)
+
+    def zero_pruned(*_):  # what robust_agc.sparse's hooks do to same-shaped state
+        with torch.no_grad():
+            w.masked_fill_(~mask, 0)
+            for v in opt.state[w].values():
+                if isinstance(v, torch.Tensor) and v.shape == w.shape:
+                    v.masked_fill_(~mask, 0)
+
+    opt.register_step_pre_hook(zero_pruned)
+    opt.refresh(model, _batches(x, y, 16), _ce)
+    zero_pruned()
+    grown = ~mask & (torch.rand_like(w) > 0.5)
+    assert grown.any()
+    mask |= grown  # regrow: weight 0, state 0 at the grown positions
+    snap = [opt.state[p]["snapshot"].clone() for p in model.parameters()]
+    opt.snapshot_backward(model, lambda m: _ce(m, x[:16], y[:16]))
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, s in zip(ref.parameters(), snap):
+            p.copy_(s)
+    _ce(ref, x[:16], y[:16]).backward()
+    g_ref = next(ref.parameters()).grad
+    g_snap = opt.state[w]["snap_grad"]
+    assert torch.all(g_snap[grown] == 0) and g_ref[grown].abs().sum() > 0
+    torch.testing.assert_close(g_snap[mask & ~grown], g_ref[mask & ~grown])
+    for p, q in zip(list(model.parameters())[1:], list(ref.parameters())[1:]):
+        torch.testing.assert_close(opt.state[p]["snap_grad"], q.grad)  # dense: untouched

@@ -606,7 +606,13 @@ class AGC(Optimizer):
                 dist.all_reduce(g, group=process_group)
                 g.div_(world)
         for (_, p), g in zip(named, grads):
-            self.state[p]["snap_grad"] = g.detach()
+            st = self.state[p]
+            # Positions that were pruned at the last refresh (a sparse layer zeroed their snapshot
+            # and mu) and have regrown since: mu there is not the mean of g_B(ws), so the control
+            # variate g_B(ws) - mu would not have zero mean. Drop the correction there (v = g) until
+            # the next refresh. Derived from the state itself: an active position has mu != 0.
+            stale = (st["snapshot"] == 0) & (st["full_grad"] == 0)
+            st["snap_grad"] = g.detach().masked_fill_(stale, 0)
         self._snap_grad_fresh = True
         return loss.detach()
 
