@@ -5,14 +5,20 @@ are their cartesian product), ``seeds``, an optional final ``eval`` of each run'
 (``robust-agc eval`` options) and an optional ``baseline`` (the axis value whose final validation
 robust accuracy is the target of the other cells, used by ``summarize.py``). An axis value is a
 scalar (sets the setting named like the axis; label ``<axis><value>``) or a mapping of settings with
-a ``name`` (the label). Example::
+a ``name`` (the label). Optional keys: ``exclude`` (rules ``{axis: label or [labels], ...}``; a cell
+matching every axis of a rule is dropped), ``extra_evals`` (further evaluations of the same checkpoint
+on some seeds, e.g. AutoAttack on seed 0, each written to ``eval_<name>.json``) and ``reuse`` (names
+of other studies whose stored runs with the identical configuration and final evaluation are copied
+instead of retrained). Example::
 
     base: {model: small-cnn, epochs: 8, ...}
     grid:
       sparse: [{name: rigl90, sparse_method: rigl, sparsity: 0.9}, ...]
       optimizer: [sgd, agc, {name: svrg-ramp, optimizer: svrg, svrg_schedule: ramp}]
     seeds: [0, 1, 2]
+    exclude: [{sparse: bsr90, optimizer: svrg-ramp}]
     eval: {checkpoint: best.pt, attacks: clean,pgd, n_examples: 500, pgd_steps: 50}
+    extra_evals: [{name: autoattack, seeds: [0], attacks: clean,autoattack, n_examples: 500}]
     baseline: {axis: optimizer, value: sgd}
 
 Runs go to ``experiments/runs/<study>/<cell>/s<seed>`` (git-ignored); a finished run's small files
@@ -53,6 +59,7 @@ RESULTS_ROOT = EXPERIMENTS / "results"  # committed: the small JSON/YAML files b
 RESULT_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json")
 EVAL_FILE = "eval.json"  # robust-agc report attaches eval*.json found in a run folder
 EVAL_STATE_FILE = "state_final_eval.json"  # must not match eval*.json
+CONFIGS_ROOT = EXPERIMENTS / "configs"  # where ``reuse`` finds the other studies' files
 DEFAULT_THREADS = 1
 # keys that may differ between a stored result and the study file without making it stale
 UNCOMPARED_KEYS = frozenset(
@@ -68,7 +75,12 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "pgd_restarts": 1,
     "batch_size": 250,
     "seed": 0,
+    "version": "standard",  # AutoAttack version, used when attacks has autoattack
 }
+STUDY_KEYS = frozenset(
+    {"study", "description", "base", "grid", "seeds", "eval", "baseline", "exclude"}
+    | {"extra_evals", "reuse"}
+)
 
 logger = logging.getLogger("run_study")
 
@@ -97,6 +109,13 @@ class Study:
     eval: dict[str, Any] | None
     baseline: dict[str, str] | None  # {"axis": ..., "value": label, "metric": ...}
     description: str = ""
+    exclude: tuple[dict[str, frozenset[str]], ...] = ()
+    extra_evals: tuple[dict[str, Any], ...] = ()  # each: name, seeds (None: all), eval options
+    reuse: tuple[str, ...] = ()
+
+    def extra_evals_for(self, seed: int) -> list[dict[str, Any]]:
+        """The extra evaluations that apply to runs of this seed."""
+        return [e for e in self.extra_evals if e["seeds"] is None or seed in e["seeds"]]
 
 
 @dataclass(frozen=True)
@@ -145,7 +164,7 @@ def load_study(
         raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a mapping")
-    unknown = set(data) - {"study", "description", "base", "grid", "seeds", "eval", "baseline"}
+    unknown = set(data) - STUDY_KEYS
     if unknown:
         raise UserError(f"unknown key(s) {sorted(unknown)} in {path}")
     name = str(data.get("study") or path.stem)
@@ -211,6 +230,15 @@ def load_study(
             "value": value,
             "metric": str(bl.get("metric", "val_robust_acc")),
         }
+    exclude = _parse_exclude(data.get("exclude"), axes)
+    extra = _parse_extra_evals(data.get("extra_evals"), ev)
+    reuse = data.get("reuse") or []
+    if not isinstance(reuse, list) or not all(isinstance(r, str) and r for r in reuse):
+        raise UserError(f"Invalid reuse value: {reuse!r} (a list of study names)")
+    if reuse and extra:
+        raise UserError(
+            "a study with reuse cannot have extra_evals (reused runs have no checkpoint)"
+        )
     study = Study(
         name=name,
         base=base,
@@ -219,11 +247,75 @@ def load_study(
         eval=ev,
         baseline=bl,
         description=str(data.get("description") or ""),
+        exclude=exclude,
+        extra_evals=extra,
+        reuse=tuple(reuse),
     )
     # validate every cell's configuration now, not hours later
     for spec in expand(study, runs_root=runs_root, results_root=results_root):
         spec.config()
     return study
+
+
+def _parse_exclude(
+    rules: Any, axes: dict[str, list[tuple[str, dict[str, Any]]]]
+) -> tuple[dict[str, frozenset[str]], ...]:
+    if rules is None:
+        return ()
+    if not isinstance(rules, list):
+        raise UserError(f"Invalid exclude value: {rules!r} (a list of {{axis: labels}} rules)")
+    out = []
+    for rule in rules:
+        if not isinstance(rule, dict) or not rule:
+            raise UserError(f"Invalid exclude value: {rule!r} (a mapping axis -> labels)")
+        parsed: dict[str, frozenset[str]] = {}
+        for axis, labels in rule.items():
+            labels = labels if isinstance(labels, list) else [labels]
+            known = [lab for lab, _ in axes.get(str(axis), [])]
+            bad = [str(x) for x in labels if str(x) not in known]
+            if str(axis) not in axes or bad or not labels:
+                raise UserError(
+                    f"Invalid exclude value: {rule!r} (axis {axis!r} has labels {known})"
+                )
+            parsed[str(axis)] = frozenset(str(x) for x in labels)
+        out.append(parsed)
+    return tuple(out)
+
+
+def _parse_extra_evals(entries: Any, ev: dict[str, Any] | None) -> tuple[dict[str, Any], ...]:
+    if entries is None:
+        return ()
+    if not isinstance(entries, list) or ev is None:
+        raise UserError(
+            f"Invalid extra_evals value: {entries!r} (a list of evaluations; needs an eval)"
+        )
+    out, names = [], set()
+    for e in entries:
+        allowed = set(EVAL_DEFAULTS) | {"name", "seeds"}
+        if not isinstance(e, dict) or set(e) - allowed or "name" not in e:
+            raise UserError(
+                f"Invalid extra_evals value: {e!r} (keys: name, seeds, {', '.join(EVAL_DEFAULTS)})"
+            )
+        name = str(e["name"])
+        if not name.replace("-", "").replace("_", "").isalnum() or name in names:
+            raise UserError(f"Invalid extra_evals value: name {name!r} (unique, [A-Za-z0-9_-])")
+        names.add(name)
+        seeds = e.get("seeds")
+        if seeds is not None and (
+            not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds)
+        ):
+            raise UserError(f"Invalid extra_evals value: seeds {seeds!r} (a list of integers)")
+        out.append({**ev, **{k: v for k, v in e.items() if k != "name"}, "name": name})
+    return tuple(out)
+
+
+def extra_eval_file(extra: dict[str, Any]) -> str:
+    """The file name of an extra evaluation's result (``eval_<name>.json``)."""
+    return f"eval_{extra['name']}.json"
+
+
+def _excluded(study: Study, labels: dict[str, str]) -> bool:
+    return any(all(labels[a] in labs for a, labs in rule.items()) for rule in study.exclude)
 
 
 def expand(
@@ -238,6 +330,8 @@ def expand(
         for axis, (label, s) in zip(axis_names, combo):
             settings.update(s)
             labels[axis] = label
+        if _excluded(study, labels):
+            continue
         cell = "_".join(labels.values()) or "base"
         cells.append((cell, labels, settings))
     specs = []
@@ -278,10 +372,54 @@ def _stale_keys(spec: RunSpec, folder: Path) -> list[str]:
     )
 
 
-def run_status(spec: RunSpec, study: Study) -> str:
+def _result_names(spec: RunSpec, study: Study, *, extra: bool = True) -> list[str]:
+    names = list(RESULT_FILES)
+    if extra:
+        names += [extra_eval_file(e) for e in study.extra_evals_for(spec.seed)]
+    return names
+
+
+def _evals_done(folder: Path, spec: RunSpec, study: Study, *, extra: bool) -> bool:
+    if study.eval is not None and not (folder / EVAL_FILE).is_file():
+        return False
+    return not extra or all(
+        (folder / extra_eval_file(e)).is_file() for e in study.extra_evals_for(spec.seed)
+    )
+
+
+def reusable_source(spec: RunSpec, study: Study) -> Path | None:
+    """A stored result of a ``reuse`` study with this run's configuration and final evaluation."""
+    want = {k: v for k, v in spec.config().to_dict().items() if k not in UNCOMPARED_KEYS}
+    results_root = spec.result_dir.parents[2]
+    for other in study.reuse:
+        path = CONFIGS_ROOT / f"{other}.yaml"
+        if not path.is_file():
+            raise UserError(f"reuse: no study file {path}")
+        other_eval = load_study(path, results_root=results_root).eval
+        if other_eval != study.eval:
+            continue
+        for cfg_file in sorted((results_root / other).glob(f"*/s{spec.seed}/config.yaml")):
+            folder = cfg_file.parent
+            stored = _read_yaml(cfg_file)
+            if not all(k in stored and stored[k] == v for k, v in want.items()):
+                continue
+            epochs = spec.config().epochs
+            if not (folder / "summary.json").is_file() or _n_epochs_done(folder) < epochs:
+                continue
+            if study.eval is None:
+                return folder
+            if (folder / EVAL_FILE).is_file():
+                stored_ev = json.loads((folder / EVAL_FILE).read_text(encoding="utf-8"))
+                if stored_ev.get("n_examples") == study.eval["n_examples"]:
+                    return folder
+    return None
+
+
+def run_status(spec: RunSpec, study: Study, *, extra: bool = True) -> str:
     """``done`` (results stored), ``stale`` (stored results from another configuration),
-    ``eval`` (trained, evaluation or copy missing), ``resume``, ``restart`` (a folder without a
-    checkpoint: killed during its first epoch) or ``new``."""
+    ``eval`` (trained, an evaluation or the copy missing), ``resume``, ``restart`` (a folder
+    without a checkpoint: killed during its first epoch), ``reuse`` (an identical run of a
+    ``reuse`` study is stored) or ``new``. ``extra=False`` ignores the extra evaluations."""
     epochs = spec.config().epochs
     res, run = spec.result_dir, spec.run_dir
     if (res / "config.yaml").is_file() and _stale_keys(spec, res):
@@ -289,7 +427,7 @@ def run_status(spec: RunSpec, study: Study) -> str:
     if (run / "config.yaml").is_file() and _stale_keys(spec, run):
         return "stale"
     res_done = (res / "summary.json").is_file() and _n_epochs_done(res) >= epochs
-    if res_done and (study.eval is None or (res / EVAL_FILE).is_file()):
+    if res_done and _evals_done(res, spec, study, extra=extra):
         return "done"
     if (run / "summary.json").is_file() and _n_epochs_done(run) >= epochs:
         return "eval"
@@ -297,11 +435,15 @@ def run_status(spec: RunSpec, study: Study) -> str:
         return "resume"
     if run.exists() and any(run.iterdir()):
         return "restart"
+    if study.reuse and reusable_source(spec, study) is not None:
+        return "reuse"
     return "new"
 
 
-def eval_argv(spec: RunSpec, ev: dict[str, Any]) -> list[str]:
-    """The ``robust-agc eval`` arguments of the run's final evaluation (resumable state file)."""
+def eval_argv(
+    spec: RunSpec, ev: dict[str, Any], out: str = EVAL_FILE, state: str = EVAL_STATE_FILE
+) -> list[str]:
+    """The ``robust-agc eval`` arguments of one evaluation of the run (resumable state file)."""
     argv = [
         "eval",
         str(spec.run_dir / ev["checkpoint"]),
@@ -318,39 +460,54 @@ def eval_argv(spec: RunSpec, ev: dict[str, Any]) -> list[str]:
         "--seed",
         str(ev["seed"]),
         "--state",
-        str(spec.run_dir / EVAL_STATE_FILE),
+        str(spec.run_dir / state),
         "--out",
-        str(spec.run_dir / EVAL_FILE),
+        str(spec.run_dir / out),
         "--overwrite",
         "--no-progress",
     ]
     if ev.get("eps") is not None:
         argv += ["--eps", str(ev["eps"])]
+    if "autoattack" in str(ev["attacks"]).split(","):
+        argv += ["--version", str(ev["version"])]
     return argv
 
 
-def _copy_results(spec: RunSpec) -> None:
+def _copy_results(spec: RunSpec, study: Study, src_dir: Path | None = None) -> None:
     spec.result_dir.mkdir(parents=True, exist_ok=True)
-    for name in RESULT_FILES:
-        src = spec.run_dir / name
+    for name in _result_names(spec, study):
+        src = (src_dir or spec.run_dir) / name
         if src.is_file():
             tmp = spec.result_dir / (name + ".tmp")
             shutil.copyfile(src, tmp)
             tmp.replace(spec.result_dir / name)
 
 
-def execute(spec: RunSpec, study: Study, *, threads: int = DEFAULT_THREADS) -> str:
-    """Bring one run to ``done``: train (new, restarted or resumed), evaluate, copy the results.
+def _evaluate(spec: RunSpec, ev: dict[str, Any], out: str, state: str, threads: int) -> None:
+    import torch
+
+    from robust_agc.cli import main as cli_main
+
+    torch.set_num_threads(threads)
+    argv = eval_argv(spec, ev, out, state)
+    logger.info("robust-agc %s", " ".join(argv))
+    rc = cli_main(argv)
+    if rc != 0:
+        raise RuntimeError(f"robust-agc eval exited with status {rc} for {spec.run_dir}")
+
+
+def execute(
+    spec: RunSpec, study: Study, *, threads: int = DEFAULT_THREADS, extra: bool = True
+) -> str:
+    """Bring one run to ``done``: train (new, restarted or resumed) or copy an identical run of a
+    ``reuse`` study, evaluate (final and, with ``extra``, the extra evaluations), copy the results.
 
     Returns the status the run had before. A ``stale`` run raises UserError (delete its folders or
     change the study's name to rerun it).
     """
-    import torch
-
-    from robust_agc.cli import main as cli_main
     from robust_agc.train import train
 
-    status = run_status(spec, study)
+    status = run_status(spec, study, extra=extra)
     if status == "done":
         return status
     if status == "stale":
@@ -358,6 +515,12 @@ def execute(spec: RunSpec, study: Study, *, threads: int = DEFAULT_THREADS) -> s
             f"{spec.study}/{spec.cell}/s{spec.seed}: stored results differ from the study file "
             f"({', '.join(_stale_keys(spec, spec.result_dir) or _stale_keys(spec, spec.run_dir))})"
         )
+    if status == "reuse":
+        src = reusable_source(spec, study)
+        assert src is not None
+        logger.info("reuse %s for %s/%s/s%d", src, spec.study, spec.cell, spec.seed)
+        _copy_results(spec, study, src)
+        return status
     if status in ("new", "restart", "resume"):
         cfg = spec.config(
             threads,
@@ -369,13 +532,12 @@ def execute(spec: RunSpec, study: Study, *, threads: int = DEFAULT_THREADS) -> s
         logger.info("%s %s/%s/s%d", status, spec.study, spec.cell, spec.seed)
         train(cfg)
     if study.eval is not None and not (spec.run_dir / EVAL_FILE).is_file():
-        torch.set_num_threads(threads)
-        argv = eval_argv(spec, study.eval)
-        logger.info("robust-agc %s", " ".join(argv))
-        rc = cli_main(argv)
-        if rc != 0:
-            raise RuntimeError(f"robust-agc eval exited with status {rc} for {spec.run_dir}")
-    _copy_results(spec)
+        _evaluate(spec, study.eval, EVAL_FILE, EVAL_STATE_FILE, threads)
+    for e in study.extra_evals_for(spec.seed) if extra else []:
+        out = extra_eval_file(e)
+        if not (spec.run_dir / out).is_file():
+            _evaluate(spec, e, out, f"state_final_{e['name']}.json", threads)
+    _copy_results(spec, study)
     return status
 
 
@@ -410,6 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-root", default=str(RUNS_ROOT), help="folder of the run folders")
     p.add_argument("--results-root", default=str(RESULTS_ROOT), help="folder of the results")
     p.add_argument("--only", default="*", help="run only cells matching this glob")
+    p.add_argument(
+        "--no-extra",
+        action="store_true",
+        help="train and run the final evaluation only; leave the extra evaluations for later",
+    )
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
     p.add_argument(
         "--max-minutes",
@@ -436,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         specs = [s for s in expand(study, **roots) if fnmatch.fnmatchcase(s.cell, args.only)]
         if not specs:
             raise UserError(f"no cell of {study.name} matches {args.only!r}")
-        statuses = [run_status(s, study) for s in specs]
+        extra = not args.no_extra
+        statuses = [run_status(s, study, extra=extra) for s in specs]
         if args.dry_run:
             for s, st in zip(specs, statuses):
                 print(f"{st:8s} {s.study}/{s.cell}/s{s.seed}")
@@ -451,9 +619,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_minutes is not None and time.monotonic() - t0 > 60 * args.max_minutes:
                 logger.info("time budget of %.0f min spent: stopping", args.max_minutes)
                 break
-            execute(s, study, threads=args.threads)
+            execute(s, study, threads=args.threads, extra=extra)
             n += 1
-        statuses = [run_status(s, study) for s in specs]
+        statuses = [run_status(s, study, extra=extra) for s in specs]
         print(_projection(specs, statuses))
     except UserError as e:
         print(f"run_study: error: {e}", file=sys.stderr)

@@ -10,6 +10,8 @@ import yaml
 from run_study import (
     EVAL_FILE,
     RESULT_FILES,
+    eval_argv,
+    execute,
     expand,
     load_study,
     main,
@@ -74,6 +76,17 @@ def _load(tmp_path: Path, data: dict):
         ),
         ({"grid": {"lr": [0.1, -1.0]}}, r"Invalid lr value: -1.0"),
         ({"base": {"optimizer": "adam"}}, r"Invalid optimizer value"),
+        ({"grid": {"lr": [0.1]}, "exclude": {"lr": 0.1}}, r"Invalid exclude value"),
+        ({"grid": {"lr": [0.1]}, "exclude": [{"lr": "lr0.2"}]}, r"Invalid exclude value"),
+        ({"grid": {"lr": [0.1]}, "exclude": [{"opt": "lr0.1"}]}, r"Invalid exclude value"),
+        ({"extra_evals": [{"name": "aa"}]}, r"needs an eval"),
+        ({"eval": {}, "extra_evals": [{"n_examples": 5}]}, r"Invalid extra_evals value"),
+        ({"eval": {}, "extra_evals": [{"name": "a/b"}]}, r"Invalid extra_evals value: name"),
+        ({"eval": {}, "extra_evals": [{"name": "a"}, {"name": "a"}]}, r"name 'a'"),
+        ({"eval": {}, "extra_evals": [{"name": "a", "seeds": 0}]}, r"seeds 0"),
+        ({"eval": {}, "extra_evals": [{"name": "a", "bogus": 1}]}, r"Invalid extra_evals"),
+        ({"reuse": "other"}, r"Invalid reuse value"),
+        ({"eval": {}, "extra_evals": [{"name": "a"}], "reuse": ["x"]}, r"cannot have extra"),
     ],
 )
 def test_load_study_rejects(tmp_path: Path, data: dict, message: str) -> None:
@@ -128,6 +141,113 @@ def test_expand_is_the_product_with_overrides(tmp_path: Path) -> None:
     assert (cfg.out, cfg.threads, cfg.seed, cfg.lr) == (str(s.run_dir), 1, 5, 0.1)
 
 
+def test_exclude_drops_matching_cells(tmp_path: Path) -> None:
+    study = _load(
+        tmp_path,
+        {
+            "grid": {
+                "sparse": [{"name": "rigl90"}, {"name": "bsr90"}, {"name": "bsr99"}],
+                "opt": [{"name": "sgd"}, {"name": "agc"}, {"name": "svrg"}],
+            },
+            "exclude": [{"sparse": ["bsr90", "bsr99"], "opt": "svrg"}],
+        },
+    )
+    cells = [s.cell for s in expand(study)]
+    assert cells == [
+        "rigl90_sgd",
+        "rigl90_agc",
+        "rigl90_svrg",
+        "bsr90_sgd",
+        "bsr90_agc",
+        "bsr99_sgd",
+        "bsr99_agc",
+    ]
+
+
+def test_extra_evals_status_and_arguments(tmp_path: Path) -> None:
+    study = _load(
+        tmp_path,
+        {
+            "base": {"epochs": 1},
+            "seeds": [0, 1],
+            "eval": {"n_examples": 10, "eps": 0.1},
+            "extra_evals": [
+                {"name": "autoattack", "seeds": [0], "attacks": "clean,autoattack", "n_examples": 7}
+            ],
+        },
+    )
+    s0, s1 = expand(study, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    (extra,) = study.extra_evals_for(0)
+    assert study.extra_evals_for(1) == []
+    # an extra evaluation inherits the final evaluation's options and overrides some
+    assert (extra["n_examples"], extra["eps"], extra["pgd_steps"]) == (7, 0.1, 50)
+    argv = eval_argv(s0, extra, "eval_autoattack.json", "state_final_autoattack.json")
+    assert argv[argv.index("--attacks") + 1] == "clean,autoattack"
+    assert argv[argv.index("--version") + 1] == "standard"
+    assert argv[argv.index("--out") + 1].endswith("eval_autoattack.json")
+    assert "--version" not in eval_argv(s0, study.eval)  # no AutoAttack stage, no version
+    for spec in (s0, s1):
+        cfg = spec.config().to_dict()
+        _fake_run(spec.result_dir, cfg, 1, summary=True, ckpt=False)
+        (spec.result_dir / EVAL_FILE).write_text("{}")
+    assert run_status(s1, study) == "done"
+    assert run_status(s0, study) == "new"  # its extra evaluation needs the checkpoint
+    assert run_status(s0, study, extra=False) == "done"  # --no-extra leaves it for later
+    (s0.result_dir / "eval_autoattack.json").write_text("{}")
+    assert run_status(s0, study) == "done"
+
+
+def test_reuse_copies_identical_runs_only(tmp_path: Path, monkeypatch) -> None:
+    import run_study
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setattr(run_study, "CONFIGS_ROOT", configs)
+    roots = {"runs_root": tmp_path / "runs", "results_root": tmp_path / "results"}
+    ev = {"n_examples": 10, "eps": 0.1}
+    main_data = {
+        "study": "main",
+        "base": {"epochs": 1, "lr": 0.05},
+        "grid": {"opt": [{"name": "sgd", "optimizer": "sgd"}, {"name": "agc", "optimizer": "agc"}]},
+        "eval": ev,
+    }
+    _write(configs, main_data, "main.yaml")
+    main_study = load_study(configs / "main.yaml", **roots)
+    for spec in expand(main_study, **roots):
+        _fake_run(spec.result_dir, spec.config().to_dict(), 1, summary=True, ckpt=False)
+        (spec.result_dir / EVAL_FILE).write_text(json.dumps({"n_examples": 10}))
+    abl = {
+        "study": "abl",
+        "base": {"epochs": 1, "lr": 0.05, "optimizer": "agc"},
+        "grid": {
+            "v": [
+                {"name": "sgd", "optimizer": "sgd"},
+                {"name": "agc"},
+                {"name": "g1", "agc_gamma": 1.0},
+            ]
+        },
+        "eval": ev,
+        "reuse": ["main"],
+    }
+    study = load_study(_write(tmp_path, abl), **roots)
+    sgd, agc, g1 = expand(study, **roots)
+    assert [run_status(s, study) for s in (sgd, agc, g1)] == ["reuse", "reuse", "new"]
+    monkeypatch.setattr(
+        "robust_agc.train.train", lambda cfg: pytest.fail("retrained a reusable run")
+    )
+    assert execute(agc, study) == "reuse"
+    assert run_status(agc, study) == "done"
+    assert (agc.result_dir / "config.yaml").read_text() == (
+        tmp_path / "results" / "main" / "agc" / "s0" / "config.yaml"
+    ).read_text()
+    # a different final evaluation (stored or in the study file) is not reused
+    (tmp_path / "results" / "main" / "sgd" / "s0" / EVAL_FILE).write_text('{"n_examples": 5}')
+    assert run_status(sgd, study) == "new"
+    _write(configs, {**main_data, "eval": {"n_examples": 20, "eps": 0.1}}, "main.yaml")
+    (tmp_path / "results" / "main" / "sgd" / "s0" / EVAL_FILE).write_text('{"n_examples": 10}')
+    assert run_status(sgd, study) == "new"
+
+
 @pytest.mark.parametrize("name", ["lr_sweep", "main_adversarial", "standard", "ablations"])
 def test_shipped_configs_parse(name: str) -> None:
     study = load_study(CONFIGS / f"{name}.yaml")
@@ -142,8 +262,13 @@ def test_shipped_configs_parse(name: str) -> None:
         assert len({c.lr for c in cfgs}) == 1
     if name == "main_adversarial":
         assert {(c.sparse_method, c.sparsity) for c in cfgs} == {
-            (m, s) for m in ("rigl", "static") for s in (0.9, 0.99)
+            (m, s) for m in ("rigl", "static", "bsr") for s in (0.9, 0.99)
         }
+        # BSR-Net rows: sgd and agc only
+        assert {c.optimizer for c in cfgs if c.sparse_method == "bsr"} == {"sgd", "agc"}
+        assert len(specs) == 3 * (4 * 4 + 2 * 2)
+        assert [e["name"] for e in study.extra_evals_for(0)] == ["autoattack"]
+        assert study.extra_evals_for(1) == [] and study.eval["n_examples"] == 1000
         assert {
             (c.optimizer, c.svrg_schedule if c.optimizer == "svrg" else None) for c in cfgs
         } == {
