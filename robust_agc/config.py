@@ -180,6 +180,13 @@ class TrainConfig:
         500, "evaluation", "validation and test points evaluated each epoch (first N test points)"
     )
     eval_steps: int = _f(20, "evaluation", "PGD steps of the per-epoch robust evaluation")
+    probe_variance_every: int = _f(
+        0,
+        "evaluation",
+        "every N steps, the variance of the plain and the AGC-corrected minibatch gradient over "
+        "fixed probe batches (robust_agc.probe; extra passes, not counted in grad_evals; 0: off)",
+    )
+    probe_batches: int = _f(8, "evaluation", "probe batches (the first N training batches)")
     # run
     seed: int = _f(0, "run", "random seed (weights, data order, attacks)")
     device: str = _f("cpu", "run", "cpu, cuda or cuda:N")
@@ -195,6 +202,8 @@ class TrainConfig:
         """Raise :class:`~robust_agc.errors.UserError` naming the first invalid value."""
         checks: list[tuple[str, bool]] = [
             ("epochs", self.epochs >= 1),
+            ("probe_variance_every", self.probe_variance_every >= 0),
+            ("probe_batches", self.probe_batches >= 2),
             ("batch_size", self.batch_size >= 1),
             ("lr", self.lr > 0 and math.isfinite(self.lr)),
             ("momentum", 0.0 <= self.momentum < 1.0),

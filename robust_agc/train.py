@@ -167,6 +167,12 @@ class Trainer:
             val_size=cfg.val_size,
         )
         info = self.splits.info
+        n_probe = cfg.probe_batches * cfg.batch_size
+        if cfg.probe_variance_every and n_probe > len(self.splits.x_train):
+            raise UserError(
+                f"Invalid probe_batches value: {cfg.probe_batches} batches of {cfg.batch_size} "
+                f"exceed the {len(self.splits.x_train)} training examples"
+            )
         self.eps = info.eps_linf if cfg.eps is None else cfg.eps
         self.step_size = cfg.attack_step_size or 2.5 * self.eps / cfg.attack_steps
         self.model = create_model(
@@ -439,6 +445,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
+        probes: list[dict[str, float]] = []
         it = self.batches
         if progress:
             from tqdm.auto import tqdm
@@ -470,6 +477,8 @@ class Trainer:
                     self._check_masks_agree()
             self.state.step += 1
             self.state.grad_evals += (fb + self._attack_cost(n)) * self.world_size
+            if cfg.probe_variance_every and self.state.step % cfg.probe_variance_every == 0:
+                probes.append(self._probe_variance())
             loss_sum += loss.detach().double() * n
             correct += (logits.detach().argmax(1) == y).sum()
             seen += n
@@ -480,6 +489,8 @@ class Trainer:
             dist.all_reduce(stats)
             loss_sum, correct, seen = stats[0], int(stats[1].item()), int(stats[2].item())
         out = {"train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen}
+        if probes:
+            out["grad_var"] = probes
         if self.is_agc:
             tel = self.optimizer.telemetry()
             out.update({k: tel[k] for k in ("agc_tau_now", "agc_tau", "agc_coef") if k in tel})
@@ -487,6 +498,48 @@ class Trainer:
             if refresh_tel:
                 out["refresh_batches"] = refresh_tel.get("refresh_batches")
         return out
+
+    def _probe_variance(self) -> dict[str, float]:
+        """:func:`robust_agc.probe.gradient_variance` on the first ``probe_batches`` training
+        batches (adversarial examples crafted at the current weights and radius). The global RNG
+        state and every model buffer are restored, so the training trajectory is unchanged."""
+        from .probe import gradient_variance
+
+        t0 = time.perf_counter()
+        cfg, device = self.cfg, self.device
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        get_state = getattr(self.attack, "get_rng_state", None)
+        attack_rng = get_state() if callable(get_state) else None
+        buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+        mode = self.model.training
+        batches = []
+        for i in range(cfg.probe_batches):
+            x = self.splits.x_train[i * cfg.batch_size : (i + 1) * cfg.batch_size].to(device)
+            y = self.splits.y_train[i * cfg.batch_size : (i + 1) * cfg.batch_size].to(device)
+            batches.append((x, self._craft(x, y), y))
+        self.model.train()
+        objective = self.objective
+        masks = None
+        if self.masks is not None:
+            masks = {id(w): m for w, m in zip(self.masks.weights(), self.masks.masks())}
+        out = gradient_variance(
+            self.model,
+            lambda m, x, xa, y: objective(m, x, xa, y)[0],
+            batches,
+            optimizer=self.optimizer if self.is_agc else None,
+            masks=masks,
+        )
+        self.model.train(mode)
+        with torch.no_grad():
+            for k, b in self.model.named_buffers():
+                b.copy_(buffers[k])
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        if attack_rng is not None:
+            self.attack.set_rng_state(attack_rng)
+        return {"step": self.state.step, **out, "time_s": time.perf_counter() - t0}
 
     def _check_masks_agree(self) -> None:
         """After each topology update, verify (not assume) that every rank holds the same masks."""
