@@ -333,12 +333,27 @@ def _mean_curve(
     return xs, ms, ss
 
 
+def _probe_curve(runs: Sequence[Run], key: str) -> tuple[list[float], list[float], list[float]]:
+    """Mean and std over runs of a gradient-variance probe field (``grad_var`` rows) per step."""
+    by_step: dict[int, list[float]] = {}
+    for r in runs:
+        for row in r.metrics:
+            for probe in row.get("grad_var") or []:
+                if key in probe and math.isfinite(float(probe[key])):
+                    by_step.setdefault(int(probe["step"]), []).append(float(probe[key]))
+    xs = sorted(by_step)
+    ms = [statistics.fmean(by_step[x]) for x in xs]
+    ss = [statistics.stdev(by_step[x]) if len(by_step[x]) > 1 else 0.0 for x in xs]
+    return [float(x) for x in xs], ms, ss
+
+
 def _any_key(runs: Iterable[Run], key: str) -> bool:
     return any(key in row for r in runs for row in r.metrics)
 
 
 def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
-    """PNG plots (matplotlib Agg): accuracy vs epoch and vs wall-clock, AGC coefficient, density."""
+    """PNG plots (matplotlib Agg): accuracy vs epoch and vs wall-clock, AGC coefficient, gradient
+    variance (runs with ``--probe-variance-every``), density."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -410,6 +425,44 @@ def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         fig.savefig(out_dir / "agc_coef.png", dpi=100)
         written.append(out_dir / "agc_coef.png")
+        plt.close(fig)
+
+    if _any_key(all_runs, "grad_var"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for key, runs in groups.items():
+            for name, style in (("var_plain", "--"), ("var_corrected", "-")):
+                xs, ms, ss = _probe_curve(runs, name)
+                if xs:
+                    (line,) = axes[0].plot(xs, ms, style, label=f"{labels[key]}: {name}")
+                    axes[0].fill_between(
+                        xs,
+                        [max(m - s, 0.0) for m, s in zip(ms, ss)],
+                        [m + s for m, s in zip(ms, ss)],
+                        alpha=0.2,
+                        color=line.get_color(),
+                    )
+            xs, ms, ss = _probe_curve(runs, "ratio")
+            if xs:
+                (line,) = axes[1].plot(xs, ms, marker="o", ms=3, label=labels[key])
+                axes[1].fill_between(
+                    xs,
+                    [m - s for m, s in zip(ms, ss)],
+                    [m + s for m, s in zip(ms, ss)],
+                    alpha=0.2,
+                    color=line.get_color(),
+                )
+        axes[0].set_yscale("log")
+        axes[0].set_ylabel("gradient variance over probe batches")
+        axes[1].axhline(1.0, color="grey", lw=0.8)
+        axes[1].set_ylabel("var(corrected) / var(plain)")
+        for ax in axes:
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "grad_variance.png", dpi=100)
+        written.append(out_dir / "grad_variance.png")
         plt.close(fig)
 
     if _any_key(all_runs, "density"):

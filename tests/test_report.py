@@ -34,6 +34,9 @@ def _write_run(
         }
         if dens is not None:
             row["density"] = dens
+            row["grad_var"] = [
+                {"step": 10 * e, "var_plain": 2.0, "var_corrected": 1.0 + seed, "ratio": 0.5}
+            ]
         lines.append(json.dumps(row))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (d / "summary.json").write_text(json.dumps({"final_test_clean_acc": accs[-1]}))
@@ -49,6 +52,14 @@ def runs(tmp_path):
     _write_run(tmp_path, "agc_s1", base, [0.5, 0.6, 0.74], seed=1, dens=dens)
     _write_run(tmp_path, "sgd_s0", other, [0.4, 0.5, 0.60], seed=0)
     return tmp_path
+
+
+def test_probe_curve_mean_and_std_over_seeds(runs):
+    groups = rp.group_runs(rp.collect([runs])[0])
+    (agc,) = [g for g in groups.values() if g[0].config["optimizer"] == "agc"]
+    xs, ms, ss = rp._probe_curve(agc, "var_corrected")
+    assert xs == [10.0, 20.0, 30.0]
+    assert ms == [1.5, 1.5, 1.5] and ss == pytest.approx([statistics.stdev([1.0, 2.0])] * 3)
 
 
 def test_grouping_ignores_seed_only(runs):
@@ -104,7 +115,7 @@ def test_build_report_writes_markdown_and_plots(runs, tmp_path):
     assert "81.00 ± 1.41" in md  # two eval seeds grouped: clean 80 and 82
     assert "zero_gradients" in md
     assert "40.00" in md  # the eval attached to a run
-    for name in ("accuracy_vs_epoch", "accuracy_vs_time", "agc_coef", "density"):
+    for name in ("accuracy_vs_epoch", "accuracy_vs_time", "agc_coef", "grad_variance", "density"):
         png = out / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"({name}.png)" in md
