@@ -248,7 +248,9 @@ def test_reuse_copies_identical_runs_only(tmp_path: Path, monkeypatch) -> None:
     assert run_status(sgd, study) == "new"
 
 
-@pytest.mark.parametrize("name", ["lr_sweep", "main_adversarial", "standard", "ablations"])
+@pytest.mark.parametrize(
+    "name", ["lr_sweep", "main_adversarial", "standard", "ablations", "variance_probe"]
+)
 def test_shipped_configs_parse(name: str) -> None:
     study = load_study(CONFIGS / f"{name}.yaml")
     specs = expand(study)
