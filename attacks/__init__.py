@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import TorchattacksAdapter, as_torchattacks
-from .base import BN_MODES, NORMS, Attack
+from .base import BN_MODES, NORMS, Attack, frozen_parameters
 from .fgsm import FGSM
 from .fgsmrs import FGSMRS
 from .losses import LOSSES, cross_entropy, dlr, kl_divergence, resolve_loss
@@ -30,6 +30,7 @@ __all__ = [
     "TorchattacksAdapter",
     "as_torchattacks",
     "create_attack",
+    "frozen_parameters",
     "list_attacks",
     "LOSSES",
     "NORMS",

@@ -211,17 +211,42 @@ def test_model_mode_grads_and_inputs_untouched(name, bn_mode):
         attack = TorchattacksAdapter(attack.attack, bn_mode=bn_mode, seed=0)
     else:
         attack.bn_mode = bn_mode
+    model.bn.bias.requires_grad_(False)  # a parameter the user froze stays frozen
     seen: list[bool] = []
-    hook = model.bn.register_forward_hook(lambda mod, i, o: seen.append(mod.training))
+    rg_seen: list[bool] = []
+
+    def hook(mod, i, o):
+        seen.append(mod.training)
+        rg_seen.append(any(p.requires_grad for p in model.parameters()))
+
+    handle = model.bn.register_forward_hook(hook)
     with torch.no_grad():  # works inside no_grad evaluation code
         x_adv = attack(x, y)
-    hook.remove()
+    handle.remove()
     assert seen and all(s == (bn_mode == "train") for s in seen)
+    assert not any(rg_seen)  # parameters frozen during the attack: no weight gradients
     assert [m.training for m in model.modules()] == modes
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["bn.bias"]
     assert torch.equal(model.fc.weight.grad, torch.full_like(model.fc.weight, 0.5))
     assert all(p.grad is None for n, p in model.named_parameters() if n != "fc.weight")
     assert torch.equal(x, x_copy)
     assert not torch.equal(x_adv, x)
+
+
+def test_frozen_parameters_restores_flags_on_error():
+    model = _BNNet()
+    model.fc.bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="boom"), attacks.frozen_parameters(model):
+        assert not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError("boom")
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["fc.bias"]
+
+
+def test_frozen_parameters_give_the_same_input_gradient(tiny_model, data):
+    x, y = data[0][:16], data[1][:16]
+    a = PGD(tiny_model, EPS_LINF, steps=3, seed=4)._perturb(x, y)  # base call bypassed
+    b = PGD(tiny_model, EPS_LINF, steps=3, seed=4)(x, y)  # frozen by the base class
+    assert torch.equal(PGD(tiny_model, EPS_LINF).project(a, x), b)
 
 
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
