@@ -6,13 +6,18 @@ the final evaluation (``eval.json``) when present, and, when the study names a `
 agrees on every other axis:
 
 * target = mean over the baseline's seeds of its final validation robust accuracy;
-* epochs / wall-clock seconds / gradient evaluations until the validation robust accuracy first
+* epochs / training time / gradient evaluations until the validation robust accuracy first
   reaches the target (mean over the seeds that reach it; ``k/n`` says how many did);
-* validation and test robust accuracy at the baseline's final wall-clock time (mean over its seeds):
+* validation and test robust accuracy at the baseline's final training time (mean over its seeds):
   the last epoch that ended by then (equal-time comparison; equal epochs = the final columns, since
   every cell has the same epoch budget).
 
-Wall-clock times come from a shared CPU and are noisy; gradient evaluations are exact.
+Time is the training-only clock chosen with ``--clock``: ``cpu`` (default: ``cpu_time_s``, the
+process's CPU time while training, attacks and AGC refresh included, per-epoch evaluation excluded;
+with one thread it is the wall-clock of an idle core, and it stays honest on a shared, loaded
+machine), ``train`` (``train_time_s``, the same span in wall-clock, inflated by other load) or
+``wall`` (``wall_time_s``, wall-clock including the per-epoch evaluation). Gradient evaluations are
+exact. Extra evaluations of the study (e.g. AutoAttack on seed 0) get their own columns.
 
     .venv/bin/python experiments/summarize.py experiments/configs/main_adversarial.yaml
 """
@@ -45,6 +50,7 @@ __all__ = [
 ]
 
 ACC_DIGITS = 2  # accuracies in percent
+CLOCKS = {"cpu": "cpu_time_s", "train": "train_time_s", "wall": "wall_time_s"}
 FINAL_KEYS = ("val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc")
 
 
@@ -77,11 +83,11 @@ def first_reaching(run: Run, key: str, target: float) -> dict[str, float] | None
     return None
 
 
-def at_time(run: Run, seconds: float) -> dict[str, Any] | None:
-    """The last epoch's record that ended by ``seconds`` of training wall-clock (None if none)."""
+def at_time(run: Run, seconds: float, clock: str = "wall_time_s") -> dict[str, Any] | None:
+    """The last epoch's record that ended by ``seconds`` of the ``clock`` field (None if none)."""
     found = None
     for row in run.metrics:
-        t = row.get("wall_time_s")
+        t = row.get(clock)
         if isinstance(t, int | float) and t <= seconds:
             found = row
     return found
@@ -110,11 +116,12 @@ def _final(run: Run, key: str) -> float | None:
     return run.metrics[-1].get(key) if run.metrics else None
 
 
-def _eval_acc(run: Run, key: str) -> float | None:
-    if not run.evals:
-        return None
-    v = run.evals[-1].get(key)
-    return float(v) if isinstance(v, int | float) else None
+def _eval_acc(run: Run, key: str, file: str = "eval.json") -> float | None:
+    for ev in run.evals:
+        if Path(str(ev.get("_path", ""))).name == file:
+            v = ev.get(key)
+            return float(v) if isinstance(v, int | float) else None
+    return None
 
 
 def _baseline_cell(cell: CellRuns, cells: list[CellRuns], baseline: dict[str, str]) -> CellRuns:
@@ -125,20 +132,24 @@ def _baseline_cell(cell: CellRuns, cells: list[CellRuns], baseline: dict[str, st
     raise UserError(f"no baseline cell for {cell.cell}")  # expand() always makes it
 
 
-def to_target_rows(cells: list[CellRuns], baseline: dict[str, str]) -> list[dict[str, Any]]:
-    """Per cell: target, the to-target lists (per seed) and accuracies at the baseline's time."""
+def to_target_rows(
+    cells: list[CellRuns], baseline: dict[str, str], clock: str = "wall_time_s"
+) -> list[dict[str, Any]]:
+    """Per cell: target, the to-target lists (per seed) and accuracies at the baseline's time
+    (``clock``: the metrics field that measures time)."""
     rows = []
     for cell in cells:
         base = _baseline_cell(cell, cells, baseline)
         metric = baseline.get("metric", "val_robust_acc")
         finals = [_final(r, metric) for r in base.runs]
-        times = [_final(r, "wall_time_s") for r in base.runs]
+        times = [_final(r, clock) for r in base.runs]
         finals = [v for v in finals if v is not None]
         times = [t for t in times if t is not None]
         row: dict[str, Any] = {
             "cell": cell.cell,
             "baseline": base.cell,
             "metric": metric,
+            "clock": clock,
             "n": len(cell.runs),
         }
         row["target"] = statistics.fmean(finals) if finals else None
@@ -147,10 +158,12 @@ def to_target_rows(cells: list[CellRuns], baseline: dict[str, str]) -> list[dict
         reached = [h for h in hits if h is not None]
         row["reached"] = len(reached)
         row["epochs_to_target"] = [float(h["epoch"]) for h in reached]
-        row["wall_to_target_s"] = [float(h["wall_time_s"]) for h in reached]
+        row["time_to_target_s"] = [float(h[clock]) for h in reached if clock in h]
         row["grad_evals_to_target"] = [float(h["grad_evals"]) for h in reached]
         at = [
-            at_time(r, row["baseline_time_s"]) if row["baseline_time_s"] is not None else None
+            at_time(r, row["baseline_time_s"], clock)
+            if row["baseline_time_s"] is not None
+            else None
             for r in cell.runs
         ]
         row["val_robust_at_time"] = [a.get("val_robust_acc") if a else None for a in at]
@@ -160,12 +173,25 @@ def to_target_rows(cells: list[CellRuns], baseline: dict[str, str]) -> list[dict
     return rows
 
 
-def format_table(cells: list[CellRuns], baseline: dict[str, str] | None) -> str:
-    """Markdown tables: final/best-val accuracy and, with a baseline, the to-target columns."""
+def format_table(
+    cells: list[CellRuns],
+    baseline: dict[str, str] | None,
+    *,
+    clock: str = "wall_time_s",
+    extra_evals: Sequence[str] = (),
+) -> str:
+    """Markdown tables: final/best-val accuracy and, with a baseline, the to-target columns.
+
+    ``clock`` is the metrics field that measures time; ``extra_evals`` names extra evaluations
+    (``eval_<name>.json``) whose clean and robust accuracy get columns (mean over the seeds that
+    have them, ``k`` given)."""
+    extra_head = "".join(f"{n} clean | {n} robust (seeds) | " for n in extra_evals)
     head = (
         "| cell | seeds | epochs | val clean | val robust | test clean | test robust | "
         "best-val epoch | best-val: test clean | best-val: test robust | eval clean | "
-        "eval robust | train wall (s) | grad evals |\n" + "| --- " * 14 + "|\n"
+        f"eval robust | {extra_head}train {clock} | grad evals |\n"
+        + "| --- " * (14 + 2 * len(extra_evals))
+        + "|\n"
     )
     lines = []
     for c in cells:
@@ -179,7 +205,8 @@ def format_table(cells: list[CellRuns], baseline: dict[str, str] | None) -> str:
             + f" | {_fmt([b.get('test_robust_acc') for b in best], pct=True)}"
             + f" | {_fmt([_eval_acc(r, 'clean_acc') for r in rs], pct=True)}"
             + f" | {_fmt([_eval_acc(r, 'robust_acc') for r in rs], pct=True)}"
-            + f" | {_fmt([_final(r, 'wall_time_s') for r in rs], digits=0)}"
+            + "".join(_extra_cells(rs, name) for name in extra_evals)
+            + f" | {_fmt([_final(r, clock) for r in rs], digits=0)}"
             + f" | {_fmt([_final(r, 'grad_evals') for r in rs], digits=0)} |"
         )
     out = (
@@ -189,13 +216,13 @@ def format_table(cells: list[CellRuns], baseline: dict[str, str] | None) -> str:
     )
     if baseline is None:
         return out
-    rows = to_target_rows(cells, baseline)
+    rows = to_target_rows(cells, baseline, clock)
     head2 = (
         f"\nTarget = final {baseline.get('metric', 'val_robust_acc')} of the cell's "
         f"{baseline['axis']}={baseline['value']} baseline (mean over its seeds); to-target "
         "columns average the seeds that reach it "
-        "(k/n); 'at baseline time' = last epoch finished by the baseline's final wall-clock.\n\n"
-        "| cell | target (%) | reached | epochs to target | wall to target (s) | "
+        f"(k/n); 'at baseline time' = last epoch finished by the baseline's final {clock}.\n\n"
+        f"| cell | target (%) | reached | epochs to target | {clock} to target | "
         "grad evals to target | baseline time (s) | epoch at baseline time | "
         "val robust at baseline time | test robust at baseline time |\n" + "| --- " * 10 + "|\n"
     )
@@ -205,13 +232,21 @@ def format_table(cells: list[CellRuns], baseline: dict[str, str] | None) -> str:
         bt = "-" if r["baseline_time_s"] is None else f"{r['baseline_time_s']:.0f}"
         lines2.append(
             f"| {r['cell']} | {tgt} | {r['reached']}/{r['n']} | "
-            f"{_fmt(r['epochs_to_target'], digits=1)} | {_fmt(r['wall_to_target_s'], digits=0)} | "
+            f"{_fmt(r['epochs_to_target'], digits=1)} | {_fmt(r['time_to_target_s'], digits=0)} | "
             f"{_fmt(r['grad_evals_to_target'], digits=0)} | {bt} | "
             f"{_fmt(r['epoch_at_time'], digits=1)} | "
             f"{_fmt(r['val_robust_at_time'], pct=True)} | "
             f"{_fmt(r['test_robust_at_time'], pct=True)} |"
         )
     return out + head2 + "\n".join(lines2) + "\n"
+
+
+def _extra_cells(runs: Sequence[Run], name: str) -> str:
+    file = f"eval_{name}.json"
+    clean = [_eval_acc(r, "clean_acc", file) for r in runs]
+    robust = [_eval_acc(r, "robust_acc", file) for r in runs]
+    k = sum(v is not None for v in robust)
+    return f" | {_fmt(clean, pct=True)} | {_fmt(robust, pct=True)} ({k})"
 
 
 def _hardware(cells: list[CellRuns]) -> str:
@@ -231,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study", help="study YAML file")
     p.add_argument("--results", default=str(RESULTS_ROOT), help="results root folder")
     p.add_argument("--json", default=None, help="also write the to-target rows to this file")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="time field: cpu (training CPU time, default), train (training wall), wall (all)",
+    )
     args = p.parse_args(argv)
     try:
         study = load_study(args.study, results_root=Path(args.results))
@@ -238,10 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(len(c.runs) for c in cells)
         print(f"## {study.name}: {n} stored runs in {sum(bool(c.runs) for c in cells)} cells\n")
         print(f"Runs recorded: {_hardware(cells)}\n")
-        print(format_table(cells, study.baseline), end="")
+        clock = CLOCKS[args.clock]
+        names = [e["name"] for e in study.extra_evals]
+        print(format_table(cells, study.baseline, clock=clock, extra_evals=names), end="")
         if args.json and study.baseline is not None:
             Path(args.json).write_text(
-                json.dumps(to_target_rows(cells, study.baseline), indent=2) + "\n"
+                json.dumps(to_target_rows(cells, study.baseline, clock), indent=2) + "\n"
             )
     except UserError as e:
         print(f"summarize: error: {e}", file=sys.stderr)

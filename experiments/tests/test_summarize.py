@@ -53,13 +53,18 @@ def _write_results(tmp_path: Path) -> tuple[Path, Path]:
                 "val_clean_acc": v + 0.2,
                 "test_robust_acc": v - 0.01,
                 "test_clean_acc": v + 0.19,
-                "wall_time_s": float(t),
+                "cpu_time_s": float(t),
+                "wall_time_s": float(t) + 100.0,  # a loaded machine: wall >> CPU time
                 "grad_evals": g,
             }
             for e, (v, t, g) in enumerate(curve)
         ]
         (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (d / "summary.json").write_text(json.dumps({"versions": {"torch": "x"}, "machine": {}}))
+        (d / "eval.json").write_text(json.dumps({"clean_acc": 0.7, "robust_acc": 0.5}))
+        if spec.seed == 0:
+            aa = {"clean_acc": 0.7, "robust_acc": 0.40 if spec.cell == "r90_agc" else 0.3}
+            (d / "eval_autoattack.json").write_text(json.dumps(aa))
     return path, results
 
 
@@ -90,14 +95,17 @@ def test_to_target_against_hand_computed_values(tmp_path: Path) -> None:
         ("r99_sgd", 1),
         ("r99_agc", 1),
     ]
-    rows = {r["cell"]: r for r in to_target_rows(cells, study.baseline)}
+    rows = {r["cell"]: r for r in to_target_rows(cells, study.baseline, "cpu_time_s")}
+    wall = {r["cell"]: r for r in to_target_rows(cells, study.baseline, "wall_time_s")}
+    assert wall["r90_agc"]["baseline_time_s"] == pytest.approx(133.0)
+    assert sorted(wall["r90_agc"]["time_to_target_s"]) == [130.0, 142.0]
     r = rows["r90_agc"]
     assert r["baseline"] == "r90_sgd"
     assert r["target"] == pytest.approx(0.52)
     assert r["baseline_time_s"] == pytest.approx(33.0)
     assert r["reached"] == 2
     assert sorted(r["epochs_to_target"]) == [2.0, 3.0]
-    assert sorted(r["wall_to_target_s"]) == [30.0, 42.0]
+    assert sorted(r["time_to_target_s"]) == [30.0, 42.0]
     assert sorted(r["grad_evals_to_target"]) == [240.0, 360.0]
     # at 33 s: seed 0 finished epoch 2 (30 s), seed 1 epoch 2 (28 s)
     assert r["epoch_at_time"] == [2.0, 2.0]
@@ -111,13 +119,17 @@ def test_to_target_against_hand_computed_values(tmp_path: Path) -> None:
         [],
     )
     assert r99["epoch_at_time"] == [2.0]  # 33 s > 30 s: only epochs 1-2 count
-    table = format_table(cells, study.baseline)
+    table = format_table(cells, study.baseline, clock="cpu_time_s", extra_evals=["autoattack"])
     line = next(x for x in table.splitlines() if x.startswith("| r90_agc | 52.00"))
     assert "| 2/2 | 2.5 ± 0.7 | 36 ± 8 | 300 ± 85 | 33 |" in line
     assert "| r99_agc | 30.00 | 0/1 | - | - | - |" in table
     # final columns: mean ± sample std of the last epoch, in percent
     final = next(x for x in table.splitlines() if x.startswith("| r90_sgd | 2 |"))
     assert "| 52.00 ± 2.83 |" in final
+    # the extra evaluation's columns: seed 0 only, its count given; eval.json's robust column
+    agc = next(x for x in table.splitlines() if x.startswith("| r90_agc | 2 |"))
+    assert "| 70.00 ± 0.00 | 50.00 ± 0.00 | 70.00 | 40.00 (1) |" in agc
+    assert "autoattack robust (seeds)" in table and "train cpu_time_s" in table
 
 
 def test_cli(tmp_path: Path, capsys) -> None:
