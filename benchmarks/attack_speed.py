@@ -57,14 +57,15 @@ def _data(name: str, n: int, model: torch.nn.Module) -> tuple[torch.Tensor, torc
     return x[:n].clone(), y[:n].clone()
 
 
-def _timed(fn, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+def _timed(fn, x: torch.Tensor, y: torch.Tensor, clock=time.perf_counter):
+    """(seconds on ``clock``, output); ``time.process_time`` counts this process's CPU time only."""
     if x.is_cuda:
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = clock()
     out = fn(x, y)
     if x.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t, out
+    return clock() - t, out
 
 
 def main() -> None:
@@ -81,18 +82,29 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: time.perf_counter; cpu: time.process_time (this process's CPU time: with\n"
+        "--threads 1 on a CPU it equals the wall time of an idle core and ignores other load)",
+    )
+    p.add_argument(
         "--channels-last",
         action="store_true",
-        help="also time ours with channels_last (on a channels_last copy of the model)",
+        help="also time ours with channels_last (on a channels_last copy of the model) against\n"
+        "torchattacks on the contiguous model and on the channels_last copy",
     )
     args = p.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        p.error("--clock cpu measures CPU time: use it with --device cpu")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-        f"steps {args.steps}, repeats {args.repeats}"
+        f"steps {args.steps}, repeats {args.repeats}, clock {args.clock}"
     )
-    header = f"{'model':26s} {'points':>6s} {'ours s':>8s} {'ta s':>8s} {'ratio':>6s} "
+    header = f"{'model':34s} {'points':>6s} {'ours s':>8s} {'ta s':>8s} {'ratio':>6s} "
     header += f"{'ours succ':>9s} {'ta succ':>8s} {'clean acc':>9s}"
     print(header)
     for name in args.models:
@@ -115,6 +127,8 @@ def main() -> None:
         if args.channels_last:
             model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
             variants["ours-cl"] = PGD(model_cl, eps, alpha, args.steps, seed=0, channels_last=True)
+            # the same memory format for torchattacks (its convolutions follow the weights' format)
+            variants["ta-cl"] = torchattacks.PGD(model_cl, eps=eps, alpha=alpha, steps=args.steps)
         times: dict[str, list[float]] = {k: [] for k in variants}
         broken: dict[str, int] = {k: 0 for k in variants}
         correct_total = 0
@@ -130,7 +144,7 @@ def main() -> None:
             for r in range(args.repeats):
                 order = list(variants) if r % 2 == 0 else list(reversed(variants))
                 for k in order:
-                    t, out = _timed(variants[k], x, y)
+                    t, out = _timed(variants[k], x, y, clock)
                     per[k].append(t)
                     if r == 0:
                         with torch.no_grad():
@@ -139,12 +153,13 @@ def main() -> None:
                 times[k].append(statistics.median(per[k]))
         n = bs * nb
         tt = {k: sum(v) for k, v in times.items()}
-        for k in [k for k in variants if k != "ta"]:
-            label = name if k == "ours" else f"{name} ({k})"
+        pairs = [("ours", "ta"), ("ours-cl", "ta"), ("ours-cl", "ta-cl")]
+        for k, ref in [(k, r) for k, r in pairs if k in variants and r in variants]:
+            label = name if k == "ours" else f"{name} ({k} vs {ref})"
             print(
-                f"{label:26s} {n:6d} {tt[k]:8.2f} {tt['ta']:8.2f} {tt[k] / tt['ta']:6.3f} "
+                f"{label:34s} {n:6d} {tt[k]:8.2f} {tt[ref]:8.2f} {tt[k] / tt[ref]:6.3f} "
                 f"{broken[k] / max(correct_total, 1):9.3f} "
-                f"{broken['ta'] / max(correct_total, 1):8.3f} {correct_total / n:9.3f}"
+                f"{broken[ref] / max(correct_total, 1):8.3f} {correct_total / n:9.3f}"
             )
 
 
