@@ -5,6 +5,16 @@ the gradient of their sum, so an example's step does not depend on the batch siz
 ``(logits, y_or_target) -> loss`` may return per-example values (shape ``(N,)``) or their mean (a
 scalar; its gradient only differs by the factor ``1/N``, which the sign and L2-normalized steps
 ignore).
+
+Mixed precision: under ``torch.autocast`` the model's float16/bfloat16 logits are cast to float32
+before the loss (``AttackLoss`` does it), so softmax, the DLR ratio and their gradients run in
+float32; float32 and float64 logits are used as they are. The input gradient then flows back through
+the model in the reduced precision. Its magnitude does not matter to the sign step of FGSM/PGD (nor
+to the normalized L2 step), so the attack loss is not rescaled; only coordinates whose gradient
+underflows to exactly zero in float16 take no step. Measured on a trained ``small-cnn`` (256
+Fashion-MNIST test points, CPU autocast): 0.3% of the input-gradient coordinates underflow in
+float16 (0.03% in bfloat16), and the sign agrees with float32 on 99.0% (float16) and 96.7%
+(bfloat16) of the coordinates.
 """
 
 from __future__ import annotations
@@ -19,6 +29,13 @@ from torch import Tensor, nn
 __all__ = ["cross_entropy", "kl_divergence", "dlr", "LOSSES", "resolve_loss", "AttackLoss"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _float32_logits(logits: Tensor) -> Tensor:
+    """Half-precision logits (autocast) as float32; any other dtype unchanged (the same tensor)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
 
 
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -76,10 +93,11 @@ class AttackLoss:
         if not self.needs_clean:
             return y
         with torch.no_grad():
-            return F.log_softmax(model(x), dim=1)
+            return F.log_softmax(_float32_logits(model(x)), dim=1)
 
     def objective(self, logits: Tensor, target: Tensor) -> Tensor:
         """The scalar whose input gradient the attack follows (sum of per-example values)."""
+        logits = _float32_logits(logits)
         out = self.fn(logits, target)
         if out.dim() == 1 and out.shape[0] == logits.shape[0]:
             return out.sum()
@@ -92,6 +110,7 @@ class AttackLoss:
 
     def per_example(self, logits: Tensor, target: Tensor) -> Tensor:
         """Per-example values, shape ``(N,)`` (a scalar-returning callable is called per row)."""
+        logits = _float32_logits(logits)
         out = self.fn(logits, target)
         if out.dim() == 1 and out.shape[0] == logits.shape[0]:
             return out

@@ -190,6 +190,15 @@ class TrainConfig:
     # run
     seed: int = _f(0, "run", "random seed (weights, data order, attacks)")
     device: str = _f("cpu", "run", "cpu, cuda or cuda:N")
+    amp: str = _f(
+        "off",
+        "run",
+        "mixed precision (autocast) for training, attacks, AGC's snapshot pass and refresh; fp16 adds a loss scaler; parameters, optimizer state and per-epoch evaluation stay float32",
+        choices=("off", "bf16", "fp16"),
+    )
+    channels_last: bool = _f(
+        False, "run", "channels_last memory format for the model and the training inputs"
+    )
     threads: int | None = _f(None, "run", "CPU threads (torch.set_num_threads)")
     out: str | None = _f(
         None, "run", "run folder (default runs/<dataset>-<model>-<sparse>-<optimizer>-s<seed>)"

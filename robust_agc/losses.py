@@ -93,6 +93,13 @@ def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float =
     return loss_adv + beta * loss_robust
 
 
+def _float32_logits(logits: Tensor) -> Tensor:
+    """Half-precision logits (autocast) as float32; any other dtype unchanged (the same tensor)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
+
+
 class Objective(abc.ABC):
     """A training objective: the loss, its cost, and its default attack.
 
@@ -135,15 +142,17 @@ class Objective(abc.ABC):
     ) -> tuple[Tensor, Tensor]:
         """Run the model and return ``(scalar loss, logits for training accuracy)``.
 
-        The logits are the adversarial ones (the clean ones for ``natural``). Only ``model(...)``
-        is called (clean first, then adversarial, as separate forwards: BatchNorm in train mode
-        sees each batch on its own, as in the reference code).
+        The logits are the adversarial ones (the clean ones for ``natural``); half-precision logits
+        (under ``torch.autocast``) are cast to float32 first, so the loss, with its small constants
+        (MART's 1e-12), is computed in float32. Only ``model(...)`` is called (clean first, then
+        adversarial, as separate forwards: BatchNorm in train mode sees each batch on its own, as in
+        the reference code).
 
         Raises:
             ValueError: ``x_adv`` is ``None`` for an objective that needs it, or shapes differ.
         """
         if not self.needs_adversarial:
-            logits = model(x)
+            logits = _float32_logits(model(x))
             return self.loss(logits, None, y), logits
         if x_adv is None:
             raise ValueError(f"Invalid x_adv value: None (objective {self.name!r} needs it)")
@@ -151,8 +160,8 @@ class Objective(abc.ABC):
             raise ValueError(
                 f"Invalid x_adv value: shape {tuple(x_adv.shape)} differs from x {tuple(x.shape)}"
             )
-        logits_clean = model(x) if self.forwards_per_step == 2 else None
-        logits_adv = model(x_adv)
+        logits_clean = _float32_logits(model(x)) if self.forwards_per_step == 2 else None
+        logits_adv = _float32_logits(model(x_adv))
         return self.loss(logits_clean, logits_adv, y), logits_adv
 
     def __repr__(self) -> str:

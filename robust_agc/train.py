@@ -12,10 +12,16 @@ objective on it, backpropagate, and -- with AGC -- evaluate the same objective o
 the snapshot weights, then take the optimizer step (masks enforced by the optimizer's step hooks) and
 the topology scheduler's step. On CPU a run is bit-for-bit reproducible and resumable: the data order
 depends only on ``(seed, epoch)``, and checkpoints carry every RNG state.
+
+``--amp bf16|fp16`` runs the attack, the training forward and loss, and AGC's snapshot and refresh
+passes under ``torch.autocast`` (parameters, optimizer state and evaluation stay float32); float16
+adds a loss scaler whose skipped steps are counted (:meth:`Trainer._optimizer_step`).
+``--channels-last`` puts the model's 4-d weights and the training inputs in ``channels_last``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -135,11 +141,23 @@ def _comm_device(device: torch.device | str) -> torch.device:
 @dataclass
 class _RunState:
     epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
+    step: int = 0  # training steps taken (float16 steps skipped by the loss scaler included)
     grad_evals: int = 0  # forward+backward passes over single examples, all sources
     wall_time_s: float = 0.0  # training + evaluation time, summed over sessions
     best_val_robust: float = -1.0
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    amp_skipped_steps: int = 0  # float16: steps skipped for non-finite gradients
+
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one device synchronisation)."""
+    if not tensors:
+        return True
+    # amax propagates NaN, and the largest magnitude is inf exactly when an element is
+    return bool(torch.isfinite(torch.stack([t.detach().abs().amax() for t in tensors])).all())
 
 
 class Trainer:
@@ -184,6 +202,9 @@ class Trainer:
             std=info.std,
             init=cfg.init,
         ).to(self.device)
+        if cfg.channels_last:  # 4-d weights (convolutions); before masks and optimizer state
+            self.model.to(memory_format=torch.channels_last)
+        self._build_amp()
         self._build_sparse()
         self._build_optimizer()
         self._build_objective()
@@ -228,6 +249,82 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------------------------------- build
+    def _build_amp(self) -> None:
+        """Mixed precision: the autocast dtype, and a loss scaler for float16."""
+        cfg, device_type = self.cfg, self.device.type
+        self.amp_dtype: torch.dtype | None = _AMP_DTYPES.get(cfg.amp)
+        self.scaler: torch.amp.GradScaler | None = None
+        if self.amp_dtype is None:
+            return
+        ok = torch.amp.is_autocast_available(device_type)
+        if ok:
+            with self._autocast():  # older torch builds silently disable an unsupported dtype
+                ok = torch.is_autocast_enabled(device_type)
+        if not ok:
+            raise UserError(
+                f"Invalid amp value: {cfg.amp!r} (this torch build has no {cfg.amp} autocast "
+                f"on {device_type}; use --amp off)"
+            )
+        if self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(device_type)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.autocast`` in the configured dtype (a no-op context with ``--amp off``)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _to_input_format(self, x: Tensor) -> Tensor:
+        if self.cfg.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _loss_scale_kwargs(self) -> dict[str, Tensor]:
+        """``{"loss_scale": scale}`` for AGC's passes under float16 (the scaler's current scale as
+        a device tensor, read without synchronising), else ``{}``."""
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": self.scaler.scale(torch.ones((), device=self.device))}
+
+    def _optimizer_step(self) -> bool:
+        """The optimizer step; returns whether it was taken.
+
+        Without a loss scaler it always is. With float16 the gradients are unscaled, and the step is
+        taken only if ``p.grad`` and (AGC) the snapshot gradients are all finite: otherwise it is
+        skipped -- logged and counted in ``amp_skipped_steps`` -- and the scale backs off, as
+        ``GradScaler.step`` does (the same single synchronisation per step); the snapshot gradient
+        is checked too, which ``GradScaler`` cannot see.
+        """
+        opt, scaler = self.optimizer, self.scaler
+        if scaler is None:
+            opt.step()
+            return True
+        scaler.unscale_(opt)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        snap_grads = []
+        if self.is_agc:
+            snap_grads = [
+                opt.state[p]["snap_grad"] for p in params if "snap_grad" in opt.state.get(p, {})
+            ]
+        if _all_finite(grads + snap_grads):
+            opt.step()
+            scaler.update()
+            return True
+        scale = scaler.get_scale()
+        if _all_finite(grads):  # only the snapshot gradient overflowed: GradScaler did not see it
+            scaler.update(new_scale=scale * scaler.get_backoff_factor())
+        else:  # GradScaler's own backoff (and growth-tracker reset)
+            scaler.update()
+        self.state.amp_skipped_steps += 1
+        logger.warning(
+            "fp16: non-finite gradient at step %d with loss scale %g: step skipped, scale %g",
+            self.state.step + 1,
+            scale,
+            scaler.get_scale(),
+        )
+        return False
+
     def _build_sparse(self) -> None:
         cfg = self.cfg
         self.masks = None
@@ -416,18 +513,21 @@ class Trainer:
                 if i not in chosen:
                     continue
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x = self._to_input_format(x)
                 if cfg.agc_full_grad == "adversarial" and self.attack is not None:
-                    x_adv = self._craft(x, y)
+                    with self._autocast():
+                        x_adv = self._craft(x, y)
                     attack_cost += self._attack_cost(x.shape[0])
                 else:
                     x_adv = x
                 yield x, x_adv, y
 
         def loss_fn(m: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
-            return objective(m, x, x_adv, y)[0]
+            with self._autocast():
+                return objective(m, x, x_adv, y)[0]
 
         self.model.train()
-        tel = self.optimizer.refresh(self.model, batches(), loss_fn)
+        tel = self.optimizer.refresh(self.model, batches(), loss_fn, **self._loss_scale_kwargs())
         if self.masks is not None:  # mu is dense: keep every state tensor zero at pruned positions
             self.masks.zero_optimizer_state_(self.optimizer)
         local = int(tel.get("refresh_grad_evals", 0)) + attack_cost
@@ -446,6 +546,13 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
         probes: list[dict[str, float]] = []
+        skipped_before = self.state.amp_skipped_steps
+        autocast, scaler = self._autocast, self.scaler
+
+        def snapshot_loss(m: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+            with autocast():
+                return objective(m, x, x_adv, y)[0]
+
         it = self.batches
         if progress:
             from tqdm.auto import tqdm
@@ -457,21 +564,28 @@ class Trainer:
                 refresh_tel = self._refresh()
                 refresh_time += time.perf_counter() - t0
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = self._to_input_format(x)
             n = x.shape[0]
-            x_adv = self._craft(x, y)
+            with autocast():
+                x_adv = self._craft(x, y)
             self.train_model.train()
-            loss, logits = objective(self.train_model, x, x_adv, y)
+            with autocast():
+                loss, logits = objective(self.train_model, x, x_adv, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
             fb = objective.forwards_per_step * n
             if self.is_agc:
                 opt.snapshot_backward(
-                    model, lambda m, x=x, xa=x_adv, y=y: objective(m, x, xa, y)[0]
+                    model,
+                    lambda m, x=x, xa=x_adv, y=y: snapshot_loss(m, x, xa, y),
+                    **self._loss_scale_kwargs(),
                 )
                 fb *= 2
-            opt.step()
+            stepped = self._optimizer_step()
             self.lr_scheduler.step()
-            if self.topology is not None:
+            # A step skipped by the float16 loss scaler is skipped by the topology too (RigL's
+            # gradient is not finite; BSR-Net's step is the continuation of the optimizer's).
+            if self.topology is not None and stepped:
                 self.topology.step()
                 if self.world_size > 1:
                     self._check_masks_agree()
@@ -497,6 +611,9 @@ class Trainer:
             out["refresh_time_s"] = refresh_time
             if refresh_tel:
                 out["refresh_batches"] = refresh_tel.get("refresh_batches")
+        if self.scaler is not None:
+            out["amp_skipped_steps"] = self.state.amp_skipped_steps - skipped_before
+            out["amp_loss_scale"] = self.scaler.get_scale()
         return out
 
     def _probe_variance(self) -> dict[str, float]:
@@ -607,6 +724,11 @@ class Trainer:
         if self.topology is not None:
             ckpt["topology"] = self.topology.state_dict()
         ckpt["rng"]["eval_attack"] = self.eval_attack.get_rng_state()
+        if self.scaler is not None:
+            ckpt["amp"] = {
+                "scaler": self.scaler.state_dict(),
+                "skipped_steps": st.amp_skipped_steps,
+            }
         return ckpt
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -640,6 +762,9 @@ class Trainer:
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
             self.eval_attack.set_rng_state(rng["eval_attack"])
+            if self.scaler is not None:
+                self.scaler.load_state_dict(ckpt["amp"]["scaler"])
+                st.amp_skipped_steps = int(ckpt["amp"]["skipped_steps"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(

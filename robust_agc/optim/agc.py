@@ -568,6 +568,7 @@ class AGC(Optimizer):
         *,
         distributed: bool | None = None,
         process_group: Any = None,
+        loss_scale: float | Tensor | None = None,
     ) -> Tensor | None:
         """Compute ``g_B(ws)`` for this step's batch and store it in ``state[p]['snap_grad']``.
 
@@ -584,10 +585,16 @@ class AGC(Optimizer):
             distributed: average ``g_B(ws)`` over the process group (as DDP averages ``p.grad``);
                 ``None``: when ``torch.distributed`` is initialized with more than one process.
             process_group: the group for ``distributed`` (default: the world).
+            loss_scale: mixed-precision loss scaling (float16 autocast): the loss is multiplied
+                by this factor before differentiating and the gradient divided by it, so the
+                stored ``snap_grad`` is on the scale of an unscaled ``p.grad`` (pass the scale
+                ``torch.amp.GradScaler`` applied to the training loss, then ``unscale_`` ``p.grad``
+                before :meth:`step`). An overflow leaves non-finite values in ``snap_grad``:
+                check them before stepping (the step itself never skips). ``None``: no scaling.
 
         Returns:
-            The snapshot loss (detached), or ``None`` when there is no snapshot yet (before the
-            first :meth:`refresh`; nothing is computed and the step uses ``v = g``).
+            The snapshot loss (detached, unscaled), or ``None`` when there is no snapshot yet
+            (before the first :meth:`refresh`; nothing is computed and the step uses ``v = g``).
         """
         named = [(n, p) for n, p in self._named_params(model) if "snapshot" in self.state[p]]
         if not named:
@@ -599,12 +606,16 @@ class AGC(Optimizer):
             loss = closure(_FunctionalView(model, tensors))
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(f"Invalid closure value: must return a scalar loss, got {loss!r}")
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+            target = loss if loss_scale is None else loss * loss_scale
+            grads = torch.autograd.grad(target, leaves, allow_unused=True, materialize_grads=True)
         if _dist_active(distributed, process_group):
             world = dist.get_world_size(process_group)
             for g in grads:
                 dist.all_reduce(g, group=process_group)
                 g.div_(world)
+        if loss_scale is not None:
+            for g in grads:
+                g.div_(loss_scale)
         for (_, p), g in zip(named, grads):
             st = self.state[p]
             # Positions that were pruned at the last refresh (a sparse layer zeroed their snapshot
@@ -715,6 +726,7 @@ class AGC(Optimizer):
         *,
         distributed: bool | None = None,
         process_group: Any = None,
+        loss_scale: float | Tensor | None = None,
     ) -> dict[str, float]:
         """Recompute ``mu`` at the current weights, update ``tau``, and make ``w`` the snapshot.
 
@@ -740,6 +752,11 @@ class AGC(Optimizer):
                 all-reduce the online sums over the process group; ``None``: when
                 ``torch.distributed`` is initialized with more than one process.
             process_group: the group for ``distributed`` (default: the world).
+            loss_scale: mixed-precision loss scaling (float16 autocast), as in
+                :meth:`snapshot_backward`: each batch's gradient is taken of ``loss * scale`` and
+                divided by ``scale``; a batch whose scaled gradient is not finite while its loss
+                is finite is differentiated again at half the scale (the graph is kept), down to
+                a scale of 1. ``None``: no scaling.
 
         Returns:
             ``{"agc_tau_now", "agc_tau", "agc_coef", "agc_tau_updated", "refresh_batches",
@@ -778,7 +795,12 @@ class AGC(Optimizer):
                     raise ValueError(
                         f"Invalid loss_fn value: must return a scalar loss, got {a_i!r}"
                     )
-                g_i = torch.autograd.grad(a_i, params, allow_unused=True, materialize_grads=True)
+                if loss_scale is None:
+                    g_i = torch.autograd.grad(
+                        a_i, params, allow_unused=True, materialize_grads=True
+                    )
+                else:
+                    g_i = _scaled_grad(a_i, params, loss_scale)
             torch._foreach_add_(acc, list(g_i), alpha=n_i)
             a_list.append(a_i.detach().reshape(()))
             if snap_view is not None:
@@ -881,6 +903,31 @@ class AGC(Optimizer):
 
 #: Relative spread of the previous-snapshot losses below which ``var(b)`` counts as zero.
 _VAR_RESOLUTION = 1e-5
+
+
+def _scaled_grad(loss: Tensor, params: list[Tensor], scale: float | Tensor) -> list[Tensor]:
+    """Gradient of ``loss`` with loss scaling: ``grad(loss * s) / s``, halving ``s`` (down to 1)
+    while the result is not finite and ``loss`` is (synchronises with the device per try)."""
+    s = scale
+    loss_finite = bool(torch.isfinite(loss.detach()))
+    while True:
+        last = not loss_finite or float(s) <= 1.0
+        grads = torch.autograd.grad(
+            loss * s, params, retain_graph=not last, allow_unused=True, materialize_grads=True
+        )
+        grads = [g.div_(s) for g in grads]
+        if last or _all_finite(grads):
+            return grads
+        logger.info("AGC refresh: gradient overflow at loss scale %g, retrying at half", float(s))
+        s = s / 2
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one device synchronisation)."""
+    if not tensors:
+        return True
+    # amax propagates NaN, and the largest magnitude is inf exactly when an element is
+    return bool(torch.isfinite(torch.stack([t.detach().abs().amax() for t in tensors])).all())
 
 
 def _dist_reduce(
