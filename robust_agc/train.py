@@ -61,12 +61,21 @@ METRIC_FIELDS = (
     "lr",
     "epoch_time_s",
     "wall_time_s",
+    "train_time_s",
+    "cpu_time_s",
     "images_per_s",
     "grad_evals",
 )
 """Fields every epoch's record has; AGC adds ``agc_*`` fields, sparse methods ``density`` etc."""
 
-TIMING_FIELDS = ("epoch_time_s", "wall_time_s", "images_per_s", "refresh_time_s")
+TIMING_FIELDS = (
+    "epoch_time_s",
+    "wall_time_s",
+    "train_time_s",
+    "cpu_time_s",
+    "images_per_s",
+    "refresh_time_s",
+)
 """Fields that measure time and therefore differ between otherwise identical runs."""
 
 
@@ -144,6 +153,8 @@ class _RunState:
     step: int = 0  # training steps taken (float16 steps skipped by the loss scaler included)
     grad_evals: int = 0  # forward+backward passes over single examples, all sources
     wall_time_s: float = 0.0  # training + evaluation time, summed over sessions
+    train_time_s: float = 0.0  # training only (incl. attacks, AGC refresh), wall-clock
+    cpu_time_s: float = 0.0  # training only, CPU time of this process (robust to a loaded machine)
     best_val_robust: float = -1.0
     metrics: list[dict[str, Any]] = field(default_factory=list)
     amp_skipped_steps: int = 0  # float16: steps skipped for non-finite gradients
@@ -710,6 +721,8 @@ class Trainer:
             "step": st.step,
             "grad_evals": st.grad_evals,
             "wall_time_s": st.wall_time_s,
+            "train_time_s": st.train_time_s,
+            "cpu_time_s": st.cpu_time_s,
             "best_val_robust": st.best_val_robust,
             "metrics": st.metrics,
             "rng": {"torch": torch.get_rng_state(), "refresh": self._refresh_gen.get_state()},
@@ -744,6 +757,8 @@ class Trainer:
             st = self.state
             st.epoch, st.step = int(ckpt["epoch"]), int(ckpt["step"])
             st.grad_evals, st.wall_time_s = int(ckpt["grad_evals"]), float(ckpt["wall_time_s"])
+            st.train_time_s = float(ckpt.get("train_time_s", 0.0))
+            st.cpu_time_s = float(ckpt.get("cpu_time_s", 0.0))
             st.best_val_robust, st.metrics = float(ckpt["best_val_robust"]), list(ckpt["metrics"])
             rng = ckpt["rng"]
             saved_world = int(ckpt.get("world_size", 1))
@@ -787,10 +802,12 @@ class Trainer:
         cfg, st = self.cfg, self.state
         n_train = self.splits.x_train.shape[0]
         while st.epoch < cfg.epochs:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             rec: dict[str, Any] = {"epoch": st.epoch + 1}
             rec.update(self.train_epoch(progress=progress))
             train_time = time.perf_counter() - t0
+            st.train_time_s += train_time
+            st.cpu_time_s += time.process_time() - c0
             rec["lr"] = self.optimizer.param_groups[0]["lr"]
             rec.update(self.evaluate())
             rec.update(self.sparse_report())
@@ -800,6 +817,8 @@ class Trainer:
             rec.update(
                 epoch_time_s=epoch_time,
                 wall_time_s=st.wall_time_s,
+                train_time_s=st.train_time_s,
+                cpu_time_s=st.cpu_time_s,
                 images_per_s=n_train / train_time,
                 grad_evals=st.grad_evals,
                 step=st.step,
@@ -852,6 +871,8 @@ class Trainer:
             "steps": st.step,
             "grad_evals": st.grad_evals,
             "wall_time_s": st.wall_time_s,
+            "train_time_s": st.train_time_s,
+            "cpu_time_s": st.cpu_time_s,
             "config": self.cfg.to_dict(),
             "versions": {
                 "robust_agc": __version__,

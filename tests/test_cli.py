@@ -66,9 +66,13 @@ def test_train_end_to_end_writes_the_run_folder(tmp_path, capsys):
     required = {
         "epoch", "train_loss", "train_acc", "val_clean_acc", "val_robust_acc", "test_clean_acc",
         "test_robust_acc", "lr", "epoch_time_s", "wall_time_s", "images_per_s", "grad_evals",
-        "agc_tau", "agc_coef", "density", "exploration_rate", "flops_ratio",
+        "agc_tau", "agc_coef", "density", "exploration_rate", "flops_ratio", "train_time_s",
+        "cpu_time_s",
     }  # fmt: skip
     assert required <= set(rows[-1])
+    # training-only clocks: below the epoch's wall time (which adds the evaluation), increasing
+    assert 0 < rows[0]["train_time_s"] < rows[0]["wall_time_s"]
+    assert 0 < rows[0]["cpu_time_s"] < rows[2]["cpu_time_s"]
     assert rows[-1]["density"] == pytest.approx(0.2, abs=0.01)
     assert rows[0]["grad_evals"] < rows[1]["grad_evals"] < rows[2]["grad_evals"]
     assert rows[0]["wall_time_s"] < rows[2]["wall_time_s"]

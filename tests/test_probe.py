@@ -14,7 +14,7 @@ from torch import nn
 from robust_agc.config import TrainConfig
 from robust_agc.optim import create_optimizer
 from robust_agc.probe import gradient_variance
-from robust_agc.train import train
+from robust_agc.train import TIMING_FIELDS, train
 
 
 def _net() -> nn.Module:
@@ -147,7 +147,7 @@ def test_trainer_probe_leaves_the_trajectory_unchanged(tmp_path, optimizer: str)
     train(
         TrainConfig(out=str(tmp_path / "probe"), probe_variance_every=3, probe_batches=3, **common)
     )
-    timing = {"epoch_time_s", "wall_time_s", "images_per_s", "refresh_time_s", "grad_var"}
+    timing = {*TIMING_FIELDS, "grad_var"}
 
     def rows(name: str) -> list[dict]:
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()

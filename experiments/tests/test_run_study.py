@@ -20,9 +20,10 @@ from run_study import (
 
 import robust_agc.train as train_mod
 from robust_agc.errors import UserError
+from robust_agc.train import TIMING_FIELDS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-TIMING = {"epoch_time_s", "wall_time_s", "images_per_s", "refresh_time_s"}
+TIMING = set(TIMING_FIELDS)
 
 TINY_BASE = {
     "train_subset": 64,
