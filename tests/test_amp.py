@@ -337,3 +337,24 @@ def test_cuda_amp_channels_last_epoch(splits, amp):
     out = trainer.train_epoch()
     assert math.isfinite(out["train_loss"]) and _finite_weights(trainer.model)
     assert trainer.evaluate()["val_clean_acc"] >= 0
+
+
+def test_fp16_with_two_processes_skips_the_same_steps_on_every_rank(tmp_path):
+    """DDP + AGC + RigL in float16: gradients are all-reduced before the finiteness check, so every
+    rank skips the same steps (a disagreement would hang a collective or fail the mask check)."""
+    from .test_distributed import _finish, _free_port, _torchrun
+
+    out = tmp_path / "run"
+    argv = [
+        "--model", "small-cnn", "--objective", "pgd-at", "--attack-steps", "1", "--train-subset", "32",
+        "--val-size", "8", "--eval-subset", "8", "--eval-steps", "1", "--batch-size", "8", "--epochs", "1",
+        "--threads", "1", "--no-progress", "--optimizer", "agc", "--sparse-method", "rigl",
+        "--sparsity", "0.8", "--update-interval", "1", "--amp", "fp16", "--channels-last", "--out", str(out),
+    ]  # fmt: skip
+    launcher = ["--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    _finish(_torchrun(*launcher, "--master-port", str(_free_port()), argv=argv))
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["amp_skipped_steps"] >= 1 and math.isfinite(row["train_loss"])
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["amp"]["skipped_steps"] == row["amp_skipped_steps"]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
