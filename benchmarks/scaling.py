@@ -79,10 +79,10 @@ def comm_bytes(
       (1 byte per masked weight each), BatchNorm statistics, the normalization constants; times
       ``forwards_per_step`` (2 for TRADES and MART).
     - ``snapshot_allreduce`` (AGC, per step): ``AGC.snapshot_backward`` all-reduces ``g_B(ws)``
-      for every parameter that has a snapshot, one call per parameter tensor
-      (``snapshot_allreduce_calls``).
+      for every parameter that has a snapshot, flattened into one buffer per (device, dtype)
+      (``snapshot_allreduce_calls``: 1 for a float32 model).
     - ``refresh_allreduce`` (AGC, per refresh): the full gradient's example-weighted sum (one
-      call per parameter tensor), the example count (float64), the online sums (two float64,
+      flat buffer), the example count (float64), the online sums (two float64,
       ``grad-online`` only) and the online step count (int64) in ``_dist_reduce``.
     - ``refresh_gather`` (AGC, per refresh, per rank): ``all_gather_object`` of the rank's
       per-batch losses ``(a, b)`` (pickled lists of floats; ``b`` is empty for ``grad-online``).
@@ -111,7 +111,7 @@ def comm_bytes(
         "grad_allreduce_calls": max(1, math.ceil(grad / DDP_BUCKET_BYTES)),
         "buffer_broadcast": buffers * forwards_per_step,
         "snapshot_allreduce": grad if agc else 0,
-        "snapshot_allreduce_calls": len(params) if agc else 0,
+        "snapshot_allreduce_calls": len({(p.device, p.dtype) for p in params}) if agc else 0,
         "refresh_allreduce": grad + stats if agc else 0,
         "refresh_gather": len(pickle.dumps(gathered)) if agc else 0,
     }

@@ -45,6 +45,7 @@ from .config import TrainConfig, parse_refresh
 from .data import Batches, DataSplits, make_splits
 from .errors import CheckpointError, UserError
 from .models import create_model
+from .sparse import EVER_BUFFER, MASK_BUFFER
 
 __all__ = ["train", "Trainer", "METRIC_FIELDS", "evaluate_accuracy", "default_run_dir"]
 
@@ -147,6 +148,14 @@ def _comm_device(device: torch.device | str) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def mask_buffer_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of the sparse masks' buffers (``weight_mask``, ``weight_mask_ever``),
+    which DDP leaves out of its per-forward buffer broadcast in the trainer."""
+    return [
+        n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in (MASK_BUFFER, EVER_BUFFER)
+    ]
+
+
 @dataclass
 class _RunState:
     epoch: int = 0  # epochs completed
@@ -244,6 +253,15 @@ class Trainer:
         if self.world_size > 1:
             if self.masks is not None:
                 self.masks.broadcast_(src=0)
+                # The masks were just broadcast and are checked equal after every topology update:
+                # keep them out of DDP's per-forward buffer broadcast (1 byte per maskable weight
+                # each, half the gradient payload). A workaround API of torch, used as documented.
+                names = mask_buffer_names(self.model)
+                ignore = getattr(
+                    DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None
+                )
+                if ignore is not None:
+                    ignore(self.model, names)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=ids)
             torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # distinct attack starts per rank

@@ -98,3 +98,20 @@ def test_two_nodes_through_c10d_rendezvous_with_rigl_and_agc(tmp_path):
     assert rows[-1]["density"] == pytest.approx(0.2, abs=0.01)
     # the checkpoint of a 2-process run resumes in one process (another world size)
     assert run_cli("train", *argv[:-2], "--out", str(out), "--epochs", "2", "--resume") == 0
+
+
+def test_mask_buffers_are_the_ones_ddp_skips():
+    """The trainer keeps exactly the masks (verified equal after every update) out of DDP's
+    per-forward buffer broadcast; BatchNorm statistics stay in it."""
+    from robust_agc.models import create_model
+    from robust_agc.sparse import apply_masks
+    from robust_agc.train import mask_buffer_names
+
+    model = create_model("preact-resnet18", num_classes=10, in_channels=3, input_size=32)
+    apply_masks(model, sparsity=0.9, distribution="erk", generator=0)
+    names = mask_buffer_names(model)
+    masked = [n for n, m in model.named_modules() if hasattr(m, "weight_mask")]
+    assert sorted(names) == sorted(
+        f"{n}.{b}" for n in masked for b in ("weight_mask", "weight_mask_ever")
+    )
+    assert not any("running" in n for n in names)

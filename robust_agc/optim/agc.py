@@ -610,8 +610,8 @@ class AGC(Optimizer):
             grads = torch.autograd.grad(target, leaves, allow_unused=True, materialize_grads=True)
         if _dist_active(distributed, process_group):
             world = dist.get_world_size(process_group)
+            _all_reduce_flat(list(grads), process_group)
             for g in grads:
-                dist.all_reduce(g, group=process_group)
                 g.div_(world)
         if loss_scale is not None:
             for g in grads:
@@ -930,6 +930,25 @@ def _all_finite(tensors: list[Tensor]) -> bool:
     return bool(torch.isfinite(torch.stack([t.detach().abs().amax() for t in tensors])).all())
 
 
+def _all_reduce_flat(tensors: list[Tensor], group: Any) -> None:
+    """Sum ``tensors`` in place over ``group`` with one all-reduce per (device, dtype): the tensors
+    are copied into one flat buffer (elementwise sums, so the result equals per-tensor calls)."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for ts in by_kind.values():
+        if len(ts) == 1:
+            dist.all_reduce(ts[0], group=group)
+            continue
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in ts:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+
 def _dist_reduce(
     a: Tensor,
     b: Tensor,
@@ -942,8 +961,7 @@ def _dist_reduce(
     """All-reduce the refresh statistics (sum of example-weighted gradients, counts, online sums)
     and all-gather the per-batch losses over ``group``."""
     device = acc[0].device if acc else a.device
-    for t in acc:
-        dist.all_reduce(t, group=group)
+    _all_reduce_flat(acc, group)
     total_d = total.to(device)
     dist.all_reduce(total_d, group=group)
     gathered: list[Any] = [None] * dist.get_world_size(group)
@@ -958,8 +976,7 @@ def _dist_reduce(
         a = torch.tensor([x for ga, _ in gathered for x in ga], dtype=torch.float64)
         b = torch.tensor([x for _, gb in gathered for x in gb], dtype=torch.float64)
     if online:
-        for t in online.values():
-            dist.all_reduce(t, group=group)
+        _all_reduce_flat(list(online.values()), group)
     count = torch.tensor(online_count, dtype=torch.int64, device=device)
     dist.all_reduce(count, group=group)
     return a, b, acc, total_d.cpu(), online, int(count)
