@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from robust_agc.models import create_model  # noqa: E402
 from robust_agc.sparse import apply_masks  # noqa: E402
-from robust_agc.train import cpu_model  # noqa: E402
+from robust_agc.train import cpu_model, mask_buffer_names  # noqa: E402
 
 #: (name, in_channels, input_size, training set size) of the projected models.
 PROJECTED = (
@@ -74,10 +74,10 @@ def comm_bytes(
     - ``grad_allreduce``: DDP all-reduces every trainable parameter's gradient each step, dense
       (masked weights too: the masks zero the gradient after the all-reduce), in the parameter's
       dtype (float32: 4 bytes per element); ``grad_allreduce_calls``: DDP's buckets (25 MiB).
-    - ``buffer_broadcast``: DDP broadcasts every module buffer from rank 0 before each training
-      forward (``broadcast_buffers=True``): the bool masks ``weight_mask`` and ``weight_mask_ever``
-      (1 byte per masked weight each), BatchNorm statistics, the normalization constants; times
-      ``forwards_per_step`` (2 for TRADES and MART).
+    - ``buffer_broadcast``: DDP broadcasts the module buffers from rank 0 before each training
+      forward (``broadcast_buffers=True``): BatchNorm statistics, the normalization constants, not
+      the masks (the trainer excludes ``weight_mask``/``weight_mask_ever``, see
+      ``robust_agc.train.mask_buffer_names``); times ``forwards_per_step`` (2 for TRADES and MART).
     - ``snapshot_allreduce`` (AGC, per step): ``AGC.snapshot_backward`` all-reduces ``g_B(ws)``
       for every parameter that has a snapshot, flattened into one buffer per (device, dtype)
       (``snapshot_allreduce_calls``: 1 for a float32 model).
@@ -99,7 +99,8 @@ def comm_bytes(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     grad = sum(p.numel() * p.element_size() for p in params)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    skip = set(mask_buffer_names(model))
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n not in skip)
     agc = optimizer in ("agc", "svrg")
     # distinct float objects, as ``Tensor.tolist()`` gives (pickle would share equal objects)
     a = [1.0 + i / 1024 for i in range(refresh_batches_per_rank)]

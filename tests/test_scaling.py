@@ -56,6 +56,13 @@ def test_comm_bytes_match_a_hand_count(scaling):
     assert online["refresh_allreduce"] == grad + 8 + 8 + 2 * 8  # + the two online sums (f64)
     losses = [0.25 + i for i in range(5)]
     assert agc["refresh_gather"] == len(pickle.dumps((losses, [x + 1 for x in losses])))
+    # masks are not broadcast by the trainer's DDP: a masked model sends only its other buffers
+    from robust_agc.sparse import apply_masks
+
+    masked = _tiny()
+    apply_masks(masked, sparsity=0.5, distribution="uniform", generator=0)
+    assert any("weight_mask" in n for n, _ in masked.named_buffers())
+    assert scaling.comm_bytes(masked, optimizer="sgd")["buffer_broadcast"] == 3 * 4 + 3 * 4 + 8
     assert scaling.ring_allreduce_per_rank(1000, 2) == 1000
     assert scaling.ring_allreduce_per_rank(1000, 64) == pytest.approx(2 * 63 / 64 * 1000)
 
