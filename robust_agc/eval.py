@@ -15,7 +15,14 @@
   ``benchmarks/eval_speed.py``); driving the components ourselves gives per-component accuracies
   and timings, a resumable state after every chunk, and no repeated checks or clean passes;
 * robust accuracy is counted twice (flags, and re-prediction on the adversarial images) and the
-  gradient-masking checks of :mod:`robust_agc.checks` are recorded as flags in the result.
+  gradient-masking checks of :mod:`robust_agc.checks` are recorded as flags in the result;
+* with ``torch.distributed`` initialized (e.g. under ``torchrun``), the chunks are shared out
+  round-robin over the processes (chunk ``b`` on rank ``b % world_size``) and the per-chunk outcomes
+  are gathered on every rank after each round. A chunk is the same points with the same seed
+  whichever rank runs it, so the per-point flags, accuracies and pass counts equal a single
+  process's with the same ``batch_size``, for every stage, AutoAttack included (tested in
+  ``tests/test_distributed_eval.py``); only timings differ. ``batch_size`` is the unit of work: a
+  unit with fewer chunks than processes leaves some idle.
 
 Accuracies are fractions in [0, 1] everywhere in this module and in the JSON record.
 """
@@ -110,6 +117,17 @@ class EvalResult:
         model_info: metadata passed by the caller (sparsity, optimizer, checkpoint config...).
         robust_acc_repredicted: robust accuracy recounted by re-predicting the adversarial images.
         notes: free-text remarks recorded for the reader (e.g. where eps came from).
+        passes: per unit and stage (plus ``"checks"``, ``"recount"`` and ``"total"``), the model
+            passes the evaluation spent, counted in single examples by a hook on the model:
+            ``{"forward": n, "backward": n}``. A backward pass is one gradient computation through
+            the model's output (FAB's untargeted version takes one per class). Summed over
+            resumed sessions; a resumed session's recomputed clean predictions are not counted.
+        number_forward_passes: RobustBench's field: forward passes of the network per prediction
+            at test time (more than 1 for defenses that average several passes, e.g. randomized
+            ones). Measured on the first clean chunk: the fewest examples any module holding
+            parameters processed, per example given to the model (1 for a plain network).
+        world_size: processes that shared the evaluation (``torch.distributed``); the per-point
+            results do not depend on it.
     """
 
     clean_acc: float
@@ -134,6 +152,9 @@ class EvalResult:
     model_info: dict[str, Any] = field(default_factory=dict)
     robust_acc_repredicted: float | None = None
     notes: list[str] = field(default_factory=list)
+    passes: dict[str, dict[str, int]] = field(default_factory=dict)
+    number_forward_passes: int | float = 1
+    world_size: int = 1
 
     @property
     def autoattack_acc(self) -> float | None:
@@ -145,11 +166,12 @@ class EvalResult:
 
         RobustBench fields: ``clean_acc``, ``autoattack_acc`` (only when AutoAttack ran; the worst
         case over the stages up to and including it), ``eps``, ``threat_model``, ``dataset``,
-        ``architecture``, ``n_examples``, ``number_forward_passes`` (1: deterministic model),
-        ``additional_data`` (False). Accuracies are fractions in [0, 1] (RobustBench's JSON files
-        store percentages). Our fields: ``robust_acc``, ``stages``, ``per_point_robust``,
-        ``per_point_broken_by``, ``flags``, ``flag_details``, ``seed``, ``timings``,
-        ``attack_config``, ``versions``, ``model_info``, ``notes``.
+        ``architecture``, ``n_examples``, ``number_forward_passes`` (forward passes of the network
+        per prediction, measured: 1 for a plain network), ``additional_data`` (False). Accuracies
+        are fractions in [0, 1] (RobustBench's JSON files store percentages). Our fields:
+        ``robust_acc``, ``stages``, ``per_point_robust``, ``per_point_broken_by``, ``flags``,
+        ``flag_details``, ``seed``, ``timings``, ``passes``, ``world_size``, ``attack_config``,
+        ``versions``, ``model_info``, ``notes``.
         """
         stages = []
         for name, acc in self.stage_acc.items():
@@ -191,7 +213,7 @@ class EvalResult:
                 "robust_acc_repredicted": self.robust_acc_repredicted,
                 "acc_unit": "fraction",
                 "additional_data": False,
-                "number_forward_passes": 1,
+                "number_forward_passes": self.number_forward_passes,
                 "stages": stages,
                 "per_point_robust": [bool(v) for v in self.robust_flags.tolist()],
                 "per_point_broken_by": list(self.broken_by),
@@ -199,6 +221,8 @@ class EvalResult:
                 "flag_details": _jsonable(self.flag_details),
                 "seed": self.seed,
                 "timings": dict(self.timings),
+                "passes": {k: dict(v) for k, v in self.passes.items()},
+                "world_size": self.world_size,
                 "attack_config": _jsonable(self.attack_config),
                 "versions": dict(self.versions),
                 "model_info": _jsonable(self.model_info),
@@ -279,15 +303,110 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = t
 
 
-def _predict(model: nn.Module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """Return ``(predictions, logits)`` computed in chunks of ``batch_size``, without grad."""
-    preds, logits = [], []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            out = model(x[i : i + batch_size])
-            logits.append(out)
-            preds.append(out.argmax(1))
-    return torch.cat(preds), torch.cat(logits)
+class _PassCounter:
+    """Count the model's forward and backward passes in single examples (a forward hook).
+
+    A forward pass on a batch of ``B`` adds ``B``; when the output requires grad, a hook on it adds
+    ``B`` backward passes each time a gradient flows back through it (once per ``backward``/
+    ``autograd.grad``, so FAB's per-class Jacobian rows count one pass each).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.forward = 0
+        self.backward = 0
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if not isinstance(output, Tensor):
+            return
+        b = int(output.shape[0]) if output.ndim > 0 else 1
+        self.forward += b
+        if output.requires_grad:
+            output.register_hook(lambda grad, b=b: self._backward(b))
+
+    def _backward(self, b: int) -> None:
+        self.backward += b
+
+    def take(self) -> list[int]:
+        """``[forward, backward]`` counted since the last call, and reset."""
+        out = [self.forward, self.backward]
+        self.forward = self.backward = 0
+        return out
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _predict_measuring_passes(model: nn.Module, x: Tensor) -> tuple[Tensor, int | float]:
+    """``model(x)`` without grad, and the network passes per example it took.
+
+    Every module holding parameters of its own counts the examples it processes (the leading
+    dimension of its first input); the fewest, divided by ``len(x)``, is the number of times the
+    whole network ran per example: 1 for a plain network (a module reused inside one pass does not
+    raise the minimum), ``k`` for a wrapper that averages ``k`` passes of an inner network, whether
+    it loops or stacks the copies into one batch.
+    """
+    seen: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, inputs: Any) -> None:
+        first = inputs[0] if isinstance(inputs, tuple) and inputs else None
+        if isinstance(first, Tensor) and first.ndim > 0:
+            seen[module] = seen.get(module, 0) + int(first.shape[0])
+
+    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    handles = [m.register_forward_pre_hook(hook) for m in owners]
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        return out, 1
+    ratio = min(seen.values()) / x.shape[0]
+    return out, int(ratio) if float(ratio).is_integer() else round(ratio, 3)
+
+
+class _Comm:
+    """The ``torch.distributed`` process group of an evaluation, or one process on its own.
+
+    Collectives carry picklable CPU objects (``all_gather_object``/``broadcast_object_list``), so the
+    same code serves ``gloo`` and ``nccl`` (with ``nccl``, the caller sets the CUDA device).
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist if dist.is_available() and dist.is_initialized() else None
+        self.world = self._dist.get_world_size() if self._dist is not None else 1
+        self.rank = self._dist.get_rank() if self._dist is not None else 0
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order."""
+        if self._dist is None or self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        self._dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if self._dist is None or self.world == 1:
+            return obj
+        buf = [obj if self.rank == 0 else None]
+        self._dist.broadcast_object_list(buf, src=0)
+        return buf[0]
+
+    def rounds(self, n_chunks: int, start: int, fn: Any) -> Iterator[tuple[int, list[Any]]]:
+        """Run ``fn(b)`` for chunks ``b = start, start + 1, ...`` round-robin over the ranks.
+
+        Round ``r`` gives chunk ``s + rank`` (``s = start + r * world``) to each rank; yields
+        ``(s, results)`` with every rank's result of the round in chunk order, on every rank.
+        """
+        for s in range(start, n_chunks, self.world):
+            b = s + self.rank
+            local = fn(b) if b < n_chunks else None
+            yield s, [r for r in self.all_gather(local) if r is not None]
 
 
 def _parse_attacks(attacks: str | Sequence[str]) -> list[str]:
@@ -540,6 +659,7 @@ class _State:
         self.timings: dict[str, float] = {}
         self.n_attacked: dict[str, int] = {}
         self.n_broken: dict[str, int] = {}
+        self.passes: dict[str, list[int]] = {}
         self.resumed = False
 
     def load(self) -> None:
@@ -558,23 +678,13 @@ class _State:
                 f"state file {self.path} belongs to another evaluation (different "
                 f"{', '.join(diff)}); delete it or choose another --state file"
             )
-        self.robust = [bool(v) for v in d["robust"]]
-        self.broken_by = list(d["broken_by"])
-        self.done = list(d["done"])
-        self.current = d.get("current")
-        self.unit_acc = dict(d.get("unit_acc", {}))
-        self.timings = dict(d.get("timings", {}))
-        self.n_attacked = dict(d.get("n_attacked", {}))
-        self.n_broken = dict(d.get("n_broken", {}))
+        self.restore(d)
         self.resumed = True
         logger.info("resuming evaluation from %s (done: %s)", self.path, ", ".join(self.done))
 
-    def save(self) -> None:
-        if self.path is None:
-            return
-        d = {
-            "format": _STATE_FORMAT,
-            "fingerprint": self.fingerprint,
+    def snapshot(self) -> dict[str, Any]:
+        """The progress as a JSON-friendly dict (what :meth:`save` writes, less the header)."""
+        return {
             "robust": self.robust,
             "broken_by": self.broken_by,
             "done": self.done,
@@ -583,7 +693,25 @@ class _State:
             "timings": self.timings,
             "n_attacked": self.n_attacked,
             "n_broken": self.n_broken,
+            "passes": self.passes,
         }
+
+    def restore(self, d: dict[str, Any]) -> None:
+        """Take the progress from a :meth:`snapshot` (or a saved file)."""
+        self.robust = [bool(v) for v in d["robust"]]
+        self.broken_by = list(d["broken_by"])
+        self.done = list(d["done"])
+        self.current = d.get("current")
+        self.unit_acc = dict(d.get("unit_acc", {}))
+        self.timings = dict(d.get("timings", {}))
+        self.n_attacked = dict(d.get("n_attacked", {}))
+        self.n_broken = dict(d.get("n_broken", {}))
+        self.passes = {k: [int(v[0]), int(v[1])] for k, v in d.get("passes", {}).items()}
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        d = {"format": _STATE_FORMAT, "fingerprint": self.fingerprint, **self.snapshot()}
         _atomic_write_text(self.path, json.dumps(_jsonable(d)))
 
 
@@ -631,14 +759,17 @@ def benchmark(
         version: AutoAttack ``"standard"``, ``"plus"``, ``"rand"``, or a list of components
             (e.g. ``["apgd-ce", "apgd-t"]``), run as pyautoattack's ``version="custom"`` with its
             constructor settings (APGD-CE 5 restarts, 9 targets, Square 5000 queries).
-        batch_size: points per attack chunk (also fixes AutoAttack's chunking, hence its randomness).
+        batch_size: points per attack chunk (also fixes AutoAttack's chunking, hence its
+            randomness); in a distributed evaluation the unit of work shared out to processes.
         device: where to run; the model is moved there and back if needed.
         seed: the seed of every attack (each chunk is re-seeded, AutoAttack style).
         pgd_steps, pgd_restarts, pgd_step_size: the ``pgd`` stage (default PGD-50, 10 restarts,
             step ``2.5 * eps / steps``).
-        state_file: JSON file holding per-point flags after every chunk; a rerun resumes from it,
-            and refuses (UserError) when the attack configuration, points or model differ.
-        progress: tqdm bars (stderr) with the points remaining per stage.
+        state_file: JSON file holding per-point flags after every chunk (every round of chunks
+            when distributed; only rank 0 reads and writes it); a rerun resumes from it, with any
+            number of processes, and refuses (UserError) when the attack configuration, points or
+            model differ.
+        progress: tqdm bars (stderr) with the points remaining per stage (rank 0 only).
         data_dir: where to look for ``dataset``.
         run_checks: run the gradient-masking checks (:mod:`robust_agc.checks`); the count
             agreement and Square checks are always recorded.
@@ -647,11 +778,13 @@ def benchmark(
         notes: remarks stored in the record.
 
     Returns:
-        An :class:`EvalResult`.
+        An :class:`EvalResult`. Distributed: every rank calls :func:`benchmark` with the same
+        arguments and returns rank 0's result (identical per-point outcomes on every rank).
 
     Raises:
         ValueError: invalid arguments (torch wording: ``Invalid <name> value: ...``).
         UserError: a state file from another evaluation, or unavailable data.
+        RuntimeError: distributed ranks called with different points, model or attacks.
 
     Example:
         >>> res = benchmark(model, dataset="fashion-mnist", eps=0.1, n_examples=1000)  # doctest: +SKIP
@@ -791,33 +924,127 @@ def _run(
     notes: list[str],
     t_start: float,
 ) -> EvalResult:
+    comm = _Comm()
+    main = comm.rank == 0
+    counter = _PassCounter(model)
+    try:
+        result = _run_counted(
+            model,
+            comm=comm,
+            counter=counter,
+            x=x,
+            y=y,
+            dataset=dataset,
+            threat=threat,
+            eps=eps,
+            stages=stages,
+            aa_version=aa_version,
+            components=components,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            pgd_steps=pgd_steps,
+            pgd_restarts=pgd_restarts,
+            pgd_step_size=pgd_step_size,
+            state_file=state_file if main else None,
+            progress=progress and main,
+            run_checks=run_checks,
+            model_info=model_info,
+            architecture=architecture,
+            notes=notes,
+            t_start=t_start,
+        )
+    finally:
+        counter.remove()
+    # Every rank returns rank 0's record (identical per-point results; rank 0's checks and clock).
+    return comm.broadcast(result if main else None)
+
+
+def _run_counted(
+    model: nn.Module,
+    *,
+    comm: _Comm,
+    counter: _PassCounter,
+    x: Tensor,
+    y: Tensor,
+    dataset: str | None,
+    threat: ThreatModel,
+    eps: float,
+    stages: list[str],
+    aa_version: str,
+    components: tuple[str, ...],
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    pgd_steps: int,
+    pgd_restarts: int,
+    pgd_step_size: float | None,
+    state_file: Path | None,
+    progress: bool,
+    run_checks: bool,
+    model_info: dict[str, Any],
+    architecture: str | None,
+    notes: list[str],
+    t_start: float,
+) -> EvalResult:
     n = x.shape[0]
+    main = comm.rank == 0
     report = _checks.MaskingReport()
-    timings: dict[str, float] = {}
+    # Chunks of ``batch_size`` over the points (clean stage, re-prediction) or over a unit's
+    # targets; chunk b runs on rank b % world, so every chunk is exactly the one a single process
+    # would run, with the same seed: the per-point results do not depend on the world size.
+    point_chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
     # Clean predictions (cheap; also recomputed on resume to check the state and run the checks).
-    t0 = time.perf_counter()
-    pred, logits = _predict(model, x, batch_size)
-    if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(
-            f"Invalid model value: expected logits (N, C>=2), got {tuple(logits.shape)}"
-        )
+    def clean_chunk(b: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        counter.take()
+        xb = x[point_chunks[b][0] : point_chunks[b][-1] + 1]
+        if b == 0:
+            out, fwd = _predict_measuring_passes(model, xb)
+        else:
+            with torch.no_grad():
+                out, fwd = model(xb), None
+        if out.ndim != 2 or out.shape[1] < 2:
+            raise ValueError(
+                f"Invalid model value: expected logits (N, C>=2), got {tuple(out.shape)}"
+            )
+        return {
+            "logits": out.detach().cpu(),
+            "fwd": fwd,
+            "time": time.perf_counter() - t0,
+            "passes": counter.take(),
+        }
+
+    logit_parts: list[Tensor] = []
+    t_clean, clean_passes, n_fwd_passes = 0.0, [0, 0], 1
+    for s, results in comm.rounds(len(point_chunks), 0, clean_chunk):
+        logit_parts.extend(r["logits"] for r in results)
+        t_clean += max(r["time"] for r in results)
+        clean_passes = _add_passes(clean_passes, *(r["passes"] for r in results))
+        if s == 0:
+            n_fwd_passes = results[0]["fwd"]
+    logits = torch.cat(logit_parts).to(device)
+    pred = logits.argmax(1)
     clean_ok = (pred == y).cpu()
-    t_clean = time.perf_counter() - t0
     n_classes = int(logits.shape[1])
 
     n_targets: int | None = 9
     t0 = time.perf_counter()
+    counter.take()
     if run_checks:
-        ok = clean_ok.nonzero().flatten().to(device)
-        xs, ys = (x[ok], y[ok]) if ok.numel() > 0 else (x, y)
-        _, n_targets = _checks.run_model_checks(
-            model, xs, ys, logits=logits[ok] if ok.numel() > 0 else logits, report=report
-        )
+        if main:
+            ok = clean_ok.nonzero().flatten().to(device)
+            xs, ys = (x[ok], y[ok]) if ok.numel() > 0 else (x, y)
+            _, n_targets = _checks.run_model_checks(
+                model, xs, ys, logits=logits[ok] if ok.numel() > 0 else logits, report=report
+            )
+        n_targets = comm.broadcast(n_targets)
     else:
         res, n_targets = _checks.check_n_classes(n_classes, 9)
         report.add(res)
     t_checks = time.perf_counter() - t0
+    checks_passes = counter.take()
 
     aa_runner = None
     if "autoattack" in stages:
@@ -872,8 +1099,26 @@ def _run(
         "points_sha256": _sha256_tensors([("x", x), ("y", y)]),
         "model_sha256": _model_sha256(model),
     }
+    if comm.world > 1:
+        prints = comm.all_gather(json.dumps(fingerprint, sort_keys=True))
+        if any(p != prints[0] for p in prints):
+            raise RuntimeError(
+                "distributed evaluation: the ranks differ in their points, model or attack "
+                "configuration (every rank must call benchmark with the same arguments)"
+            )
     state = _State(state_file, fingerprint, n)
-    state.load()
+    error = None
+    if main:
+        try:
+            state.load()
+        except UserError as e:
+            error = str(e)
+    error, snap, resumed = comm.broadcast((error, state.snapshot(), state.resumed))
+    if error is not None:
+        raise UserError(error)
+    if not main:
+        state.restore(snap)
+        state.resumed = resumed
     if state.resumed:
         stored_clean = [b != "clean" for b in state.broken_by]
         if "clean" in state.done and stored_clean != clean_ok.tolist():
@@ -888,6 +1133,7 @@ def _run(
         state.timings["clean"] = t_clean
         state.n_attacked["clean"] = n
         state.n_broken["clean"] = n - sum(state.robust)
+        state.passes["clean"] = clean_passes
         state.done.append("clean")
         state.save()
 
@@ -926,12 +1172,24 @@ def _run(
             state.n_attacked[unit] = len(targets)
             state.n_broken[unit] = 0
             state.timings.setdefault(unit, 0.0)
+            state.passes.setdefault(unit, [0, 0])
         if unit == "pgd":
             pgd_subset = targets[: min(64, len(targets))]
         chunks = [targets[i : i + batch_size] for i in range(0, len(targets), batch_size)]
+        if main and comm.world > 1 and len(chunks) - done_batches < comm.world:
+            logger.warning(
+                "%s: %d chunk(s) of up to %d points for %d processes; some processes idle "
+                "(a smaller batch_size spreads the work, at the same per-chunk semantics)",
+                unit,
+                len(chunks) - done_batches,
+                batch_size,
+                comm.world,
+            )
         bar = _progress_bar(unit, len(targets), done_batches, chunks, progress)
-        for b in range(done_batches, len(chunks)):
+
+        def attack_chunk(b: int, unit: str = unit, chunks: list[list[int]] = chunks) -> Any:
             t0 = time.perf_counter()
+            counter.take()
             idx = torch.tensor(chunks[b], dtype=torch.long, device=device)
             xb, yb = x[idx], y[idx]
             if unit == "pgd":
@@ -946,17 +1204,28 @@ def _run(
             with torch.no_grad():
                 out = model(adv).argmax(1)
             broken = (out != yb).cpu()
-            for j, i in enumerate(chunks[b]):
-                if broken[j]:
+            return {
+                "broken": broken.tolist(),
+                "adv": adv.detach()[broken.to(adv.device)].cpu(),
+                "time": time.perf_counter() - t0,
+                "passes": counter.take(),
+            }
+
+        for s, results in comm.rounds(len(chunks), done_batches, attack_chunk):
+            for b, r in enumerate(results, start=s):
+                hit = [i for i, br in zip(chunks[b], r["broken"], strict=True) if br]
+                for i in hit:
                     state.robust[i] = False
                     state.broken_by[i] = unit
-                    x_adv[i] = adv[j].detach()
-            state.n_broken[unit] = state.n_broken.get(unit, 0) + int(broken.sum())
-            state.current["batches_done"] = b + 1
-            state.timings[unit] = state.timings.get(unit, 0.0) + time.perf_counter() - t0
+                if hit:
+                    x_adv[torch.tensor(hit, device=device)] = r["adv"].to(device, x_adv.dtype)
+                state.n_broken[unit] = state.n_broken.get(unit, 0) + len(hit)
+                state.passes[unit] = _add_passes(state.passes.get(unit, [0, 0]), r["passes"])
+            state.current["batches_done"] = s + len(results)
+            state.timings[unit] = state.timings.get(unit, 0.0) + max(r["time"] for r in results)
             state.save()
             if bar is not None:
-                bar.update(len(chunks[b]))
+                bar.update(sum(len(chunks[b]) for b in range(s, s + len(results))))
                 bar.set_postfix(robust=sum(state.robust))
         if bar is not None:
             bar.close()
@@ -964,17 +1233,19 @@ def _run(
         state.done.append(unit)
         state.current = None
         state.save()
-        logger.info(
-            "%s: robust accuracy %.2f%% (%d attacked, %d broken, %.1f s)",
-            unit,
-            100 * state.unit_acc[unit],
-            state.n_attacked.get(unit, 0),
-            state.n_broken.get(unit, 0),
-            state.timings.get(unit, 0.0),
-        )
+        if main:
+            logger.info(
+                "%s: robust accuracy %.2f%% (%d attacked, %d broken, %.1f s)",
+                unit,
+                100 * state.unit_acc[unit],
+                state.n_attacked.get(unit, 0),
+                state.n_broken.get(unit, 0),
+                state.timings.get(unit, 0.0),
+            )
 
-    # PGD convergence check: fewer steps on a subset must not break *more* points.
-    if run_checks and pgd is not None and pgd_subset:
+    # PGD convergence check: fewer steps on a subset must not break *more* points (rank 0 only).
+    counter.take()
+    if main and run_checks and pgd is not None and pgd_subset:
         t0 = time.perf_counter()
         few = max(1, pgd_steps // 5)
         if few < pgd_steps:
@@ -998,12 +1269,23 @@ def _run(
                 )
             )
         t_checks += time.perf_counter() - t0
+    checks_passes = _add_passes(checks_passes, counter.take())
 
     robust = torch.tensor(state.robust, dtype=torch.bool)
+
     # Count twice: re-predict every point on its adversarial (or clean) image.
-    with torch.no_grad():
-        pred_adv, _ = _predict(model, x_adv, batch_size)
-    repred = (pred_adv == y).cpu()
+    def repredict_chunk(b: int) -> dict[str, Any]:
+        counter.take()
+        with torch.no_grad():
+            out = model(x_adv[point_chunks[b][0] : point_chunks[b][-1] + 1]).argmax(1)
+        return {"pred": out.cpu(), "passes": counter.take()}
+
+    pred_parts: list[Tensor] = []
+    recount_passes = [0, 0]
+    for _, results in comm.rounds(len(point_chunks), 0, repredict_chunk):
+        pred_parts.extend(r["pred"] for r in results)
+        recount_passes = _add_passes(recount_passes, *(r["passes"] for r in results))
+    repred = torch.cat(pred_parts) == y.cpu()
     known = have_adv
     report.add(_checks.check_count_agreement(robust[known], repred[known]))
     if not bool(known.all()):
@@ -1012,22 +1294,30 @@ def _run(
     if any(u in _GRADIENT_FREE for u in units):
         report.add(_checks.check_square_beats_gradient(state.broken_by))
 
-    for r in report.results.values():
-        if r.fired:
-            logger.warning("gradient-masking check %s: %s", r.name, r.message)
-    report.warn(stacklevel=3)
+    if main:
+        for r in report.results.values():
+            if r.fired:
+                logger.warning("gradient-masking check %s: %s", r.name, r.message)
+        report.warn(stacklevel=4)
 
     stage_acc: dict[str, float] = {}
     for s in stages:
         last = [u for u in units if u == s or u.startswith(s + "/")][-1]
         stage_acc[s] = state.unit_acc[last]
     timings = dict(state.timings)
+    passes = {k: list(v) for k, v in state.passes.items()}
     if "autoattack" in stages:
-        timings["autoattack"] = sum(
-            v for k, v in state.timings.items() if k.startswith("autoattack/")
-        )
+        aa_units = [u for u in units if u.startswith("autoattack/")]
+        timings["autoattack"] = sum(state.timings.get(u, 0.0) for u in aa_units)
+        passes["autoattack"] = _add_passes([0, 0], *(state.passes.get(u, [0, 0]) for u in aa_units))
     timings["checks"] = t_checks
     timings["total"] = time.perf_counter() - t_start
+    passes["checks"] = checks_passes
+    passes["recount"] = recount_passes
+    passes["total"] = _add_passes(
+        [0, 0],
+        *(v for k, v in passes.items() if k != "autoattack"),
+    )
     n_attacked = dict(state.n_attacked)
     n_broken = dict(state.n_broken)
     if "autoattack" in stages:
@@ -1059,7 +1349,15 @@ def _run(
         model_info=model_info,
         robust_acc_repredicted=n_robust_repred / n,
         notes=notes,
+        passes={k: {"forward": v[0], "backward": v[1]} for k, v in passes.items()},
+        number_forward_passes=n_fwd_passes,
+        world_size=comm.world,
     )
+
+
+def _add_passes(*counts: Sequence[int]) -> list[int]:
+    """Element-wise sum of ``[forward, backward]`` pairs."""
+    return [sum(c[0] for c in counts), sum(c[1] for c in counts)]
 
 
 def _progress_bar(

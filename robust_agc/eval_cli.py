@@ -5,6 +5,11 @@ Examples::
     robust-agc eval runs/agc/best.pt --n-examples 1000 --out eval.json
     robust-agc eval --state-dict w.pt --arch small-cnn --dataset fashion-mnist --eps 0.1
     robust-agc eval ckpt.pt --attacks clean,pgd,autoattack --version apgd-ce,apgd-t --state st.json
+    torchrun --nproc-per-node 2 -m robust_agc eval ckpt.pt --batch-size 32 --out eval.json
+
+Under ``torchrun`` (WORLD_SIZE > 1) the processes share the chunks of every stage (gloo on CPU,
+nccl with ``--device cuda``, one GPU per process); the result equals a single process's with the
+same ``--batch-size``. Only rank 0 prints, writes ``--out`` and the ``--state`` file.
 """
 
 from __future__ import annotations
@@ -97,12 +102,39 @@ def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``robust-agc eval``; returns the exit status (0). User errors raise UserError."""
-    from .eval import _validate, benchmark
+    """Run ``robust-agc eval``; returns the exit status (0). User errors raise UserError.
 
+    Under ``torchrun`` (WORLD_SIZE > 1) it joins the process group for the evaluation and leaves it
+    afterwards; only rank 0 writes files and prints.
+    """
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
+    import torch.distributed as dist
+
+    from .cli import _init_distributed
+
+    joined = dist.is_available() and dist.is_initialized()  # a caller's group stays up
+    rank, local_rank, world = _init_distributed(args.device)
+    try:
+        if world > 1:
+            if args.device.startswith("cuda"):
+                import torch
+
+                args.device = f"cuda:{local_rank}"
+                torch.cuda.set_device(local_rank)  # the device nccl's object collectives use
+            if rank > 0:
+                logging.getLogger().setLevel(logging.WARNING)
+                args.no_progress = True
+        return _run_eval(args, out, rank=rank, world=world)
+    finally:
+        if world > 1 and not joined and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: int) -> int:
+    from .eval import _validate, benchmark
+
     model, info = _load(args)
     cfg = info.get("config") or {}
     dataset = args.dataset or info.get("dataset")
@@ -159,6 +191,8 @@ def run_eval(args: argparse.Namespace) -> int:
         **kwargs,
     )
     result.attack_config["eps_source"] = eps_source
+    if rank > 0:
+        return 0
     if out is None:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
     else:
@@ -167,9 +201,10 @@ def run_eval(args: argparse.Namespace) -> int:
             f"{st['name']} {st['robust_acc']:.2%}" for st in result.to_dict()["stages"]
         )
         fired = [k for k, v in result.flags.items() if v]
+        procs = f" ({world} processes)" if world > 1 else ""
         print(
             f"first {result.n_examples} test points, {result.threat_model} eps {result.eps:g}: "
             f"{stages} (worst case over stages; gradient-masking flags: "
-            f"{', '.join(fired) if fired else 'none'}); result in {out}"
+            f"{', '.join(fired) if fired else 'none'}); result in {out}{procs}"
         )
     return 0

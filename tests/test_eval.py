@@ -491,12 +491,15 @@ def test_json_record(fmnist_tiny, mlp, tmp_path, fast_aa):
         "flags",
         "seed",
         "timings",
+        "passes",
+        "world_size",
         "attack_config",
         "versions",
         "model_info",
     ):
         assert key in d, key
     assert d["additional_data"] is False
+    assert d["number_forward_passes"] == 1 and d["world_size"] == 1
     assert d["autoattack_acc"] == d["robust_acc"] == res.robust_acc
     assert d["n_examples"] == 10 and len(d["per_point_robust"]) == 10
     assert sum(d["per_point_robust"]) / 10 == pytest.approx(d["robust_acc"])
@@ -520,6 +523,89 @@ def test_json_record(fmnist_tiny, mlp, tmp_path, fast_aa):
     res_c = ev.benchmark(mlp, x=x, y=y, eps=0.02, attacks="clean", progress=False)
     assert "autoattack_acc" not in res_c.to_dict()
     assert res_c.robust_acc == res_c.clean_acc
+
+
+class AveragingWrapper(nn.Module):
+    """Averages ``k`` passes of an inner network, looping or stacking the copies into one batch."""
+
+    def __init__(self, inner: nn.Module, k: int, stacked: bool) -> None:
+        super().__init__()
+        self.inner, self.k, self.stacked = inner, k, stacked
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked:
+            return self.inner(x.repeat(self.k, 1, 1, 1)).view(self.k, x.shape[0], -1).mean(0)
+        return torch.stack([self.inner(x) for _ in range(self.k)]).mean(0)
+
+
+class TwiceUsedLayer(nn.Module):
+    """A plain network that applies one of its layers twice in a single pass."""
+
+    def __init__(self, inner: TinyMLP) -> None:
+        super().__init__()
+        self.inner, self.square = inner, nn.Linear(10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.square(self.square(self.inner(x)))
+
+
+@pytest.mark.parametrize(
+    ("wrap", "expected"),
+    [
+        (lambda m: m, 1),
+        (lambda m: TwiceUsedLayer(m), 1),
+        (lambda m: AveragingWrapper(m, 3, stacked=False), 3),
+        (lambda m: AveragingWrapper(m, 2, stacked=True), 2),
+    ],
+)
+def test_number_forward_passes_is_measured(fmnist_tiny, mlp, wrap, expected):
+    """RobustBench's number_forward_passes: network passes per prediction, measured (not a constant)."""
+    x, y = _points(fmnist_tiny, 6)
+    res = ev.benchmark(wrap(mlp), x=x, y=y, eps=0.02, attacks="clean", progress=False, batch_size=4)
+    assert res.number_forward_passes == expected
+    assert res.to_dict()["number_forward_passes"] == expected
+
+
+def test_passes_counted_per_unit():
+    """Forward and backward passes in single examples, per unit, from a hook on the model."""
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)
+
+    class Constant(ConstantModel):  # class 0 everywhere; a zero input gradient of full size
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits.expand(x.shape[0], -1) + 0.0 * (x * x).flatten(1).sum(1, True)
+
+    res = ev.benchmark(
+        Constant(),  # every point correct and never broken
+        x=x,
+        y=y,
+        eps=0.05,
+        attacks="clean,pgd",
+        pgd_steps=3,
+        pgd_restarts=1,
+        batch_size=3,
+        run_checks=False,
+        progress=False,
+    )
+    assert res.passes["clean"] == {"forward": 8, "backward": 0}
+    # 3 steps of forward+backward per point, then the forward that judges the chunk's images
+    assert res.passes["pgd"] == {"forward": 8 * 4, "backward": 8 * 3}
+    assert res.passes["recount"] == {"forward": 8, "backward": 0}
+    assert res.passes["checks"] == {"forward": 0, "backward": 0}
+    assert res.passes["total"] == {"forward": 8 + 32 + 8, "backward": 24}
+    assert res.to_dict()["passes"] == res.passes
+
+
+def test_passes_of_autoattack_components_add_up(fmnist_tiny, mlp, fast_aa):
+    x, y = _points(fmnist_tiny, 10)
+    res = ev.benchmark(mlp, x=x, y=y, eps=0.02, version=CHEAP, progress=False)
+    comps = [res.passes[f"autoattack/{c}"] for c in CHEAP]
+    assert all(c["backward"] > 0 for c in comps)
+    for kind in ("forward", "backward"):
+        assert res.passes["autoattack"][kind] == sum(c[kind] for c in comps)
+        parts = [v[kind] for k, v in res.passes.items() if k not in ("autoattack", "total")]
+        assert res.passes["total"][kind] == sum(parts)
+    assert res.passes["checks"]["backward"] > 0  # the zero-gradient check
 
 
 def test_standard_autoattack_configuration():
