@@ -303,6 +303,24 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = t
 
 
+@contextlib.contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter, restoring each flag afterwards.
+
+    The attacks need input gradients only: frozen weights spare the weight-gradient work of every
+    backward pass (FAB calls ``backward()``, which would also leave ``.grad`` on the caller's
+    parameters), and the input gradients are the same.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
 class _PassCounter:
     """Count the model's forward and backward passes in single examples (a forward hook).
 
@@ -814,7 +832,11 @@ def benchmark(
         model.to(device)
     rng_devices = [device] if device.type == "cuda" else []
     try:
-        with _eval_mode(model), torch.random.fork_rng(devices=rng_devices):
+        with (
+            _eval_mode(model),
+            _frozen_parameters(model),
+            torch.random.fork_rng(devices=rng_devices),
+        ):
             return _run(
                 model,
                 x=x.to(device),

@@ -462,6 +462,37 @@ def test_eval_mode_inside_and_modes_restored(fmnist_tiny, mlp, fast_aa):
     assert torch.equal(before, after)  # the caller's RNG stream is untouched
 
 
+class GradRecorder(nn.Module):
+    """Records whether its parameters required grad at each call."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.frozen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.frozen.append(not any(p.requires_grad for p in self.parameters()))
+        return self.base(x)
+
+
+def test_parameters_frozen_inside_and_restored_without_grads(fmnist_tiny, mlp, fast_aa):
+    """Input gradients only: FAB's backward() leaves no .grad on the caller's weights."""
+    x, y = _points(fmnist_tiny, 8)
+    m = GradRecorder(mlp)
+    params = list(m.parameters())
+    for p in params:
+        p.grad = None  # (the fixture's training left gradients)
+    params[0].requires_grad_(False)  # a mix of flags must come back exactly
+    try:
+        res = ev.benchmark(m, x=x, y=y, eps=0.02, version=["fab", "fab-t"], progress=False)
+        assert m.frozen and all(m.frozen)
+        assert [p.requires_grad for p in params] == [False] + [True] * (len(params) - 1)
+        assert all(p.grad is None for p in params)
+        assert res.passes["autoattack/fab"]["backward"] > 0  # FAB did backpropagate
+    finally:
+        params[0].requires_grad_(True)
+
+
 def test_json_record(fmnist_tiny, mlp, tmp_path, fast_aa):
     x, y = _points(fmnist_tiny, 10)
     res = ev.benchmark(
