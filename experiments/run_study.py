@@ -573,6 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-root", default=str(RESULTS_ROOT), help="folder of the results")
     p.add_argument("--only", default="*", help="run only cells matching this glob")
     p.add_argument(
+        "--seeds",
+        default=None,
+        help="run only these seeds (comma-separated), e.g. 0 for the extra evaluations of seed 0",
+    )
+    p.add_argument(
         "--no-extra",
         action="store_true",
         help="train and run the final evaluation only; leave the extra evaluations for later",
@@ -601,8 +606,14 @@ def main(argv: list[str] | None = None) -> int:
         roots = {"runs_root": Path(args.runs_root), "results_root": Path(args.results_root)}
         study = load_study(args.study, **roots)
         specs = [s for s in expand(study, **roots) if fnmatch.fnmatchcase(s.cell, args.only)]
+        if args.seeds is not None:
+            try:
+                keep = {int(x) for x in args.seeds.split(",")}
+            except ValueError:
+                raise UserError(f"Invalid seeds value: {args.seeds!r} (e.g. 0,1)") from None
+            specs = [s for s in specs if s.seed in keep]
         if not specs:
-            raise UserError(f"no cell of {study.name} matches {args.only!r}")
+            raise UserError(f"no run of {study.name} matches {args.only!r} and seeds {args.seeds}")
         extra = not args.no_extra
         statuses = [run_status(s, study, extra=extra) for s in specs]
         if args.dry_run:

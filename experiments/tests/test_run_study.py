@@ -362,6 +362,11 @@ def test_driver_trains_evaluates_resumes_and_skips(tmp_path: Path, monkeypatch, 
     assert main([str(path), "--dry-run", *roots]) == 0
     out = capsys.readouterr().out
     assert "done     tiny/sgd/s0" in out and "resume   tiny/agc/s0" in out
+    assert main([str(path), "--dry-run", "--seeds", "0", "--only", "agc", *roots]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "resume   tiny/agc/s0"
+    assert main([str(path), "--dry-run", "--seeds", "7", *roots]) == 2
+    assert main([str(path), "--dry-run", "--seeds", "x", *roots]) == 2
+    assert "Invalid seeds value" in capsys.readouterr().err
     assert main([str(path), "--threads", "1", *roots]) == 0
     assert run_status(agc, study) == "done"
     for spec in (sgd, agc):
