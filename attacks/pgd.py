@@ -169,6 +169,8 @@ class PGD(Attack):
             x_req = x_adv.detach().requires_grad_(True)
             logits = self.model(x_req)
             (grad,) = torch.autograd.grad(self._loss.objective(logits, target), x_req)
+            if any(st == 0 and n > 1 for st, n in zip(grad.stride(), grad.shape)):
+                grad = grad.clone()  # a broadcast gradient (e.g. of x.sum()): own memory for _step_
             if self.early_stop:
                 keep = logits.detach().argmax(dim=1) == y
                 if not bool(keep.all()):

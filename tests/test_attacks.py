@@ -406,6 +406,25 @@ def test_channels_last_same_result():
     assert torch.allclose(a, b, atol=1e-5)
 
 
+class _BroadcastGradient(nn.Module):
+    """Logits independent of the input except through ``0 * x.sum()``: autograd returns the input
+    gradient as a stride-0 broadcast tensor, which in-place steps must not write into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.linspace(-1.0, 1.0, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1) + 0.0 * x.sum()
+
+
+@pytest.mark.parametrize("cls, eps", [(PGD, EPS_LINF), (PGDL2, EPS_L2)])
+def test_broadcast_input_gradient(cls, eps):
+    x, y = torch.rand(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)
+    x_adv = cls(_BroadcastGradient(), eps, steps=2, random_start=False)(x, y)
+    assert torch.equal(x_adv, x)  # zero gradient: no step moves the points
+
+
 def test_empty_batch(tiny_model):
     x = torch.rand(0, 1, 28, 28)
     assert PGD(tiny_model, EPS_LINF)(x, torch.zeros(0, dtype=torch.long)).shape == x.shape
