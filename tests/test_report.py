@@ -138,3 +138,16 @@ def test_parser_and_user_errors(tmp_path):
     (bad / "metrics.jsonl").write_text("{not json\n")
     with pytest.raises(UserError, match="invalid JSON"):
         rp.build_report([bad], tmp_path / "o")
+
+
+def test_time_plot_uses_training_cpu_time_when_every_run_has_it(tmp_path):
+    base = {"model": "small-cnn", "optimizer": "sgd"}
+    for seed in (0, 1):
+        d = _write_run(tmp_path / "runs", f"s{seed}", base, [0.5, 0.6], seed=seed)
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            r["cpu_time_s"] = r.pop("wall_time_s") / 2  # no wall-clock field left
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = rp.group_runs(rp.collect([tmp_path / "runs"])[0])
+    written = {p.name for p in rp.make_plots(groups, tmp_path / "out")}
+    assert "accuracy_vs_time.png" in written  # drawn from cpu_time_s
