@@ -353,8 +353,7 @@ def _any_key(runs: Iterable[Run], key: str) -> bool:
 
 def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
     """PNG plots (matplotlib Agg): accuracy vs epoch and vs time (training CPU time when recorded),
-    AGC coefficient, gradient
-    variance (runs with ``--probe-variance-every``), density."""
+    AGC coefficient, gradient variance (runs with ``--probe-variance-every``), density."""
     import matplotlib
 
     matplotlib.use("Agg")
