@@ -436,10 +436,14 @@ def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
     if _any_key(all_runs, "grad_var"):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for key, runs in groups.items():
+            color = None  # one color per group: plain dashed, corrected solid
             for name, style in (("var_plain", "--"), ("var_corrected", "-")):
                 xs, ms, ss = _probe_curve(runs, name)
                 if xs:
-                    (line,) = axes[0].plot(xs, ms, style, label=f"{labels[key]}: {name}")
+                    (line,) = axes[0].plot(
+                        xs, ms, style, color=color, label=f"{labels[key]}: {name}"
+                    )
+                    color = line.get_color()
                     axes[0].fill_between(
                         xs,
                         [max(m - s, 0.0) for m, s in zip(ms, ss)],
