@@ -921,31 +921,9 @@ def _model_sha256(model: nn.Module) -> str:
     return _sha256_tensors(list(model.state_dict().items()))
 
 
-def _run(
-    model: nn.Module,
-    *,
-    x: Tensor,
-    y: Tensor,
-    dataset: str | None,
-    threat: ThreatModel,
-    eps: float,
-    stages: list[str],
-    aa_version: str,
-    components: tuple[str, ...],
-    batch_size: int,
-    device: torch.device,
-    seed: int,
-    pgd_steps: int,
-    pgd_restarts: int,
-    pgd_step_size: float | None,
-    state_file: Path | None,
-    progress: bool,
-    run_checks: bool,
-    model_info: dict[str, Any],
-    architecture: str | None,
-    notes: list[str],
-    t_start: float,
-) -> EvalResult:
+def _run(model: nn.Module, *, state_file: Path | None, progress: bool, **kwargs: Any) -> EvalResult:
+    """:func:`_run_counted` with a pass counter on the model; under ``torch.distributed`` only
+    rank 0 keeps the state file and the progress bar. ``kwargs``: the rest of its arguments."""
     comm = _Comm()
     main = comm.rank == 0
     counter = _PassCounter(model)
@@ -954,27 +932,9 @@ def _run(
             model,
             comm=comm,
             counter=counter,
-            x=x,
-            y=y,
-            dataset=dataset,
-            threat=threat,
-            eps=eps,
-            stages=stages,
-            aa_version=aa_version,
-            components=components,
-            batch_size=batch_size,
-            device=device,
-            seed=seed,
-            pgd_steps=pgd_steps,
-            pgd_restarts=pgd_restarts,
-            pgd_step_size=pgd_step_size,
             state_file=state_file if main else None,
             progress=progress and main,
-            run_checks=run_checks,
-            model_info=model_info,
-            architecture=architecture,
-            notes=notes,
-            t_start=t_start,
+            **kwargs,
         )
     finally:
         counter.remove()
