@@ -37,7 +37,7 @@ from typing import Any
 from run_study import RESULTS_ROOT, RUNS_ROOT, RunSpec, Study, expand, load_study
 
 from robust_agc.errors import UserError
-from robust_agc.report import Run, load_run
+from robust_agc.report import Run, load_run, mean_std
 
 __all__ = [
     "CellRuns",
@@ -103,13 +103,7 @@ def _best_val(run: Run) -> dict[str, Any]:
 
 
 def _fmt(values: Sequence[float | None], *, pct: bool = False, digits: int = ACC_DIGITS) -> str:
-    vals = [100.0 * v if pct else v for v in values if v is not None]
-    if not vals:
-        return "-"
-    m = statistics.fmean(vals)
-    if len(vals) == 1:
-        return f"{m:.{digits}f}"
-    return f"{m:.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+    return mean_std(values, pct=pct, digits=digits)
 
 
 def _final(run: Run, key: str) -> float | None:

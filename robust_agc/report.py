@@ -39,6 +39,7 @@ __all__ = [
     "group_runs",
     "run_table",
     "eval_table",
+    "mean_std",
     "make_plots",
     "build_report",
     "add_report_arguments",
@@ -229,7 +230,17 @@ def _pct(v: float) -> float:
     return 100.0 * v if abs(v) <= 1.0 else v
 
 
-def _mean_std(values: Sequence[float | None], pct: bool = False, digits: int = 2) -> str:
+def mean_std(values: Sequence[float | None], *, pct: bool = False, digits: int = 2) -> str:
+    """``"mean ± std"`` over the values that are not None (sample std; the mean alone for one value).
+
+    Args:
+        values: one number per seed; None entries (a missing metric) are skipped.
+        pct: values are fractions in [0, 1]: print them in percent.
+        digits: decimals of both numbers.
+
+    Returns:
+        The formatted pair, or ``"-"`` when no value is present.
+    """
     vals = [(_pct(v) if pct else v) for v in values if v is not None]
     if not vals:
         return "-"
@@ -261,13 +272,13 @@ def run_table(groups: dict[str, list[Run]]) -> str:
         ev = [_eval_robust(r.evals[-1]) if r.evals else None for r in runs]
         rows.append(
             f"| {labels[key]} | {len(runs)} | "
-            f"{_mean_std([r.final('epoch') for r in runs], digits=0)} | "
-            f"{_mean_std([r.final('test_clean_acc') for r in runs], pct=True)} | "
-            f"{_mean_std([r.final('test_robust_acc') for r in runs], pct=True)} | "
-            f"{_mean_std(best_val, pct=True)} | "
-            f"{_mean_std([r.final('wall_time_s') for r in runs], digits=1)} | "
-            f"{_mean_std([r.final('grad_evals') for r in runs], digits=0)} | "
-            f"{_mean_std(ev, pct=True)} |"
+            f"{mean_std([r.final('epoch') for r in runs], digits=0)} | "
+            f"{mean_std([r.final('test_clean_acc') for r in runs], pct=True)} | "
+            f"{mean_std([r.final('test_robust_acc') for r in runs], pct=True)} | "
+            f"{mean_std(best_val, pct=True)} | "
+            f"{mean_std([r.final('wall_time_s') for r in runs], digits=1)} | "
+            f"{mean_std([r.final('grad_evals') for r in runs], digits=0)} | "
+            f"{mean_std(ev, pct=True)} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -301,8 +312,8 @@ def eval_table(evals: Sequence[dict[str, Any]]) -> str:
         rows.append(
             f"| {d0.get('architecture') or Path(d0['_path']).stem} | {d0.get('dataset')} | "
             f"{d0.get('threat_model')} | {d0.get('eps')} | {d0.get('n_examples')} | {len(ds)} | "
-            f"{_mean_std([d.get('clean_acc') for d in ds], pct=True)} | "
-            f"{_mean_std([_eval_robust(d) for d in ds], pct=True)} | "
+            f"{mean_std([d.get('clean_acc') for d in ds], pct=True)} | "
+            f"{mean_std([_eval_robust(d) for d in ds], pct=True)} | "
             f"{', '.join(units) or '-'} | {', '.join(fired) or 'none'} |"
         )
     return head + "\n".join(rows) + "\n"
