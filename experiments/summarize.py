@@ -19,6 +19,11 @@ machine), ``train`` (``train_time_s``, the same span in wall-clock, inflated by 
 ``wall`` (``wall_time_s``, wall-clock including the per-epoch evaluation). Gradient evaluations are
 exact. Extra evaluations of the study (e.g. AutoAttack on seed 0) get their own columns.
 
+Paired by seed: runs of one seed share the data order, the initial weights and the initial mask
+whatever the optimizer (``tests/test_pairing.py``), so a third table gives per-seed differences
+against the baseline cell (final evaluation clean/robust, final validation robust, time ratio);
+``--paired VALUE`` adds the same against another value of the baseline's axis (e.g. ``agc``).
+
     .venv/bin/python experiments/summarize.py experiments/configs/main_adversarial.yaml
 """
 
@@ -45,7 +50,9 @@ __all__ = [
     "first_reaching",
     "at_time",
     "to_target_rows",
+    "paired_rows",
     "format_table",
+    "format_paired",
     "main",
 ]
 
@@ -167,6 +174,87 @@ def to_target_rows(
     return rows
 
 
+def _seed(run: Run) -> int | None:
+    v = run.config.get("seed")
+    return int(v) if isinstance(v, int | float) else None
+
+
+def paired_rows(
+    cells: list[CellRuns],
+    baseline: dict[str, str],
+    clock: str = "wall_time_s",
+    reference: str | None = None,
+) -> list[dict[str, Any]]:
+    """Per cell, the per-seed differences against the reference cell on the same seed.
+
+    The reference cell agrees with the cell on every other axis and has ``reference`` (default:
+    the baseline's value) on the baseline's axis. Runs with the same seed share the data order,
+    the initial weights and the initial mask, so a paired difference removes most of the seed's
+    own variation. Per cell: ``seeds`` (the paired seeds), ``d_eval_robust`` / ``d_eval_clean``
+    (final evaluation, ``eval.json``), ``d_val_robust`` (final epoch) and ``time_ratio`` (the
+    cell's final ``clock`` over the reference's), each a list with one entry per paired seed
+    (None where a value is missing). The reference cell itself is left out.
+    """
+    ref_value = baseline["value"] if reference is None else reference
+    axis = baseline["axis"]
+    rows = []
+    for cell in cells:
+        want = {**cell.labels, axis: ref_value}
+        ref = next((c for c in cells if c.labels == want), None)
+        if ref is None:
+            raise UserError(f"no cell with {axis}={ref_value} to pair with {cell.cell}")
+        if ref is cell:
+            continue
+        by_seed = {_seed(r): r for r in ref.runs}
+        pairs = [(r, by_seed[_seed(r)]) for r in cell.runs if _seed(r) in by_seed]
+
+        def diff(a: float | None, b: float | None) -> float | None:
+            return None if a is None or b is None else a - b
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return None if a is None or not b else a / b
+
+        rows.append(
+            {
+                "cell": cell.cell,
+                "reference": ref.cell,
+                "seeds": [_seed(r) for r, _ in pairs],
+                "d_eval_robust": [
+                    diff(_eval_acc(r, "robust_acc"), _eval_acc(q, "robust_acc")) for r, q in pairs
+                ],
+                "d_eval_clean": [
+                    diff(_eval_acc(r, "clean_acc"), _eval_acc(q, "clean_acc")) for r, q in pairs
+                ],
+                "d_val_robust": [
+                    diff(_final(r, "val_robust_acc"), _final(q, "val_robust_acc")) for r, q in pairs
+                ],
+                "time_ratio": [ratio(_final(r, clock), _final(q, clock)) for r, q in pairs],
+            }
+        )
+    return rows
+
+
+def format_paired(rows: list[dict[str, Any]], clock: str) -> str:
+    """Markdown table of :func:`paired_rows` (differences in percentage points, mean ± std)."""
+    if not rows:
+        return ""
+    head = (
+        "\nPaired by seed against the reference cell (same seed = same data order, "
+        "initial weights and mask): differences in percentage points (cell minus reference), "
+        f"mean ± std over the paired seeds; time ratio = the cell's final {clock} over the "
+        "reference's.\n\n"
+        "| cell | reference | paired seeds | Δ eval robust | Δ eval clean | Δ final val robust | "
+        f"{clock} ratio |\n" + "| --- " * 7 + "|\n"
+    )
+    lines = [
+        f"| {r['cell']} | {r['reference']} | {','.join(str(s) for s in r['seeds']) or '-'} | "
+        f"{_fmt(r['d_eval_robust'], pct=True)} | {_fmt(r['d_eval_clean'], pct=True)} | "
+        f"{_fmt(r['d_val_robust'], pct=True)} | {_fmt(r['time_ratio'], digits=2)} |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
 def format_table(
     cells: list[CellRuns],
     baseline: dict[str, str] | None,
@@ -266,6 +354,14 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="time field: cpu (training CPU time, default), train (training wall), wall (all)",
     )
+    p.add_argument(
+        "--paired",
+        action="append",
+        default=[],
+        metavar="VALUE",
+        help="also pair every cell with the cell having VALUE on the baseline's axis (e.g. agc); "
+        "the pairing with the baseline itself is always printed",
+    )
     args = p.parse_args(argv)
     try:
         study = load_study(args.study, results_root=Path(args.results))
@@ -276,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         clock = CLOCKS[args.clock]
         names = [e["name"] for e in study.extra_evals]
         print(format_table(cells, study.baseline, clock=clock, extra_evals=names), end="")
+        if study.baseline is not None:
+            for ref in [None, *args.paired]:
+                print(format_paired(paired_rows(cells, study.baseline, clock, ref), clock), end="")
         if args.json and study.baseline is not None:
             Path(args.json).write_text(
                 json.dumps(to_target_rows(cells, study.baseline, clock), indent=2) + "\n"

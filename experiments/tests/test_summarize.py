@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 import yaml
 from run_study import expand, load_study
-from summarize import at_time, collect_cells, first_reaching, format_table, main, to_target_rows
+from summarize import (
+    at_time,
+    collect_cells,
+    first_reaching,
+    format_paired,
+    format_table,
+    main,
+    paired_rows,
+    to_target_rows,
+)
 
+from robust_agc.errors import UserError
 from robust_agc.report import Run
 
 STUDY = {
@@ -132,6 +142,42 @@ def test_to_target_against_hand_computed_values(tmp_path: Path) -> None:
     assert "autoattack robust (seeds)" in table and "train cpu_time_s" in table
 
 
+def test_paired_differences_by_seed(tmp_path: Path) -> None:
+    path, results = _write_results(tmp_path)
+    # eval robust: sgd 0.50 / 0.60 on seeds 0 / 1, agc 0.53 / 0.58: differences +3 and -2 points
+    for cell, seed, acc in [
+        ("r90_sgd", 0, 0.5),
+        ("r90_sgd", 1, 0.6),
+        ("r90_agc", 0, 0.53),
+        ("r90_agc", 1, 0.58),
+    ]:
+        (results / "toy" / cell / f"s{seed}" / "eval.json").write_text(
+            json.dumps({"clean_acc": 0.7, "robust_acc": acc})
+        )
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    cells = collect_cells(study, results)
+    rows = {r["cell"]: r for r in paired_rows(cells, study.baseline, "cpu_time_s")}
+    assert set(rows) == {"r90_agc", "r99_agc"}  # the reference cells themselves are left out
+    r = rows["r90_agc"]
+    assert r["reference"] == "r90_sgd" and r["seeds"] == [0, 1]
+    assert r["d_eval_robust"] == pytest.approx([0.03, -0.02])
+    assert r["d_eval_clean"] == pytest.approx([0.0, 0.0])
+    assert r["d_val_robust"] == pytest.approx([0.05, 0.06])
+    assert r["time_ratio"] == pytest.approx([45 / 30, 42 / 36])
+    # r99_agc has seed 0 only; its reference has seed 0 only: one pair
+    assert rows["r99_agc"]["seeds"] == [0]
+    # the other direction: agc as the reference
+    back = {r["cell"]: r for r in paired_rows(cells, study.baseline, "cpu_time_s", "agc")}
+    assert back["r90_sgd"]["d_eval_robust"] == pytest.approx([-0.03, 0.02])
+    table = format_paired(list(rows.values()), "cpu_time_s")
+    assert (
+        "| r90_agc | r90_sgd | 0,1 | 0.50 ± 3.54 | 0.00 ± 0.00 | 5.50 ± 0.71 | 1.33 ± 0.24 |"
+        in table
+    )
+    with pytest.raises(UserError, match="no cell with opt=adam"):
+        paired_rows(cells, study.baseline, "cpu_time_s", "adam")
+
+
 def test_cli(tmp_path: Path, capsys) -> None:
     path, results = _write_results(tmp_path)
     out_json = tmp_path / "rows.json"
@@ -139,4 +185,10 @@ def test_cli(tmp_path: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert "## toy: 6 stored runs in 4 cells" in text
     assert len(json.loads(out_json.read_text())) == 4
+    assert text.count("Paired by seed") == 1 and "| r90_agc | r90_sgd | 0,1 |" in text
+    assert main([str(path), "--results", str(results), "--paired", "agc"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("Paired by seed") == 2 and "| r90_sgd | r90_agc | 0,1 |" in text
+    assert main([str(path), "--results", str(results), "--paired", "adam"]) == 2
+    assert "no cell with opt=adam" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.yaml")]) == 2
