@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -210,8 +211,27 @@ def group_runs(
     return groups
 
 
+_SEED_DIR = re.compile(r"s\d+")
+
+
+def _cell_names(groups: dict[str, list[Run]]) -> dict[str, str] | None:
+    """The study cell of each group when runs are stored as ``<cell>/s<seed>`` (run_study's
+    layout) and every group is exactly one cell; else None."""
+    names = {}
+    for k, runs in groups.items():
+        cells = {r.path.parent.name for r in runs}
+        if len(cells) != 1 or not all(_SEED_DIR.fullmatch(r.path.name) for r in runs):
+            return None
+        names[k] = cells.pop()
+    return names if len(set(names.values())) == len(names) else None
+
+
 def _labels(groups: dict[str, list[Run]]) -> dict[str, str]:
-    """Short label per group: the config keys that differ between groups."""
+    """Short label per group: its study cell name (``<cell>/s<seed>`` layout), else the config
+    keys that differ between groups."""
+    cells = _cell_names(groups)
+    if cells is not None:
+        return cells
     cfgs = {k: json.loads(k) for k in groups}
     keys = sorted({kk for c in cfgs.values() for kk in c})
     differing = [
@@ -224,6 +244,24 @@ def _labels(groups: dict[str, list[Run]]) -> dict[str, str]:
         label = ", ".join(f"{d}={c.get(d)}" for d in differing if d in c)
         out[k] = label or groups[k][0].path.name
     return out
+
+
+def _facets(
+    groups: dict[str, list[Run]], facet: Sequence[str]
+) -> list[tuple[str, dict[str, list[Run]]]]:
+    """Split ``groups`` by the values of the ``facet`` config keys (order of first appearance);
+    one facet titled ``""`` when ``facet`` is empty."""
+    if not facet:
+        return [("", groups)]
+    out: dict[str, dict[str, list[Run]]] = {}
+    for key, runs in groups.items():
+        cfg = json.loads(key)
+        for k in facet:
+            if k not in cfg:
+                raise UserError(f"--facet: no config key {k!r} in the runs (e.g. sparse_method)")
+        title = ", ".join(f"{k}={cfg[k]}" for k in facet)
+        out.setdefault(title, {})[key] = runs
+    return list(out.items())
 
 
 def _pct(v: float) -> float:
@@ -362,9 +400,15 @@ def _any_key(runs: Iterable[Run], key: str) -> bool:
     return any(key in row for r in runs for row in r.metrics)
 
 
-def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
+def make_plots(
+    groups: dict[str, list[Run]], out_dir: str | Path, facet: Sequence[str] = ()
+) -> list[Path]:
     """PNG plots (matplotlib Agg): accuracy vs epoch and vs time (training CPU time when recorded),
-    AGC coefficient, gradient variance (runs with ``--probe-variance-every``), density."""
+    AGC coefficient, gradient variance (runs with ``--probe-variance-every``), density.
+
+    ``facet`` (config keys, e.g. ``("sparse_method", "sparsity")``) draws the accuracy and
+    coefficient plots as one row of panels per value of those keys, so a large grid stays legible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,6 +417,7 @@ def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = _labels(groups)
+    facets = _facets(groups, facet)
     all_runs = [r for rs in groups.values() for r in rs]
     written: list[Path] = []
 
@@ -394,28 +439,31 @@ def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
     ):
         if x_key is not None and not _any_key(all_runs, x_key):
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(len(facets), 2, figsize=(11, 4 * len(facets)), squeeze=False)
         drawn = False
-        for ax, kind in zip(axes, ("clean", "robust")):
-            for key, runs in groups.items():
-                k = acc_key(runs, kind)
-                if k is None:
-                    continue
-                xs, ms, ss = _mean_curve(runs, k, x_key)
-                if not xs:
-                    continue
-                ms_p = [_pct(m) for m in ms]
-                scale = 100.0 if all(abs(m) <= 1 for m in ms) else 1.0
-                lo = [m - scale * s for m, s in zip(ms_p, ss)]
-                hi = [m + scale * s for m, s in zip(ms_p, ss)]
-                (line,) = ax.plot(xs, ms_p, marker="o", ms=3, label=f"{labels[key]} ({k})")
-                ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
-                drawn = True
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(f"{kind} accuracy (%)")
-            ax.grid(alpha=0.3)
-            if ax.has_data():
-                ax.legend(fontsize=7)
+        for row, (title, fgroups) in zip(axes, facets):
+            for ax, kind in zip(row, ("clean", "robust")):
+                for key, runs in fgroups.items():
+                    k = acc_key(runs, kind)
+                    if k is None:
+                        continue
+                    xs, ms, ss = _mean_curve(runs, k, x_key)
+                    if not xs:
+                        continue
+                    ms_p = [_pct(m) for m in ms]
+                    scale = 100.0 if all(abs(m) <= 1 for m in ms) else 1.0
+                    lo = [m - scale * s for m, s in zip(ms_p, ss)]
+                    hi = [m + scale * s for m, s in zip(ms_p, ss)]
+                    (line,) = ax.plot(xs, ms_p, marker="o", ms=3, label=f"{labels[key]} ({k})")
+                    ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+                    drawn = True
+                ax.set_xlabel(xlabel)
+                ax.set_ylabel(f"{kind} accuracy (%)")
+                if title:
+                    ax.set_title(title, fontsize=9)
+                ax.grid(alpha=0.3)
+                if ax.has_data():
+                    ax.legend(fontsize=7)
         if drawn:
             fig.tight_layout()
             fig.savefig(out_dir / fname, dpi=100)
@@ -423,22 +471,31 @@ def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
         plt.close(fig)
 
     if _any_key(all_runs, "agc_coef"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key, runs in groups.items():
-            xs, ms, ss = _mean_curve(runs, "agc_coef")
-            if xs:
-                (line,) = ax.plot(xs, ms, marker="o", ms=3, label=labels[key])
-                ax.fill_between(
-                    xs,
-                    [m - s for m, s in zip(ms, ss)],
-                    [m + s for m, s in zip(ms, ss)],
-                    alpha=0.2,
-                    color=line.get_color(),
-                )
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("AGC coefficient c = gamma * tau")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        coef_facets = [
+            (t, {k: rs for k, rs in fg.items() if _any_key(rs, "agc_coef")}) for t, fg in facets
+        ]
+        coef_facets = [(t, fg) for t, fg in coef_facets if fg]
+        fig, axes = plt.subplots(
+            len(coef_facets), 1, figsize=(6, 4 * len(coef_facets)), squeeze=False
+        )
+        for (ax,), (title, fgroups) in zip(axes, coef_facets):
+            for key, runs in fgroups.items():
+                xs, ms, ss = _mean_curve(runs, "agc_coef")
+                if xs:
+                    (line,) = ax.plot(xs, ms, marker="o", ms=3, label=labels[key])
+                    ax.fill_between(
+                        xs,
+                        [m - s for m, s in zip(ms, ss)],
+                        [m + s for m, s in zip(ms, ss)],
+                        alpha=0.2,
+                        color=line.get_color(),
+                    )
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("AGC coefficient c = gamma * tau")
+            if title:
+                ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "agc_coef.png", dpi=100)
         written.append(out_dir / "agc_coef.png")
@@ -520,8 +577,13 @@ def make_plots(groups: dict[str, list[Run]], out_dir: str | Path) -> list[Path]:
     return written
 
 
-def build_report(paths: Sequence[str | Path], out_dir: str | Path) -> Path:
-    """Write ``report.md`` and the plots into ``out_dir``; return the markdown file's path."""
+def build_report(
+    paths: Sequence[str | Path], out_dir: str | Path, facet: Sequence[str] = ()
+) -> Path:
+    """Write ``report.md`` and the plots into ``out_dir``; return the markdown file's path.
+
+    ``facet``: config keys whose values split the accuracy and coefficient plots into rows of
+    panels (see :func:`make_plots`)."""
     runs, evals = collect(paths)
     if not runs and not evals:
         raise UserError("nothing to report: give run folders or evaluation result files")
@@ -536,7 +598,7 @@ def build_report(paths: Sequence[str | Path], out_dir: str | Path) -> Path:
             "mean ± std over seeds, final epoch.\n\n"
         )
         parts.append(run_table(groups))
-        plots = make_plots(groups, out_dir)
+        plots = make_plots(groups, out_dir, facet)
     if evals:
         parts.append(f"\n## Evaluations\n\n{len(evals)} result files; mean ± std over seeds.\n\n")
         parts.append(eval_table(evals))
@@ -557,10 +619,18 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
         help="run folders, folders of runs, result JSONs",
     )
     parser.add_argument("--out", required=True, help="output folder for report.md and the plots")
+    parser.add_argument(
+        "--facet",
+        default=None,
+        metavar="KEYS",
+        help="comma-separated config keys (e.g. sparse_method,sparsity): one row of accuracy and "
+        "coefficient panels per value",
+    )
 
 
 def run_report(args: argparse.Namespace) -> int:
     """Run ``robust-agc report``; returns the exit status (0). User errors raise UserError."""
-    md = build_report(args.paths, args.out)
+    facet = [k.strip() for k in (getattr(args, "facet", None) or "").split(",") if k.strip()]
+    md = build_report(args.paths, args.out, facet)
     logger.info("report: %s", md)
     return 0

@@ -151,3 +151,49 @@ def test_time_plot_uses_training_cpu_time_when_every_run_has_it(tmp_path):
     groups = rp.group_runs(rp.collect([tmp_path / "runs"])[0])
     written = {p.name for p in rp.make_plots(groups, tmp_path / "out")}
     assert "accuracy_vs_time.png" in written  # drawn from cpu_time_s
+
+
+def _grid(root: Path) -> Path:
+    """run_study's layout: <cell>/s<seed>, two sparsities x two optimizers."""
+    for sp in (0.9, 0.99):
+        for opt in ("sgd", "agc"):
+            cfg = {"model": "small-cnn", "optimizer": opt, "sparsity": sp}
+            for seed in (0, 1):
+                _write_run(
+                    root / f"r{round(sp * 100)}_{opt}", f"s{seed}", cfg, [0.5, 0.6], seed=seed
+                )
+    return root
+
+
+def test_labels_are_study_cells_in_run_study_layout(tmp_path, runs):
+    groups = rp.group_runs(rp.collect([_grid(tmp_path / "study")])[0])
+    assert sorted(rp._labels(groups).values()) == ["r90_agc", "r90_sgd", "r99_agc", "r99_sgd"]
+    # other layouts: the differing config keys
+    flat = rp.group_runs(rp.collect([runs])[0])
+    assert sorted(rp._labels(flat).values()) == ["optimizer=agc", "optimizer=sgd"]
+
+
+def test_facets_split_plots_into_rows(tmp_path):
+    import matplotlib.pyplot as plt
+
+    groups = rp.group_runs(rp.collect([_grid(tmp_path / "study")])[0])
+    facets = rp._facets(groups, ["sparsity"])
+    assert [t for t, _ in facets] == ["sparsity=0.9", "sparsity=0.99"]
+    assert [sorted(rp._labels(g)[k] for k in g) for _, g in facets] == [
+        ["r90_agc", "r90_sgd"],
+        ["r99_agc", "r99_sgd"],
+    ]
+    assert rp._facets(groups, []) == [("", groups)]
+    with pytest.raises(UserError, match="no config key 'sparse_method'"):
+        rp._facets(groups, ["sparse_method"])
+    plain = rp.make_plots(groups, tmp_path / "plain")
+    split = rp.make_plots(groups, tmp_path / "split", facet=["sparsity"])
+    assert [p.name for p in plain] == [p.name for p in split]
+    for name in ("accuracy_vs_epoch.png", "agc_coef.png"):  # one row of panels per facet
+        h_plain = plt.imread(tmp_path / "plain" / name).shape[0]
+        assert plt.imread(tmp_path / "split" / name).shape[0] == 2 * h_plain
+    args = argparse.Namespace(
+        paths=[str(tmp_path / "study")], out=str(tmp_path / "cli"), facet="sparsity"
+    )
+    assert rp.run_report(args) == 0
+    assert plt.imread(tmp_path / "cli" / "accuracy_vs_epoch.png").shape[0] == 2 * h_plain
