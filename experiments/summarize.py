@@ -191,9 +191,13 @@ def paired_rows(
     the baseline's value) on the baseline's axis. Runs with the same seed share the data order,
     the initial weights and the initial mask, so a paired difference removes most of the seed's
     own variation. Per cell: ``seeds`` (the paired seeds), ``d_eval_robust`` / ``d_eval_clean``
-    (final evaluation, ``eval.json``), ``d_val_robust`` (final epoch) and ``time_ratio`` (the
-    cell's final ``clock`` over the reference's), each a list with one entry per paired seed
-    (None where a value is missing). The reference cell itself is left out.
+    (final evaluation, ``eval.json``), ``d_val_robust`` (final epoch), ``d_test_robust_at_time``
+    (the cell's per-epoch test robust accuracy at the last epoch it finished by the reference
+    run's final ``clock``, minus the reference's final one: equal training time) and
+    ``time_ratio`` (the cell's final ``clock`` over the reference's), each a list with one entry
+    per paired seed (None where a value is missing). The reference cell itself is left out.
+    After the cells come pooled rows ``all <value>`` for values shared by several cells: every
+    paired seed of those cells.
     """
     ref_value = baseline["value"] if reference is None else reference
     axis = baseline["axis"]
@@ -214,9 +218,15 @@ def paired_rows(
         def ratio(a: float | None, b: float | None) -> float | None:
             return None if a is None or not b else a / b
 
+        def at_ref_time(r: Run, q: Run) -> float | None:
+            t = _final(q, clock)
+            row = at_time(r, t, clock) if t is not None else None
+            return diff(row.get("test_robust_acc") if row else None, _final(q, "test_robust_acc"))
+
         rows.append(
             {
                 "cell": cell.cell,
+                "value": cell.labels.get(axis),
                 "reference": ref.cell,
                 "seeds": [_seed(r) for r, _ in pairs],
                 "d_eval_robust": [
@@ -228,10 +238,33 @@ def paired_rows(
                 "d_val_robust": [
                     diff(_final(r, "val_robust_acc"), _final(q, "val_robust_acc")) for r, q in pairs
                 ],
+                "d_test_robust_at_time": [at_ref_time(r, q) for r, q in pairs],
                 "time_ratio": [ratio(_final(r, clock), _final(q, clock)) for r, q in pairs],
             }
         )
-    return rows
+    pooled: list[dict[str, Any]] = []
+    for value in dict.fromkeys(r["value"] for r in rows):
+        members = [r for r in rows if r["value"] == value]
+        if len(members) < 2:  # one cell: its own row says it all
+            continue
+        agg: dict[str, Any] = {
+            "cell": f"all {value}",
+            "value": value,
+            "reference": f"all {ref_value}",
+        }
+        for k in ("seeds", *_PAIRED_KEYS):
+            agg[k] = [v for r in members for v in r[k]]
+        pooled.append(agg)
+    return rows + pooled
+
+
+_PAIRED_KEYS = (
+    "d_eval_robust",
+    "d_eval_clean",
+    "d_val_robust",
+    "d_test_robust_at_time",
+    "time_ratio",
+)
 
 
 def format_paired(rows: list[dict[str, Any]], clock: str) -> str:
@@ -241,15 +274,18 @@ def format_paired(rows: list[dict[str, Any]], clock: str) -> str:
     head = (
         "\nPaired by seed against the reference cell (same seed = same data order, "
         "initial weights and mask): differences in percentage points (cell minus reference), "
-        f"mean ± std over the paired seeds; time ratio = the cell's final {clock} over the "
-        "reference's.\n\n"
-        "| cell | reference | paired seeds | Δ eval robust | Δ eval clean | Δ final val robust | "
-        f"{clock} ratio |\n" + "| --- " * 7 + "|\n"
+        "mean ± std over the paired seeds; 'at equal time' = the cell's per-epoch test robust "
+        f"accuracy at the last epoch it finished by the reference run's final {clock}, minus the "
+        f"reference's final one; time ratio = the cell's final {clock} over the reference's; "
+        "'all X' rows pool every paired seed of the cells with X.\n\n"
+        "| cell | reference | pairs | Δ eval robust | Δ eval clean | Δ final val robust | "
+        f"Δ test robust at equal time | {clock} ratio |\n" + "| --- " * 8 + "|\n"
     )
     lines = [
-        f"| {r['cell']} | {r['reference']} | {','.join(str(s) for s in r['seeds']) or '-'} | "
+        f"| {r['cell']} | {r['reference']} | {len(r['seeds'])} | "
         f"{_fmt(r['d_eval_robust'], pct=True)} | {_fmt(r['d_eval_clean'], pct=True)} | "
-        f"{_fmt(r['d_val_robust'], pct=True)} | {_fmt(r['time_ratio'], digits=2)} |"
+        f"{_fmt(r['d_val_robust'], pct=True)} | {_fmt(r['d_test_robust_at_time'], pct=True)} | "
+        f"{_fmt(r['time_ratio'], digits=2)} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"

@@ -157,21 +157,28 @@ def test_paired_differences_by_seed(tmp_path: Path) -> None:
     study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
     cells = collect_cells(study, results)
     rows = {r["cell"]: r for r in paired_rows(cells, study.baseline, "cpu_time_s")}
-    assert set(rows) == {"r90_agc", "r99_agc"}  # the reference cells themselves are left out
+    # the reference cells themselves are left out; agc is in two cells: a pooled row
+    assert list(rows) == ["r90_agc", "r99_agc", "all agc"]
     r = rows["r90_agc"]
     assert r["reference"] == "r90_sgd" and r["seeds"] == [0, 1]
     assert r["d_eval_robust"] == pytest.approx([0.03, -0.02])
     assert r["d_eval_clean"] == pytest.approx([0.0, 0.0])
     assert r["d_val_robust"] == pytest.approx([0.05, 0.06])
     assert r["time_ratio"] == pytest.approx([45 / 30, 42 / 36])
+    # equal time: agc seed 0 finished epoch 2 (30 s) by sgd's 30 s: 0.52 - 0.49; seed 1 epoch 2
+    # (28 s <= 36 s): 0.44 - 0.53 (test robust = val robust - 0.01 in both)
+    assert r["d_test_robust_at_time"] == pytest.approx([0.53 - 0.50, 0.45 - 0.54])
     # r99_agc has seed 0 only; its reference has seed 0 only: one pair
     assert rows["r99_agc"]["seeds"] == [0]
+    pooled = rows["all agc"]
+    assert pooled["reference"] == "all sgd" and pooled["seeds"] == [0, 1, 0]
+    assert pooled["d_val_robust"] == pytest.approx([0.05, 0.06, -0.01])
     # the other direction: agc as the reference
     back = {r["cell"]: r for r in paired_rows(cells, study.baseline, "cpu_time_s", "agc")}
     assert back["r90_sgd"]["d_eval_robust"] == pytest.approx([-0.03, 0.02])
     table = format_paired(list(rows.values()), "cpu_time_s")
     assert (
-        "| r90_agc | r90_sgd | 0,1 | 0.50 ± 3.54 | 0.00 ± 0.00 | 5.50 ± 0.71 | 1.33 ± 0.24 |"
+        "| r90_agc | r90_sgd | 2 | 0.50 ± 3.54 | 0.00 ± 0.00 | 5.50 ± 0.71 | -3.00 ± 8.49 | 1.33 ± 0.24 |"
         in table
     )
     with pytest.raises(UserError, match="no cell with opt=adam"):
@@ -185,10 +192,10 @@ def test_cli(tmp_path: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert "## toy: 6 stored runs in 4 cells" in text
     assert len(json.loads(out_json.read_text())) == 4
-    assert text.count("Paired by seed") == 1 and "| r90_agc | r90_sgd | 0,1 |" in text
+    assert text.count("Paired by seed") == 1 and "| r90_agc | r90_sgd | 2 |" in text
     assert main([str(path), "--results", str(results), "--paired", "agc"]) == 0
     text = capsys.readouterr().out
-    assert text.count("Paired by seed") == 2 and "| r90_sgd | r90_agc | 0,1 |" in text
+    assert text.count("Paired by seed") == 2 and "| r90_sgd | r90_agc | 2 |" in text
     assert main([str(path), "--results", str(results), "--paired", "adam"]) == 2
     assert "no cell with opt=adam" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.yaml")]) == 2
