@@ -9,7 +9,8 @@ same real Fashion-MNIST subset, same batch order and seed:
 - ``agc``: loss-slope estimator, refresh on all clean batches (the public release's choice)
 - ``agc-online``: grad-online estimator, refresh on all clean batches (no snapshot forward pass)
 - ``agc-frac``: loss-slope, refresh on a seeded random fraction (``--fraction``) of the batches
-- ``agc-online-frac``: grad-online + fractional refresh (the cheapest)
+- ``agc-online-frac``: grad-online + fractional refresh (the cheapest; the toolkit's default
+  since the ablations of ``experiments/``, with fraction 0.25)
 
 The variants run in lockstep: every batch is stepped by all variants in a rotated order (and all
 refreshes run back to back), so load changes on a shared machine hit all of them alike. Epoch time

@@ -87,7 +87,11 @@ class TrainConfig:
     agc_alpha: float = _f(0.3, "agc", "EMA weight of the new coefficient estimate")
     agc_tau_init: float = _f(0.1, "agc", "initial tau")
     agc_estimator: str = _f(
-        "loss-slope", "agc", "coefficient estimator", choices=("loss-slope", "grad-online")
+        "grad-online",
+        "agc",
+        "coefficient estimator: grad-online (default: from the steps' own gradients, no extra pass) "
+        "or loss-slope (the release's; one extra forward per refresh batch)",
+        choices=("loss-slope", "grad-online"),
     )
     agc_full_grad: str = _f(
         "clean",
@@ -96,7 +100,10 @@ class TrainConfig:
         choices=("clean", "adversarial"),
     )
     agc_refresh_fraction: float = _f(
-        1.0, "agc", "fraction of the epoch's batches (random, seeded) used by each refresh"
+        0.25,
+        "agc",
+        "fraction of the epoch's batches (random, seeded) used by each refresh (default 0.25; "
+        "1.0 = every batch, as the release)",
     )
     agc_refresh: str = _f("1e", "agc", "refresh period: Ne = every N epochs, Ns = every N steps")
     svrg_coef: float = _f(0.1, "agc", "svrg: the fixed correction coefficient")

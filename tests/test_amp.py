@@ -67,7 +67,13 @@ def test_bf16_autocasts_every_training_pass_and_trains(splits, optimizer):
     """Attack, training forward, AGC's refresh and snapshot pass run in bfloat16; evaluation in
     float32; parameters and optimizer state stay float32; the loss is finite and the weights move."""
     trainer = Trainer(
-        _cfg(amp="bf16", optimizer=optimizer, sparse_method="rigl", sparsity=0.8),
+        _cfg(
+            amp="bf16",
+            optimizer=optimizer,
+            sparse_method="rigl",
+            sparsity=0.8,
+            agc_refresh_fraction=1.0,  # the refresh sees every batch: one forward each
+        ),
         splits=splits,
     )
     before = [p.detach().clone() for p in trainer.model.parameters()]

@@ -57,7 +57,7 @@ def test_loss_slope_uses_the_previous_snapshot_and_matches_numpy(fmnist_tiny, tr
     x, y, _, _ = fmnist_tiny
     xr, yr = x[:64], y[:64]
     model = copy.deepcopy(trained_cnn).train()
-    opt = AGC(model.parameters(), lr=0.05)
+    opt = AGC(model.parameters(), lr=0.05, estimator="loss-slope")
     opt.refresh(model, _batches(xr, yr, 8), _ce)
     old = copy.deepcopy(model)  # the snapshot taken by refresh 1
     _steps(model, opt, x, y, n=2, bs=16)
@@ -270,7 +270,7 @@ def test_rounding_level_spread_of_snapshot_losses_gives_no_estimate():
     nn.init.zeros_(model[2].weight)
     nn.init.zeros_(model[2].bias)
     x, y = torch.randn(203, 8), torch.randint(0, 3, (203,))  # unequal last batch: rounding differs
-    opt = AGC(model.parameters(), lr=0.1, tau_init=0.1)
+    opt = AGC(model.parameters(), lr=0.1, tau_init=0.1, estimator="loss-slope")
     opt.refresh(model, _batches(x, y, 16), _ce)  # snapshot = the constant-loss model
     _steps(model, opt, x, y, n=5, bs=16)
     with pytest.warns(RuntimeWarning, match="float resolution"):

@@ -19,6 +19,7 @@ from run_study import (
 )
 
 import robust_agc.train as train_mod
+from robust_agc.config import TrainConfig
 from robust_agc.errors import UserError
 from robust_agc.train import TIMING_FIELDS
 
@@ -268,9 +269,9 @@ def test_shipped_configs_parse(name: str) -> None:
         assert {(c.sparse_method, c.sparsity) for c in cfgs} == {
             (m, s) for m in ("rigl", "static", "bsr") for s in (0.9, 0.99)
         }
-        # BSR-Net rows: sgd and agc only
+        # BSR-Net rows: sgd and the two agc variants only
         assert {c.optimizer for c in cfgs if c.sparse_method == "bsr"} == {"sgd", "agc"}
-        assert len(specs) == 3 * (4 * 4 + 2 * 2)
+        assert len(specs) == 3 * (4 * 5 + 2 * 3)
         assert [e["name"] for e in study.extra_evals_for(0)] == ["autoattack"]
         assert study.extra_evals_for(1) == [] and study.eval["n_examples"] == 1000
         assert {
@@ -281,6 +282,11 @@ def test_shipped_configs_parse(name: str) -> None:
             ("svrg", "fixed"),
             ("svrg", "ramp"),
         }
+        # AGC: the release's variant (pinned in the base) and the toolkit's default
+        default = TrainConfig()
+        assert {
+            (c.agc_estimator, c.agc_refresh_fraction) for c in cfgs if c.optimizer == "agc"
+        } == {("loss-slope", 1.0), (default.agc_estimator, default.agc_refresh_fraction)}
         assert {(c.objective, c.eps, c.sparse_init) for c in cfgs} == {("pgd-at", 0.1, "erk")}
 
 

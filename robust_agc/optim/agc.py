@@ -345,7 +345,8 @@ class AGC(Optimizer):
         gamma: damping, ``c = gamma * tau`` (default 0.1). May differ per param group.
         alpha: EMA factor of ``tau`` (default 0.3). Optimizer-wide.
         tau_init: initial ``tau`` (default 0.1). Optimizer-wide.
-        estimator: ``"loss-slope"`` or ``"grad-online"``. Optimizer-wide.
+        estimator: ``"grad-online"`` (default since the ablations of ``experiments/``: as
+            accurate there and cheaper) or ``"loss-slope"`` (the release's). Optimizer-wide.
         coef: ``"adaptive"``, ``"fixed"`` or ``"ramp"``. May differ per param group.
         fixed_coef: ``c`` for ``coef="fixed"`` (default 0.1).
         foreach: use the ``torch._foreach_*`` kernel (default: torch's choice, CUDA only).
@@ -376,7 +377,7 @@ class AGC(Optimizer):
         gamma: float = 0.1,
         alpha: float = 0.3,
         tau_init: float = 0.1,
-        estimator: str = "loss-slope",
+        estimator: str = "grad-online",
         coef: str = "adaptive",
         fixed_coef: float = 0.1,
         *,
@@ -853,8 +854,8 @@ class AGC(Optimizer):
                     tau_now = float(online["dot"]) / sq
                 else:
                     self._warn_once("var0", f"AGC refresh: mean ||g_snap - mu||^2 = {sq}, tau kept")
-            elif had_snapshot:
-                self._warn_once(
+            elif had_snapshot and any(g["coef"] == "adaptive" for g in self.param_groups):
+                self._warn_once(  # (fixed / ramp coefficients do not use tau: nothing is lost)
                     "nostep", "AGC refresh: no step with a snapshot gradient since the last refresh"
                 )
         updated = math.isfinite(tau_now)
