@@ -125,12 +125,13 @@ def _eval_acc(run: Run, key: str, file: str = "eval.json") -> float | None:
     return None
 
 
-def _baseline_cell(cell: CellRuns, cells: list[CellRuns], baseline: dict[str, str]) -> CellRuns:
-    want = {**cell.labels, baseline["axis"]: baseline["value"]}
+def _partner_cell(cell: CellRuns, cells: list[CellRuns], axis: str, value: str) -> CellRuns:
+    """The cell that agrees with ``cell`` on every axis but has ``value`` on ``axis``."""
+    want = {**cell.labels, axis: value}
     for c in cells:
         if c.labels == want:
             return c
-    raise UserError(f"no baseline cell for {cell.cell}")  # expand() always makes it
+    raise UserError(f"no cell with {axis}={value} to pair with {cell.cell}")
 
 
 def to_target_rows(
@@ -140,7 +141,7 @@ def to_target_rows(
     (``clock``: the metrics field that measures time)."""
     rows = []
     for cell in cells:
-        base = _baseline_cell(cell, cells, baseline)
+        base = _partner_cell(cell, cells, baseline["axis"], baseline["value"])
         metric = baseline.get("metric", "val_robust_acc")
         finals = [_final(r, metric) for r in base.runs]
         times = [_final(r, clock) for r in base.runs]
@@ -174,9 +175,20 @@ def to_target_rows(
     return rows
 
 
-def _seed(run: Run) -> int | None:
-    v = run.config.get("seed")
-    return int(v) if isinstance(v, int | float) else None
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def _robust_at_time_diff(run: Run, ref: Run, clock: str) -> float | None:
+    """``run``'s per-epoch test robust accuracy at the last epoch it finished by ``ref``'s final
+    ``clock``, minus ``ref``'s final one (None where either is missing)."""
+    t = _final(ref, clock)
+    row = at_time(run, t, clock) if t is not None else None
+    return _diff(row.get("test_robust_acc") if row else None, _final(ref, "test_robust_acc"))
 
 
 def paired_rows(
@@ -203,43 +215,29 @@ def paired_rows(
     axis = baseline["axis"]
     rows = []
     for cell in cells:
-        want = {**cell.labels, axis: ref_value}
-        ref = next((c for c in cells if c.labels == want), None)
-        if ref is None:
-            raise UserError(f"no cell with {axis}={ref_value} to pair with {cell.cell}")
+        ref = _partner_cell(cell, cells, axis, ref_value)
         if ref is cell:
             continue
-        by_seed = {_seed(r): r for r in ref.runs}
-        pairs = [(r, by_seed[_seed(r)]) for r in cell.runs if _seed(r) in by_seed]
-
-        def diff(a: float | None, b: float | None) -> float | None:
-            return None if a is None or b is None else a - b
-
-        def ratio(a: float | None, b: float | None) -> float | None:
-            return None if a is None or not b else a / b
-
-        def at_ref_time(r: Run, q: Run) -> float | None:
-            t = _final(q, clock)
-            row = at_time(r, t, clock) if t is not None else None
-            return diff(row.get("test_robust_acc") if row else None, _final(q, "test_robust_acc"))
-
+        by_seed = {r.seed: r for r in ref.runs}
+        pairs = [(r, by_seed[r.seed]) for r in cell.runs if r.seed in by_seed]
         rows.append(
             {
                 "cell": cell.cell,
                 "value": cell.labels.get(axis),
                 "reference": ref.cell,
-                "seeds": [_seed(r) for r, _ in pairs],
+                "seeds": [r.seed for r, _ in pairs],
                 "d_eval_robust": [
-                    diff(_eval_acc(r, "robust_acc"), _eval_acc(q, "robust_acc")) for r, q in pairs
+                    _diff(_eval_acc(r, "robust_acc"), _eval_acc(q, "robust_acc")) for r, q in pairs
                 ],
                 "d_eval_clean": [
-                    diff(_eval_acc(r, "clean_acc"), _eval_acc(q, "clean_acc")) for r, q in pairs
+                    _diff(_eval_acc(r, "clean_acc"), _eval_acc(q, "clean_acc")) for r, q in pairs
                 ],
                 "d_val_robust": [
-                    diff(_final(r, "val_robust_acc"), _final(q, "val_robust_acc")) for r, q in pairs
+                    _diff(_final(r, "val_robust_acc"), _final(q, "val_robust_acc"))
+                    for r, q in pairs
                 ],
-                "d_test_robust_at_time": [at_ref_time(r, q) for r, q in pairs],
-                "time_ratio": [ratio(_final(r, clock), _final(q, clock)) for r, q in pairs],
+                "d_test_robust_at_time": [_robust_at_time_diff(r, q, clock) for r, q in pairs],
+                "time_ratio": [_ratio(_final(r, clock), _final(q, clock)) for r, q in pairs],
             }
         )
     pooled: list[dict[str, Any]] = []

@@ -400,6 +400,28 @@ def _any_key(runs: Iterable[Run], key: str) -> bool:
     return any(key in row for r in runs for row in r.metrics)
 
 
+def _band(
+    ax: Any,
+    xs: Sequence[float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    /,
+    *args: Any,
+    scale: float = 1.0,
+    floor: float | None = None,
+    **plot_kw: Any,
+) -> Any:
+    """Plot the ``mean`` curve and a shaded ± ``scale * std`` band (clipped below at ``floor``)
+    in the line's color; returns the line."""
+    (line,) = ax.plot(xs, mean, *args, **plot_kw)
+    lo = [m - scale * s for m, s in zip(mean, std)]
+    if floor is not None:
+        lo = [max(v, floor) for v in lo]
+    hi = [m + scale * s for m, s in zip(mean, std)]
+    ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+    return line
+
+
 def make_plots(
     groups: dict[str, list[Run]], out_dir: str | Path, facet: Sequence[str] = ()
 ) -> list[Path]:
@@ -450,12 +472,18 @@ def make_plots(
                     xs, ms, ss = _mean_curve(runs, k, x_key)
                     if not xs:
                         continue
-                    ms_p = [_pct(m) for m in ms]
                     scale = 100.0 if all(abs(m) <= 1 for m in ms) else 1.0
-                    lo = [m - scale * s for m, s in zip(ms_p, ss)]
-                    hi = [m + scale * s for m, s in zip(ms_p, ss)]
-                    (line,) = ax.plot(xs, ms_p, marker="o", ms=3, label=f"{labels[key]} ({k})")
-                    ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
+                    ms_p = [_pct(m) for m in ms]
+                    _band(
+                        ax,
+                        xs,
+                        ms_p,
+                        ss,
+                        scale=scale,
+                        marker="o",
+                        ms=3,
+                        label=f"{labels[key]} ({k})",
+                    )
                     drawn = True
                 ax.set_xlabel(xlabel)
                 ax.set_ylabel(f"{kind} accuracy (%)")
@@ -482,14 +510,7 @@ def make_plots(
             for key, runs in fgroups.items():
                 xs, ms, ss = _mean_curve(runs, "agc_coef")
                 if xs:
-                    (line,) = ax.plot(xs, ms, marker="o", ms=3, label=labels[key])
-                    ax.fill_between(
-                        xs,
-                        [m - s for m, s in zip(ms, ss)],
-                        [m + s for m, s in zip(ms, ss)],
-                        alpha=0.2,
-                        color=line.get_color(),
-                    )
+                    _band(ax, xs, ms, ss, marker="o", ms=3, label=labels[key])
             ax.set_xlabel("epoch")
             ax.set_ylabel("AGC coefficient c = gamma * tau")
             if title:
@@ -508,27 +529,14 @@ def make_plots(
             for name, style in (("var_plain", "--"), ("var_corrected", "-")):
                 xs, ms, ss = _probe_curve(runs, name)
                 if xs:
-                    (line,) = axes[0].plot(
-                        xs, ms, style, color=color, label=f"{labels[key]}: {name}"
-                    )
+                    line = _band(
+                        axes[0], xs, ms, ss, style, floor=0.0, color=color,
+                        label=f"{labels[key]}: {name}",
+                    )  # fmt: skip
                     color = line.get_color()
-                    axes[0].fill_between(
-                        xs,
-                        [max(m - s, 0.0) for m, s in zip(ms, ss)],
-                        [m + s for m, s in zip(ms, ss)],
-                        alpha=0.2,
-                        color=line.get_color(),
-                    )
             xs, ms, ss = _probe_curve(runs, "ratio")
             if xs:
-                (line,) = axes[1].plot(xs, ms, marker="o", ms=3, label=labels[key])
-                axes[1].fill_between(
-                    xs,
-                    [m - s for m, s in zip(ms, ss)],
-                    [m + s for m, s in zip(ms, ss)],
-                    alpha=0.2,
-                    color=line.get_color(),
-                )
+                _band(axes[1], xs, ms, ss, marker="o", ms=3, label=labels[key])
         axes[0].set_yscale("log")
         axes[0].set_ylabel("gradient variance over probe batches")
         axes[1].axhline(1.0, color="grey", lw=0.8)
