@@ -27,6 +27,13 @@ Runs go to ``experiments/runs/<study>/<cell>/s<seed>`` (git-ignored); a finished
 ones resumed (``--resume``; the evaluation resumes from its state file), and ``--dry-run`` lists what
 remains. One run at a time, in-process, through the library's ``train`` and ``robust-agc eval``.
 
+An extra evaluation needs the checkpoint, which lives in the git-ignored run folder and is gone on
+a fresh machine. A stored run whose extra evaluation is missing and whose checkpoint is gone is
+``rebuild``: it is trained again from its seed (a CPU run is bit-for-bit reproducible), the rebuilt
+run's metrics must equal the stored ones in every field but the timings (else the driver stops
+with an error and the stored results are kept), and only the missing extra evaluation files are
+added to the stored results: their config, metrics, summary and final evaluation stay as they were.
+
     .venv/bin/python experiments/run_study.py experiments/configs/lr_sweep.yaml --dry-run
     .venv/bin/python experiments/run_study.py experiments/configs/lr_sweep.yaml --threads 1
 """
@@ -51,6 +58,7 @@ import yaml
 
 from robust_agc.config import TrainConfig
 from robust_agc.errors import UserError
+from robust_agc.train import TIMING_FIELDS
 
 # ------------------------------------------------------------------------------ hyperparameters
 EXPERIMENTS = Path(__file__).resolve().parent
@@ -90,6 +98,7 @@ __all__ = [
     "load_study",
     "expand",
     "run_status",
+    "check_reproduced",
     "execute",
     "eval_argv",
     "main",
@@ -415,11 +424,23 @@ def reusable_source(spec: RunSpec, study: Study) -> Path | None:
     return None
 
 
+def _training_stored(spec: RunSpec, study: Study) -> bool:
+    """The stored results hold the whole training and the final evaluation (extras aside)."""
+    res = spec.result_dir
+    return (
+        (res / "summary.json").is_file()
+        and _n_epochs_done(res) >= spec.config().epochs
+        and _evals_done(res, spec, study, extra=False)
+    )
+
+
 def run_status(spec: RunSpec, study: Study, *, extra: bool = True) -> str:
     """``done`` (results stored), ``stale`` (stored results from another configuration),
     ``eval`` (trained, an evaluation or the copy missing), ``resume``, ``restart`` (a folder
     without a checkpoint: killed during its first epoch), ``reuse`` (an identical run of a
-    ``reuse`` study is stored) or ``new``. ``extra=False`` ignores the extra evaluations."""
+    ``reuse`` study is stored), ``rebuild`` (stored, but an extra evaluation is missing and the
+    checkpoint it needs is gone: the run is trained again) or ``new``. ``extra=False`` ignores the
+    extra evaluations."""
     epochs = spec.config().epochs
     res, run = spec.result_dir, spec.run_dir
     if (res / "config.yaml").is_file() and _stale_keys(spec, res):
@@ -435,9 +456,40 @@ def run_status(spec: RunSpec, study: Study, *, extra: bool = True) -> str:
         return "resume"
     if run.exists() and any(run.iterdir()):
         return "restart"
+    if _training_stored(spec, study):
+        return "rebuild"
     if study.reuse and reusable_source(spec, study) is not None:
         return "reuse"
     return "new"
+
+
+def _comparable(folder: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of ``folder/metrics.jsonl`` without their timing fields, as JSON
+    text per record (so that NaN equals NaN)."""
+    rows = []
+    for line in (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.append(
+                json.dumps({k: v for k, v in row.items() if k not in TIMING_FIELDS}, sort_keys=True)
+            )
+    return rows
+
+
+def check_reproduced(spec: RunSpec) -> None:
+    """Raise UserError unless the rebuilt run's metrics equal the stored ones (timings aside)."""
+    stored, rebuilt = _comparable(spec.result_dir), _comparable(spec.run_dir)
+    if stored == rebuilt:
+        return
+    bad = next(
+        (i + 1 for i, (a, b) in enumerate(zip(stored, rebuilt)) if a != b),
+        min(len(stored), len(rebuilt)) + 1,
+    )
+    raise UserError(
+        f"{spec.study}/{spec.cell}/s{spec.seed}: the rebuilt run differs from the stored one from "
+        f"epoch {bad} on (another code version or machine?); stored results kept, rebuilt run in "
+        f"{spec.run_dir}"
+    )
 
 
 def eval_argv(
@@ -473,10 +525,14 @@ def eval_argv(
     return argv
 
 
-def _copy_results(spec: RunSpec, study: Study, src_dir: Path | None = None) -> None:
+def _copy_results(
+    spec: RunSpec, study: Study, src_dir: Path | None = None, *, missing_only: bool = False
+) -> None:
     spec.result_dir.mkdir(parents=True, exist_ok=True)
     for name in _result_names(spec, study):
         src = (src_dir or spec.run_dir) / name
+        if missing_only and (spec.result_dir / name).is_file():
+            continue
         if src.is_file():
             tmp = spec.result_dir / (name + ".tmp")
             shutil.copyfile(src, tmp)
@@ -503,7 +559,10 @@ def execute(
     ``reuse`` study, evaluate (final and, with ``extra``, the extra evaluations), copy the results.
 
     Returns the status the run had before. A ``stale`` run raises UserError (delete its folders or
-    change the study's name to rerun it).
+    change the study's name to rerun it). A run whose training and final evaluation are stored
+    (``rebuild``, or a rebuild that was interrupted) is trained again only for the checkpoint of
+    its missing extra evaluations: the rebuilt metrics must match the stored ones
+    (:func:`check_reproduced`), and only the missing files are added to the stored results.
     """
     from robust_agc.train import train
 
@@ -521,7 +580,8 @@ def execute(
         logger.info("reuse %s for %s/%s/s%d", src, spec.study, spec.cell, spec.seed)
         _copy_results(spec, study, src)
         return status
-    if status in ("new", "restart", "resume"):
+    stored = _training_stored(spec, study)
+    if status in ("new", "restart", "resume", "rebuild"):
         cfg = spec.config(
             threads,
             progress=False,
@@ -531,13 +591,15 @@ def execute(
         spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
         logger.info("%s %s/%s/s%d", status, spec.study, spec.cell, spec.seed)
         train(cfg)
-    if study.eval is not None and not (spec.run_dir / EVAL_FILE).is_file():
+    if stored:
+        check_reproduced(spec)
+    elif study.eval is not None and not (spec.run_dir / EVAL_FILE).is_file():
         _evaluate(spec, study.eval, EVAL_FILE, EVAL_STATE_FILE, threads)
     for e in study.extra_evals_for(spec.seed) if extra else []:
         out = extra_eval_file(e)
-        if not (spec.run_dir / out).is_file():
+        if not (spec.run_dir / out).is_file() and not (spec.result_dir / out).is_file():
             _evaluate(spec, e, out, f"state_final_{e['name']}.json", threads)
-    _copy_results(spec, study)
+    _copy_results(spec, study, missing_only=stored)
     return status
 
 

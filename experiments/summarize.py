@@ -53,12 +53,20 @@ __all__ = [
     "paired_rows",
     "format_table",
     "format_paired",
+    "mean_ci",
+    "headline",
     "main",
 ]
 
 ACC_DIGITS = 2  # accuracies in percent
 CLOCKS = {"cpu": "cpu_time_s", "train": "train_time_s", "wall": "wall_time_s"}
+CLOCK_WORDS = {
+    "cpu_time_s": "training CPU time",
+    "train_time_s": "training wall-clock",
+    "wall_time_s": "wall-clock",
+}
 FINAL_KEYS = ("val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc")
+TARGET_KINDS = {"val_robust_acc": "robust", "val_clean_acc": "clean"}  # baseline metric -> kind
 
 
 @dataclass
@@ -138,7 +146,8 @@ def to_target_rows(
     cells: list[CellRuns], baseline: dict[str, str], clock: str = "wall_time_s"
 ) -> list[dict[str, Any]]:
     """Per cell: target, the to-target lists (per seed) and accuracies at the baseline's time
-    (``clock``: the metrics field that measures time)."""
+    (``clock``: the metrics field that measures time; ``val_at_time`` / ``test_at_time``: the
+    accuracy of the target metric's ``kind``, robust or clean)."""
     rows = []
     for cell in cells:
         base = _partner_cell(cell, cells, baseline["axis"], baseline["value"])
@@ -168,8 +177,10 @@ def to_target_rows(
             else None
             for r in cell.runs
         ]
-        row["val_robust_at_time"] = [a.get("val_robust_acc") if a else None for a in at]
-        row["test_robust_at_time"] = [a.get("test_robust_acc") if a else None for a in at]
+        kind = _kind(baseline)
+        row["kind"] = kind
+        row["val_at_time"] = [a.get(f"val_{kind}_acc") if a else None for a in at]
+        row["test_at_time"] = [a.get(f"test_{kind}_acc") if a else None for a in at]
         row["epoch_at_time"] = [float(a["epoch"]) if a else None for a in at]
         rows.append(row)
     return rows
@@ -183,12 +194,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
 
-def _robust_at_time_diff(run: Run, ref: Run, clock: str) -> float | None:
-    """``run``'s per-epoch test robust accuracy at the last epoch it finished by ``ref``'s final
-    ``clock``, minus ``ref``'s final one (None where either is missing)."""
+def _at_time_diff(run: Run, ref: Run, clock: str, key: str = "test_robust_acc") -> float | None:
+    """``run``'s per-epoch ``key`` (a test accuracy) at the last epoch it finished by ``ref``'s
+    final ``clock``, minus ``ref``'s final one (None where either is missing)."""
     t = _final(ref, clock)
     row = at_time(run, t, clock) if t is not None else None
-    return _diff(row.get("test_robust_acc") if row else None, _final(ref, "test_robust_acc"))
+    return _diff(row.get(key) if row else None, _final(ref, key))
+
+
+def _kind(baseline: dict[str, str]) -> str:
+    """``robust`` or ``clean``: which accuracy the study's target metric measures."""
+    metric = baseline.get("metric", "val_robust_acc")
+    if metric not in TARGET_KINDS:
+        raise UserError(f"baseline metric {metric!r} is not one of {sorted(TARGET_KINDS)}")
+    return TARGET_KINDS[metric]
 
 
 def paired_rows(
@@ -202,17 +221,20 @@ def paired_rows(
     The reference cell agrees with the cell on every other axis and has ``reference`` (default:
     the baseline's value) on the baseline's axis. Runs with the same seed share the data order,
     the initial weights and the initial mask, so a paired difference removes most of the seed's
-    own variation. Per cell: ``seeds`` (the paired seeds), ``d_eval_robust`` / ``d_eval_clean``
-    (final evaluation, ``eval.json``), ``d_val_robust`` (final epoch), ``d_test_robust_at_time``
-    (the cell's per-epoch test robust accuracy at the last epoch it finished by the reference
-    run's final ``clock``, minus the reference's final one: equal training time) and
-    ``time_ratio`` (the cell's final ``clock`` over the reference's), each a list with one entry
-    per paired seed (None where a value is missing). The reference cell itself is left out.
-    After the cells come pooled rows ``all <value>`` for values shared by several cells: every
-    paired seed of those cells.
+    own variation. The accuracy compared during training is the one of the baseline's metric
+    (``kind``: robust for ``val_robust_acc``, clean for ``val_clean_acc``). Per cell: ``seeds``
+    (the paired seeds), ``d_eval_robust`` / ``d_eval_clean`` (final evaluation, ``eval.json``),
+    ``d_val`` (final epoch's validation accuracy of that kind), ``d_test_at_time`` (the cell's
+    per-epoch test accuracy of that kind at the last epoch it finished by the reference run's
+    final ``clock``, minus the reference's final one: equal training time) and ``time_ratio``
+    (the cell's final ``clock`` over the reference's), each a list with one entry per paired seed
+    (None where a value is missing). The reference cell itself is left out. After the cells come
+    pooled rows ``all <value>`` for values shared by several cells: every paired seed of those
+    cells.
     """
     ref_value = baseline["value"] if reference is None else reference
     axis = baseline["axis"]
+    kind = _kind(baseline)
     rows = []
     for cell in cells:
         ref = _partner_cell(cell, cells, axis, ref_value)
@@ -225,6 +247,7 @@ def paired_rows(
                 "cell": cell.cell,
                 "value": cell.labels.get(axis),
                 "reference": ref.cell,
+                "kind": kind,
                 "seeds": [r.seed for r, _ in pairs],
                 "d_eval_robust": [
                     _diff(_eval_acc(r, "robust_acc"), _eval_acc(q, "robust_acc")) for r, q in pairs
@@ -232,11 +255,13 @@ def paired_rows(
                 "d_eval_clean": [
                     _diff(_eval_acc(r, "clean_acc"), _eval_acc(q, "clean_acc")) for r, q in pairs
                 ],
-                "d_val_robust": [
-                    _diff(_final(r, "val_robust_acc"), _final(q, "val_robust_acc"))
+                "d_val": [
+                    _diff(_final(r, f"val_{kind}_acc"), _final(q, f"val_{kind}_acc"))
                     for r, q in pairs
                 ],
-                "d_test_robust_at_time": [_robust_at_time_diff(r, q, clock) for r, q in pairs],
+                "d_test_at_time": [
+                    _at_time_diff(r, q, clock, f"test_{kind}_acc") for r, q in pairs
+                ],
                 "time_ratio": [_ratio(_final(r, clock), _final(q, clock)) for r, q in pairs],
             }
         )
@@ -249,6 +274,7 @@ def paired_rows(
             "cell": f"all {value}",
             "value": value,
             "reference": f"all {ref_value}",
+            "kind": kind,
         }
         for k in ("seeds", *_PAIRED_KEYS):
             agg[k] = [v for r in members for v in r[k]]
@@ -259,8 +285,8 @@ def paired_rows(
 _PAIRED_KEYS = (
     "d_eval_robust",
     "d_eval_clean",
-    "d_val_robust",
-    "d_test_robust_at_time",
+    "d_val",
+    "d_test_at_time",
     "time_ratio",
 )
 
@@ -269,24 +295,111 @@ def format_paired(rows: list[dict[str, Any]], clock: str) -> str:
     """Markdown table of :func:`paired_rows` (differences in percentage points, mean ± std)."""
     if not rows:
         return ""
+    kind = rows[0]["kind"]
     head = (
         "\nPaired by seed against the reference cell (same seed = same data order, "
         "initial weights and mask): differences in percentage points (cell minus reference), "
-        "mean ± std over the paired seeds; 'at equal time' = the cell's per-epoch test robust "
+        f"mean ± std over the paired seeds; 'at equal time' = the cell's per-epoch test {kind} "
         f"accuracy at the last epoch it finished by the reference run's final {clock}, minus the "
         f"reference's final one; time ratio = the cell's final {clock} over the reference's; "
         "'all X' rows pool every paired seed of the cells with X.\n\n"
-        "| cell | reference | pairs | Δ eval robust | Δ eval clean | Δ final val robust | "
-        f"Δ test robust at equal time | {clock} ratio |\n" + "| --- " * 8 + "|\n"
+        f"| cell | reference | pairs | Δ eval robust | Δ eval clean | Δ final val {kind} | "
+        f"Δ test {kind} at equal time | {clock} ratio |\n" + "| --- " * 8 + "|\n"
     )
     lines = [
         f"| {r['cell']} | {r['reference']} | {len(r['seeds'])} | "
         f"{_fmt(r['d_eval_robust'], pct=True)} | {_fmt(r['d_eval_clean'], pct=True)} | "
-        f"{_fmt(r['d_val_robust'], pct=True)} | {_fmt(r['d_test_robust_at_time'], pct=True)} | "
+        f"{_fmt(r['d_val'], pct=True)} | {_fmt(r['d_test_at_time'], pct=True)} | "
         f"{_fmt(r['time_ratio'], digits=2)} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
+
+
+def mean_ci(values: Sequence[float | None], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two ends of its Student-t confidence interval at ``level`` (None skipped).
+
+    With one value the interval is unbounded (``-inf, +inf``): one pair says nothing about the
+    spread. Raises ValueError when no value is present."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        raise ValueError("no values")
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return m, -math.inf, math.inf
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(0.5 + level / 2, len(vals) - 1)) * statistics.stdev(vals)
+    half /= math.sqrt(len(vals))
+    return m, m - half, m + half
+
+
+def _verdict(lo: float, hi: float) -> str:
+    """What a confidence interval of a difference says: zero inside it is no measurable effect."""
+    if lo > 0:
+        return "higher"
+    if hi < 0:
+        return "lower"
+    return "no measurable difference"
+
+
+def _points(values: Sequence[float | None]) -> str:
+    """``+mean ± std points (95% CI lo to hi: verdict)`` of accuracy differences (fractions)."""
+    m, lo, hi = mean_ci(values)
+    if math.isinf(lo):
+        return f"{100 * m:+.2f} points (one pair: no interval)"
+    sd = statistics.stdev([v for v in values if v is not None])
+    return (
+        f"{100 * m:+.2f} ± {100 * sd:.2f} points (95% CI {100 * lo:+.2f} to {100 * hi:+.2f}: "
+        f"{_verdict(lo, hi)})"
+    )
+
+
+def headline(
+    rows: list[dict[str, Any]],
+    values: Sequence[str],
+    clock: str,
+    eval_spec: dict[str, Any] | None = None,
+) -> str:
+    """One markdown bullet per value of the baseline's axis, from :func:`paired_rows`: the pooled
+    paired difference in final-evaluation accuracy (robust for a robust target, clean for a clean
+    one), the time ratio, and the difference at equal training time, each with its mean ± std over
+    the paired seeds and a 95% Student-t interval whose position against zero gives the verdict.
+    A value held by one cell uses that cell's row. Every number is computed from the rows."""
+    if not rows:
+        return ""
+    kind = rows[0]["kind"]
+    key = f"d_eval_{kind}"
+    what = "final evaluation"
+    if eval_spec:
+        attack = f"PGD-{eval_spec.get('pgd_steps')}, " if kind == "robust" else ""
+        what += (
+            f" ({eval_spec.get('checkpoint')}, {attack}first {eval_spec.get('n_examples')} "
+            "test points)"
+        )
+    when = CLOCK_WORDS.get(clock, clock)
+    lines = []
+    for value in values:
+        pick = [r for r in rows if r["cell"] == f"all {value}"] or [
+            r for r in rows if r["value"] == value
+        ]
+        if not pick:
+            raise UserError(f"no paired row for {value!r}")
+        r = pick[0]
+        n_cells = sum(1 for x in rows if x["value"] == value and not x["cell"].startswith("all "))
+        n = sum(v is not None for v in r[key])
+        if n == 0:
+            lines.append(f"- `{value}`: no paired {what} result yet.")
+            continue
+        ref = r["reference"].removeprefix("all ")
+        ratio = _fmt(r["time_ratio"], digits=2)
+        lines.append(
+            f"- `{value}` vs `{ref}`, {n} seed pair{'s' * (n != 1)} in {n_cells} "
+            f"cell{'s' * (n_cells != 1)}: {kind} accuracy of the {what} {_points(r[key])} at "
+            f"{ratio}x the {when}; at equal {when} (per-epoch test {kind} accuracy where `{ref}` "
+            f"finished) {_points(r['d_test_at_time'])}."
+        )
+    return "\n".join(lines) + "\n"
 
 
 def format_table(
@@ -333,6 +446,7 @@ def format_table(
     if baseline is None:
         return out
     rows = to_target_rows(cells, baseline, clock)
+    kind = _kind(baseline)
     head2 = (
         f"\nTarget = final {baseline.get('metric', 'val_robust_acc')} of the cell's "
         f"{baseline['axis']}={baseline['value']} baseline (mean over its seeds); to-target "
@@ -340,7 +454,7 @@ def format_table(
         f"(k/n); 'at baseline time' = last epoch finished by the baseline's final {clock}.\n\n"
         f"| cell | target (%) | reached | epochs to target | {clock} to target | "
         "grad evals to target | baseline time (s) | epoch at baseline time | "
-        "val robust at baseline time | test robust at baseline time |\n" + "| --- " * 10 + "|\n"
+        f"val {kind} at baseline time | test {kind} at baseline time |\n" + "| --- " * 10 + "|\n"
     )
     lines2 = []
     for r in rows:
@@ -351,8 +465,8 @@ def format_table(
             f"{_fmt(r['epochs_to_target'], digits=1)} | {_fmt(r['time_to_target_s'], digits=0)} | "
             f"{_fmt(r['grad_evals_to_target'], digits=0)} | {bt} | "
             f"{_fmt(r['epoch_at_time'], digits=1)} | "
-            f"{_fmt(r['val_robust_at_time'], pct=True)} | "
-            f"{_fmt(r['test_robust_at_time'], pct=True)} |"
+            f"{_fmt(r['val_at_time'], pct=True)} | "
+            f"{_fmt(r['test_at_time'], pct=True)} |"
         )
     return out + head2 + "\n".join(lines2) + "\n"
 
@@ -396,10 +510,25 @@ def main(argv: list[str] | None = None) -> int:
         help="also pair every cell with the cell having VALUE on the baseline's axis (e.g. agc); "
         "the pairing with the baseline itself is always printed",
     )
+    p.add_argument(
+        "--headline",
+        default=None,
+        metavar="VALUES",
+        help="print only one line per comma-separated value of the baseline's axis (e.g. "
+        "agc-online-frac,agc): its pooled paired differences against the baseline with 95%% "
+        "intervals",
+    )
     args = p.parse_args(argv)
     try:
         study = load_study(args.study, results_root=Path(args.results))
         cells = collect_cells(study, Path(args.results))
+        if args.headline is not None:
+            if study.baseline is None:
+                raise UserError(f"{study.name} has no baseline to pair with")
+            rows = paired_rows(cells, study.baseline, CLOCKS[args.clock])
+            values = [v for v in args.headline.split(",") if v]
+            print(headline(rows, values, CLOCKS[args.clock], study.eval), end="")
+            return 0
         n = sum(len(c.runs) for c in cells)
         print(f"## {study.name}: {n} stored runs in {sum(bool(c.runs) for c in cells)} cells\n")
         print(f"Runs recorded: {_hardware(cells)}\n")

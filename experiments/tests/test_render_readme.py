@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from render_readme import HEADER, RenderError, main, render, run_command
+from render_readme import HEADER, RenderError, main, render, render_regions, run_command
 
 PY = sys.executable
 
@@ -49,7 +49,7 @@ def test_failing_command_raises_and_leaves_readme_untouched(tmp_path: Path) -> N
     out = tmp_path / "out.md"
     out.write_text("old\n")
     tpl.write_text(f"<!-- md: {PY} -c 'import sys; sys.exit(3)' -->\n")
-    assert main(["--template", str(tpl), "--out", str(out)]) == 1
+    assert main(["--template", str(tpl), "--out", str(out), "--regions"]) == 1
     assert out.read_text() == "old\n"
 
 
@@ -57,10 +57,44 @@ def test_write_then_check(tmp_path: Path) -> None:
     tpl = tmp_path / "in.md"
     out = tmp_path / "out.md"
     tpl.write_text(f"x\n<!-- sh: {PY} -c 'print(42)' -->\n")
-    assert main(["--template", str(tpl), "--out", str(out), "--check"]) == 1  # not written yet
-    assert main(["--template", str(tpl), "--out", str(out)]) == 0
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n<!-- begin md: {PY} -c 'print(7)' -->\nold 6\n<!-- end -->\nrest\n")
+    argv = ["--template", str(tpl), "--out", str(out), "--regions", str(page)]
+    assert main([*argv, "--check"]) == 1  # not written yet
+    assert main(argv) == 0
     assert "$ " in out.read_text() and "\n42\n" in out.read_text()
-    assert main(["--template", str(tpl), "--out", str(out), "--check"]) == 0
+    assert page.read_text().splitlines()[1:4] == [
+        f"<!-- begin md: {PY} -c 'print(7)' -->",
+        "7",
+        "<!-- end -->",
+    ]
+    assert main([*argv, "--check"]) == 0
     out.write_text(out.read_text() + "hand edit\n")
-    assert main(["--template", str(tpl), "--out", str(out), "--check"]) == 1
+    assert main([*argv, "--check"]) == 1
     assert main(["--template", str(tmp_path / "missing.md"), "--out", str(out)]) == 2
+
+
+def test_regions_replace_only_their_content() -> None:
+    calls: list[str] = []
+
+    def fake(cmd: str) -> str:
+        calls.append(cmd)
+        return {"a": "new a", "b": "new b\n"}[cmd]
+
+    text = (
+        "keep 1\n<!-- begin md: a -->\nold a\nmore old a\n<!-- end -->\nkeep 2\n"
+        "<!-- begin sh: b -->\n<!-- end -->\nkeep 3 <!-- end --> inline\n"
+    )
+    assert render_regions(text, runner=fake) == (
+        "keep 1\n<!-- begin md: a -->\nnew a\n<!-- end -->\nkeep 2\n"
+        "<!-- begin sh: b -->\n```\n$ b\nnew b\n```\n<!-- end -->\nkeep 3 <!-- end --> inline\n"
+    )
+    assert calls == ["a", "b"]
+    assert render_regions("plain\n", runner=fake) == "plain\n"
+    for bad, msg in [
+        ("<!-- begin md: a -->\nx\n", "has no <!-- end --> line"),
+        ("x\n<!-- end -->\n", "without a begin"),
+        ("<!-- begin md: a -->\n<!-- begin md: b -->\n<!-- end -->\n", "begins inside"),
+    ]:
+        with pytest.raises(RenderError, match=msg):
+            render_regions(bad, runner=fake)

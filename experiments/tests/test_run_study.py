@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -193,7 +194,7 @@ def test_extra_evals_status_and_arguments(tmp_path: Path) -> None:
         _fake_run(spec.result_dir, cfg, 1, summary=True, ckpt=False)
         (spec.result_dir / EVAL_FILE).write_text("{}")
     assert run_status(s1, study) == "done"
-    assert run_status(s0, study) == "new"  # its extra evaluation needs the checkpoint
+    assert run_status(s0, study) == "rebuild"  # its extra evaluation needs the checkpoint
     assert run_status(s0, study, extra=False) == "done"  # --no-extra leaves it for later
     (s0.result_dir / "eval_autoattack.json").write_text("{}")
     assert run_status(s0, study) == "done"
@@ -400,3 +401,49 @@ def test_driver_trains_evaluates_resumes_and_skips(tmp_path: Path, monkeypatch, 
     # a finished study is skipped: nothing is retrained
     monkeypatch.setattr(train_mod, "train", lambda cfg: pytest.fail("retrained a finished run"))
     assert main([str(path), "--threads", "1", *roots]) == 0
+
+
+def test_rebuild_adds_only_the_missing_extra_evaluation(tmp_path: Path, capsys) -> None:
+    """A fresh machine has the stored results but no checkpoint: the run is trained again, must
+    reproduce the stored metrics, and only the extra evaluation's file is added."""
+    data = {
+        "study": "tiny",
+        "base": TINY_BASE,
+        "grid": {"opt": [{"name": "sgd", "optimizer": "sgd"}]},
+        "seeds": [0],
+        "eval": {"attacks": "clean,pgd", "n_examples": 8, "pgd_steps": 2, "eps": 0.1},
+        "extra_evals": [{"name": "strong", "seeds": [0], "n_examples": 6, "pgd_steps": 3}],
+    }
+    path = _write(tmp_path, data)
+    runs = tmp_path / "runs"
+    roots = ["--runs-root", str(runs), "--results-root", str(tmp_path / "results")]
+    study = load_study(path, runs_root=runs, results_root=tmp_path / "results")
+    (spec,) = expand(study, runs_root=runs, results_root=tmp_path / "results")
+    assert main([str(path), "--threads", "1", "--no-extra", *roots]) == 0
+    stored = {p.name: p.read_bytes() for p in spec.result_dir.iterdir()}
+    assert sorted(stored) == sorted(RESULT_FILES)
+    assert run_status(spec, study) == "eval"  # same machine: the checkpoint is still there
+
+    shutil.rmtree(runs)  # a fresh machine: results committed, run folders gone
+    assert run_status(spec, study) == "rebuild"
+    assert run_status(spec, study, extra=False) == "done"
+    assert main([str(path), "--dry-run", *roots]) == 0
+    assert "rebuild  tiny/sgd/s0" in capsys.readouterr().out
+    assert main([str(path), "--threads", "1", *roots]) == 0
+    assert run_status(spec, study) == "done"
+    after = {p.name: p.read_bytes() for p in spec.result_dir.iterdir()}
+    assert {k: v for k, v in after.items() if k != "eval_strong.json"} == stored  # untouched
+    strong = json.loads(after["eval_strong.json"])
+    assert strong["n_examples"] == 6 and 0.0 <= strong["robust_acc"] <= strong["clean_acc"] <= 1.0
+
+    # stored metrics that the rebuilt run does not reproduce: an error, nothing overwritten
+    shutil.rmtree(runs)
+    (spec.result_dir / "eval_strong.json").unlink()
+    rows = _metrics(spec.result_dir)
+    rows[1]["val_robust_acc"] += 0.125
+    (spec.result_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tampered = {p.name: p.read_bytes() for p in spec.result_dir.iterdir()}
+    assert main([str(path), "--threads", "1", *roots]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the stored one from epoch 2 on" in err and "stored results kept" in err
+    assert {p.name: p.read_bytes() for p in spec.result_dir.iterdir()} == tampered

@@ -14,7 +14,9 @@ from summarize import (
     first_reaching,
     format_paired,
     format_table,
+    headline,
     main,
+    mean_ci,
     paired_rows,
     to_target_rows,
 )
@@ -119,7 +121,7 @@ def test_to_target_against_hand_computed_values(tmp_path: Path) -> None:
     assert sorted(r["grad_evals_to_target"]) == [240.0, 360.0]
     # at 33 s: seed 0 finished epoch 2 (30 s), seed 1 epoch 2 (28 s)
     assert r["epoch_at_time"] == [2.0, 2.0]
-    assert r["val_robust_at_time"] == [0.53, 0.45]
+    assert r["val_at_time"] == [0.53, 0.45]
     # the baseline's own row: seed 1 reaches its mean, seed 0 never does
     assert rows["r90_sgd"]["reached"] == 1 and rows["r90_sgd"]["epochs_to_target"] == [3.0]
     r99 = rows["r99_agc"]
@@ -163,16 +165,16 @@ def test_paired_differences_by_seed(tmp_path: Path) -> None:
     assert r["reference"] == "r90_sgd" and r["seeds"] == [0, 1]
     assert r["d_eval_robust"] == pytest.approx([0.03, -0.02])
     assert r["d_eval_clean"] == pytest.approx([0.0, 0.0])
-    assert r["d_val_robust"] == pytest.approx([0.05, 0.06])
+    assert r["d_val"] == pytest.approx([0.05, 0.06])
     assert r["time_ratio"] == pytest.approx([45 / 30, 42 / 36])
     # equal time: agc seed 0 finished epoch 2 (30 s) by sgd's 30 s: 0.52 - 0.49; seed 1 epoch 2
     # (28 s <= 36 s): 0.44 - 0.53 (test robust = val robust - 0.01 in both)
-    assert r["d_test_robust_at_time"] == pytest.approx([0.53 - 0.50, 0.45 - 0.54])
+    assert r["d_test_at_time"] == pytest.approx([0.53 - 0.50, 0.45 - 0.54])
     # r99_agc has seed 0 only; its reference has seed 0 only: one pair
     assert rows["r99_agc"]["seeds"] == [0]
     pooled = rows["all agc"]
     assert pooled["reference"] == "all sgd" and pooled["seeds"] == [0, 1, 0]
-    assert pooled["d_val_robust"] == pytest.approx([0.05, 0.06, -0.01])
+    assert pooled["d_val"] == pytest.approx([0.05, 0.06, -0.01])
     # the other direction: agc as the reference
     back = {r["cell"]: r for r in paired_rows(cells, study.baseline, "cpu_time_s", "agc")}
     assert back["r90_sgd"]["d_eval_robust"] == pytest.approx([-0.03, 0.02])
@@ -199,3 +201,52 @@ def test_cli(tmp_path: Path, capsys) -> None:
     assert main([str(path), "--results", str(results), "--paired", "adam"]) == 2
     assert "no cell with opt=adam" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_mean_ci_is_the_student_t_interval() -> None:
+    # two values: t(0.975, 1 dof) = 12.7062; half-width = t * sd / sqrt(2)
+    m, lo, hi = mean_ci([0.01, 0.03, None])
+    assert m == pytest.approx(0.02)
+    assert hi - m == pytest.approx(12.7062 * (2**0.5 * 0.01) / 2**0.5, rel=1e-4)
+    assert m - lo == pytest.approx(hi - m)
+    # 5 values: t(0.975, 4) = 2.7764
+    vals = [0.1, 0.2, 0.3, 0.4, 0.5]
+    m, lo, hi = mean_ci(vals)
+    assert hi - m == pytest.approx(2.7764 * 0.158114 / 5**0.5, rel=1e-4)
+    assert mean_ci([0.4]) == (0.4, float("-inf"), float("inf"))
+    with pytest.raises(ValueError):
+        mean_ci([None])
+
+
+def test_headline_numbers_come_from_the_pooled_pairs(tmp_path: Path, capsys) -> None:
+    path, results = _write_results(tmp_path)
+    for cell, seed, acc in [
+        ("r90_sgd", 0, 0.5),
+        ("r90_sgd", 1, 0.6),
+        ("r90_agc", 0, 0.53),
+        ("r90_agc", 1, 0.58),
+    ]:
+        (results / "toy" / cell / f"s{seed}" / "eval.json").write_text(
+            json.dumps({"clean_acc": 0.7, "robust_acc": acc})
+        )
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    rows = paired_rows(collect_cells(study, results), study.baseline, "cpu_time_s")
+    text = headline(
+        rows, ["agc"], "cpu_time_s", {"checkpoint": "best.pt", "pgd_steps": 50, "n_examples": 1000}
+    )
+    # pooled eval robust differences +3, -2, 0 points; time ratios 1.5, 1.1667, 1.1
+    assert text.startswith("- `agc` vs `sgd`, 3 seed pairs in 2 cells: robust accuracy of the ")
+    assert "(best.pt, PGD-50, first 1000 test points) +0.33 ± 2.52 points" in text
+    assert "no measurable difference" in text and "at 1.26 ± 0.21x the training CPU time" in text
+    m, lo, hi = mean_ci([0.03, -0.02, 0.0])
+    assert f"(95% CI {100 * lo:+.2f} to {100 * hi:+.2f}: no measurable difference)" in text
+    # a clear effect gets its sign as the verdict: every pair +5 +- 0.1 points
+    rows[-1]["d_eval_robust"] = [0.05, 0.051, 0.049]
+    assert "+5.00 ± 0.10 points (95% CI +4.75 to +5.25: higher)" in headline(
+        rows, ["agc"], "cpu_time_s"
+    )
+    with pytest.raises(UserError, match="no paired row"):
+        headline(rows, ["adam"], "cpu_time_s")
+    assert main([str(path), "--results", str(results), "--headline", "agc"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("- `agc` vs `sgd`, 3 seed pairs")
