@@ -80,6 +80,22 @@ def _write_results(tmp_path: Path) -> tuple[Path, Path]:
     return path, results
 
 
+def _write_paired_results(tmp_path: Path) -> tuple[Path, Path]:
+    """The toy results with final-evaluation robust accuracies that differ by seed: sgd 0.50 /
+    0.60 on seeds 0 / 1, agc 0.53 / 0.58 in r90 (differences +3 and -2 points)."""
+    path, results = _write_results(tmp_path)
+    for cell, seed, acc in [
+        ("r90_sgd", 0, 0.5),
+        ("r90_sgd", 1, 0.6),
+        ("r90_agc", 0, 0.53),
+        ("r90_agc", 1, 0.58),
+    ]:
+        (results / "toy" / cell / f"s{seed}" / "eval.json").write_text(
+            json.dumps({"clean_acc": 0.7, "robust_acc": acc})
+        )
+    return path, results
+
+
 def test_helpers() -> None:
     run = Run(
         path=Path("."),
@@ -145,17 +161,7 @@ def test_to_target_against_hand_computed_values(tmp_path: Path) -> None:
 
 
 def test_paired_differences_by_seed(tmp_path: Path) -> None:
-    path, results = _write_results(tmp_path)
-    # eval robust: sgd 0.50 / 0.60 on seeds 0 / 1, agc 0.53 / 0.58: differences +3 and -2 points
-    for cell, seed, acc in [
-        ("r90_sgd", 0, 0.5),
-        ("r90_sgd", 1, 0.6),
-        ("r90_agc", 0, 0.53),
-        ("r90_agc", 1, 0.58),
-    ]:
-        (results / "toy" / cell / f"s{seed}" / "eval.json").write_text(
-            json.dumps({"clean_acc": 0.7, "robust_acc": acc})
-        )
+    path, results = _write_paired_results(tmp_path)
     study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
     cells = collect_cells(study, results)
     rows = {r["cell"]: r for r in paired_rows(cells, study.baseline, "cpu_time_s")}
@@ -219,16 +225,7 @@ def test_mean_ci_is_the_student_t_interval() -> None:
 
 
 def test_headline_numbers_come_from_the_pooled_pairs(tmp_path: Path, capsys) -> None:
-    path, results = _write_results(tmp_path)
-    for cell, seed, acc in [
-        ("r90_sgd", 0, 0.5),
-        ("r90_sgd", 1, 0.6),
-        ("r90_agc", 0, 0.53),
-        ("r90_agc", 1, 0.58),
-    ]:
-        (results / "toy" / cell / f"s{seed}" / "eval.json").write_text(
-            json.dumps({"clean_acc": 0.7, "robust_acc": acc})
-        )
+    path, results = _write_paired_results(tmp_path)
     study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
     rows = paired_rows(collect_cells(study, results), study.baseline, "cpu_time_s")
     text = headline(
