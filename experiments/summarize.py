@@ -343,15 +343,22 @@ def _verdict(lo: float, hi: float) -> str:
     return "no measurable difference"
 
 
+PER_PAIR_MAX = 6  # up to this many pairs, the headline also lists each pair's difference
+
+
 def _points(values: Sequence[float | None]) -> str:
-    """``+mean ± std points (95% CI lo to hi: verdict)`` of accuracy differences (fractions)."""
+    """``+mean ± std points (95% CI lo to hi: verdict)`` of accuracy differences (fractions);
+    with few pairs, each pair's difference follows."""
     m, lo, hi = mean_ci(values)
+    vals = [v for v in values if v is not None]
+    each = ", ".join(f"{100 * v:+.1f}" for v in vals)
     if math.isinf(lo):
         return f"{100 * m:+.2f} points (one pair: no interval)"
-    sd = statistics.stdev([v for v in values if v is not None])
+    sd = statistics.stdev(vals)
+    per_pair = f"; pairs {each}" if len(vals) <= PER_PAIR_MAX else ""
     return (
         f"{100 * m:+.2f} ± {100 * sd:.2f} points (95% CI {100 * lo:+.2f} to {100 * hi:+.2f}: "
-        f"{_verdict(lo, hi)})"
+        f"{_verdict(lo, hi)}{per_pair})"
     )
 
 
@@ -515,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="VALUES",
         help="print only one line per comma-separated value of the baseline's axis (e.g. "
-        "agc-online-frac,agc): its pooled paired differences against the baseline with 95%% "
-        "intervals",
+        "agc-online-frac,agc): its pooled paired differences against the baseline (or the one "
+        "--paired value) with 95%% intervals",
     )
     args = p.parse_args(argv)
     try:
@@ -525,7 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.headline is not None:
             if study.baseline is None:
                 raise UserError(f"{study.name} has no baseline to pair with")
-            rows = paired_rows(cells, study.baseline, CLOCKS[args.clock])
+            if len(args.paired) > 1:
+                raise UserError("--headline pairs with one reference: give --paired once")
+            ref = args.paired[0] if args.paired else None
+            rows = paired_rows(cells, study.baseline, CLOCKS[args.clock], ref)
             values = [v for v in args.headline.split(",") if v]
             print(headline(rows, values, CLOCKS[args.clock], study.eval), end="")
             return 0

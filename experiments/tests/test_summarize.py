@@ -236,14 +236,23 @@ def test_headline_numbers_come_from_the_pooled_pairs(tmp_path: Path, capsys) -> 
     assert "(best.pt, PGD-50, first 1000 test points) +0.33 ± 2.52 points" in text
     assert "no measurable difference" in text and "at 1.26 ± 0.21x the training CPU time" in text
     m, lo, hi = mean_ci([0.03, -0.02, 0.0])
-    assert f"(95% CI {100 * lo:+.2f} to {100 * hi:+.2f}: no measurable difference)" in text
+    assert f"(95% CI {100 * lo:+.2f} to {100 * hi:+.2f}: no measurable difference; pairs" in text
     # a clear effect gets its sign as the verdict: every pair +5 +- 0.1 points
     rows[-1]["d_eval_robust"] = [0.05, 0.051, 0.049]
-    assert "+5.00 ± 0.10 points (95% CI +4.75 to +5.25: higher)" in headline(
-        rows, ["agc"], "cpu_time_s"
+    assert (
+        "+5.00 ± 0.10 points (95% CI +4.75 to +5.25: higher; pairs +5.0, +5.1, +4.9)"
+        in headline(rows, ["agc"], "cpu_time_s")
     )
     with pytest.raises(UserError, match="no paired row"):
         headline(rows, ["adam"], "cpu_time_s")
+    # few pairs: each pair's difference is listed (the r90 cell's own row: +3 and -2 points)
+    r90 = headline([r for r in rows if r["cell"] == "r90_agc"], ["agc"], "cpu_time_s")
+    assert "2 seed pairs in 1 cell:" in r90 and "; pairs +3.0, -2.0)" in r90
     assert main([str(path), "--results", str(results), "--headline", "agc"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and out.startswith("- `agc` vs `sgd`, 3 seed pairs")
+    # against another reference: the sgd cells paired with agc
+    assert main([str(path), "--results", str(results), "--headline", "sgd", "--paired", "agc"]) == 0
+    assert capsys.readouterr().out.startswith("- `sgd` vs `agc`, 3 seed pairs in 2 cells")
+    argv = [str(path), "--results", str(results), "--headline", "sgd"]
+    assert main([*argv, "--paired", "agc", "--paired", "sgd"]) == 2
