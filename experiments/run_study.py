@@ -58,7 +58,7 @@ import yaml
 
 from robust_agc.config import TrainConfig
 from robust_agc.errors import UserError
-from robust_agc.train import TIMING_FIELDS
+from robust_agc.train import TIMING_FIELDS, cpu_model
 
 # ------------------------------------------------------------------------------ hyperparameters
 EXPERIMENTS = Path(__file__).resolve().parent
@@ -581,6 +581,15 @@ def execute(
         _copy_results(spec, study, src)
         return status
     stored = _training_stored(spec, study)
+    if status == "rebuild":
+        summary = json.loads((spec.result_dir / "summary.json").read_text(encoding="utf-8"))
+        recorded = (summary.get("machine") or {}).get("cpu")
+        if recorded and recorded != cpu_model():
+            raise UserError(
+                f"{spec.study}/{spec.cell}/s{spec.seed}: stored on a {recorded!r} CPU, this is a "
+                f"{cpu_model()!r}: a rebuild would not reproduce it bit for bit (its extra "
+                "evaluation needs a machine of the stored kind, or a seed trained on this one)"
+            )
     if status in ("new", "restart", "resume", "rebuild"):
         cfg = spec.config(
             threads,

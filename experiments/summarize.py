@@ -55,6 +55,7 @@ __all__ = [
     "format_paired",
     "mean_ci",
     "headline",
+    "machine",
     "main",
 ]
 
@@ -202,6 +203,17 @@ def _at_time_diff(run: Run, ref: Run, clock: str, key: str = "test_robust_acc") 
     return _diff(row.get(key) if row else None, _final(ref, key))
 
 
+def machine(run: Run) -> str | None:
+    """The CPU model the run was recorded on (``summary.json``: machine.cpu), None if unknown."""
+    cpu = (run.summary.get("machine") or {}).get("cpu")
+    return str(cpu) if cpu else None
+
+
+def _same_machine(run: Run, ref: Run) -> bool:
+    """Timings of two runs compare only when both ran on one CPU model (else: different speed)."""
+    return machine(run) == machine(ref)
+
+
 def _kind(baseline: dict[str, str]) -> str:
     """``robust`` or ``clean``: which accuracy the study's target metric measures."""
     metric = baseline.get("metric", "val_robust_acc")
@@ -228,7 +240,9 @@ def paired_rows(
     per-epoch test accuracy of that kind at the last epoch it finished by the reference run's
     final ``clock``, minus the reference's final one: equal training time) and ``time_ratio``
     (the cell's final ``clock`` over the reference's), each a list with one entry per paired seed
-    (None where a value is missing). The reference cell itself is left out. After the cells come
+    (None where a value is missing). The two time-based entries are None for a pair whose runs
+    were recorded on different CPU models (``cross_machine``: True), whose speeds differ. The
+    reference cell itself is left out. After the cells come
     pooled rows ``all <value>`` for values shared by several cells: every paired seed of those
     cells.
     """
@@ -260,9 +274,14 @@ def paired_rows(
                     for r, q in pairs
                 ],
                 "d_test_at_time": [
-                    _at_time_diff(r, q, clock, f"test_{kind}_acc") for r, q in pairs
+                    _at_time_diff(r, q, clock, f"test_{kind}_acc") if _same_machine(r, q) else None
+                    for r, q in pairs
                 ],
-                "time_ratio": [_ratio(_final(r, clock), _final(q, clock)) for r, q in pairs],
+                "time_ratio": [
+                    _ratio(_final(r, clock), _final(q, clock)) if _same_machine(r, q) else None
+                    for r, q in pairs
+                ],
+                "cross_machine": [not _same_machine(r, q) for r, q in pairs],
             }
         )
     pooled: list[dict[str, Any]] = []
@@ -276,7 +295,7 @@ def paired_rows(
             "reference": f"all {ref_value}",
             "kind": kind,
         }
-        for k in ("seeds", *_PAIRED_KEYS):
+        for k in ("seeds", "cross_machine", *_PAIRED_KEYS):
             agg[k] = [v for r in members for v in r[k]]
         pooled.append(agg)
     return rows + pooled
@@ -291,6 +310,13 @@ _PAIRED_KEYS = (
 )
 
 
+def _pair_count(row: dict[str, Any]) -> str:
+    """``n`` pairs, or ``same+cross`` when some pairs span two CPU models."""
+    cross = sum(row["cross_machine"])
+    n = len(row["seeds"])
+    return f"{n - cross}+{cross}" if cross else str(n)
+
+
 def format_paired(rows: list[dict[str, Any]], clock: str) -> str:
     """Markdown table of :func:`paired_rows` (differences in percentage points, mean ± std)."""
     if not rows:
@@ -301,13 +327,14 @@ def format_paired(rows: list[dict[str, Any]], clock: str) -> str:
         "initial weights and mask): differences in percentage points (cell minus reference), "
         f"mean ± std over the paired seeds; 'at equal time' = the cell's per-epoch test {kind} "
         f"accuracy at the last epoch it finished by the reference run's final {clock}, minus the "
-        f"reference's final one; time ratio = the cell's final {clock} over the reference's; "
-        "'all X' rows pool every paired seed of the cells with X.\n\n"
+        f"reference's final one; time ratio = the cell's final {clock} over the reference's "
+        "(both time columns leave out pairs recorded on different CPU models: 'pairs' counts "
+        "them after a +); 'all X' rows pool every paired seed of the cells with X.\n\n"
         f"| cell | reference | pairs | Δ eval robust | Δ eval clean | Δ final val {kind} | "
         f"Δ test {kind} at equal time | {clock} ratio |\n" + "| --- " * 8 + "|\n"
     )
     lines = [
-        f"| {r['cell']} | {r['reference']} | {len(r['seeds'])} | "
+        f"| {r['cell']} | {r['reference']} | {_pair_count(r)} | "
         f"{_fmt(r['d_eval_robust'], pct=True)} | {_fmt(r['d_eval_clean'], pct=True)} | "
         f"{_fmt(r['d_val'], pct=True)} | {_fmt(r['d_test_at_time'], pct=True)} | "
         f"{_fmt(r['time_ratio'], digits=2)} |"
@@ -400,11 +427,18 @@ def headline(
             continue
         ref = r["reference"].removeprefix("all ")
         ratio = _fmt(r["time_ratio"], digits=2)
+        cross = sum(r["cross_machine"])
+        left_out = (
+            f" ({cross} pair{'s' * (cross != 1)} recorded on two CPU models left out of the time "
+            "figures)"
+            if cross
+            else ""
+        )
         lines.append(
             f"- `{value}` vs `{ref}`, {n} seed pair{'s' * (n != 1)} in {n_cells} "
             f"cell{'s' * (n_cells != 1)}: {kind} accuracy of the {what} {_points(r[key])} at "
             f"{ratio}x the {when}; at equal {when} (per-epoch test {kind} accuracy where `{ref}` "
-            f"finished) {_points(r['d_test_at_time'])}."
+            f"finished) {_points(r['d_test_at_time'])}{left_out}."
         )
     return "\n".join(lines) + "\n"
 

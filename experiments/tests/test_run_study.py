@@ -273,8 +273,9 @@ def test_shipped_configs_parse(name: str) -> None:
         # BSR-Net rows: sgd and the two agc variants only
         assert {c.optimizer for c in cfgs if c.sparse_method == "bsr"} == {"sgd", "agc"}
         assert len(specs) == 3 * (4 * 5 + 2 * 3)
-        assert [e["name"] for e in study.extra_evals_for(0)] == ["autoattack"]
-        assert study.extra_evals_for(1) == [] and study.eval["n_examples"] == 1000
+        assert [e["name"] for e in study.extra_evals_for(2)] == ["autoattack"]
+        assert study.extra_evals_for(0) == study.extra_evals_for(1) == []
+        assert study.eval["n_examples"] == 1000
         assert {
             (c.optimizer, c.svrg_schedule if c.optimizer == "svrg" else None) for c in cfgs
         } == {
@@ -436,9 +437,20 @@ def test_rebuild_adds_only_the_missing_extra_evaluation(tmp_path: Path, capsys) 
     strong = json.loads(after["eval_strong.json"])
     assert strong["n_examples"] == 6 and 0.0 <= strong["robust_acc"] <= strong["clean_acc"] <= 1.0
 
-    # stored metrics that the rebuilt run does not reproduce: an error, nothing overwritten
+    # stored on another CPU model: refused before any training, nothing overwritten
     shutil.rmtree(runs)
     (spec.result_dir / "eval_strong.json").unlink()
+    other = json.loads(stored["summary.json"])
+    other["machine"]["cpu"] = "Some Other CPU"
+    (spec.result_dir / "summary.json").write_text(json.dumps(other))
+    before = {p.name: p.read_bytes() for p in spec.result_dir.iterdir()}
+    assert main([str(path), "--threads", "1", *roots]) == 2
+    assert "stored on a 'Some Other CPU' CPU" in capsys.readouterr().err
+    assert not runs.exists()
+    assert {p.name: p.read_bytes() for p in spec.result_dir.iterdir()} == before
+    (spec.result_dir / "summary.json").write_bytes(stored["summary.json"])
+
+    # stored metrics that the rebuilt run does not reproduce: an error, nothing overwritten
     rows = _metrics(spec.result_dir)
     rows[1]["val_robust_acc"] += 0.125
     (spec.result_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -256,3 +256,19 @@ def test_headline_numbers_come_from_the_pooled_pairs(tmp_path: Path, capsys) -> 
     assert capsys.readouterr().out.startswith("- `sgd` vs `agc`, 3 seed pairs in 2 cells")
     argv = [str(path), "--results", str(results), "--headline", "sgd"]
     assert main([*argv, "--paired", "agc", "--paired", "sgd"]) == 2
+
+
+def test_pairs_on_two_cpu_models_leave_the_time_figures(tmp_path: Path) -> None:
+    path, results = _write_paired_results(tmp_path)
+    summary = {"versions": {"torch": "x"}, "machine": {"cpu": "Other CPU", "threads": 1}}
+    (results / "toy" / "r90_agc" / "s1" / "summary.json").write_text(json.dumps(summary))
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    cells = collect_cells(study, results)
+    rows = {r["cell"]: r for r in paired_rows(cells, study.baseline, "cpu_time_s")}
+    r = rows["r90_agc"]
+    assert r["cross_machine"] == [False, True]
+    assert r["time_ratio"] == pytest.approx([45 / 30, None])  # seed 1's speeds differ
+    assert r["d_test_at_time"][1] is None and r["d_eval_robust"] == pytest.approx([0.03, -0.02])
+    assert "| r90_agc | r90_sgd | 1+1 |" in format_paired(list(rows.values()), "cpu_time_s")
+    text = headline(list(rows.values()), ["agc"], "cpu_time_s")
+    assert "(1 pair recorded on two CPU models left out of the time figures)." in text
