@@ -612,8 +612,10 @@ def execute(
     return status
 
 
-def _projection(specs: list[RunSpec], statuses: list[str]) -> str:
-    """Mean measured time of the stored runs (training + final evaluation) x remaining runs."""
+def _projection(specs: list[RunSpec], statuses: list[str], study: Study) -> str:
+    """Mean measured time of the stored runs (training + final evaluation) x the runs that still
+    need training; runs missing only an extra evaluation are counted apart (their time is not
+    projected: an extra evaluation, e.g. AutoAttack, costs differently)."""
     times = []
     for spec, st in zip(specs, statuses):
         if st != "done":
@@ -625,12 +627,20 @@ def _projection(specs: list[RunSpec], statuses: list[str]) -> str:
             t += float((e.get("timings") or {}).get("total", 0.0))
         times.append(t)
     left = sum(st != "done" for st in statuses)
+    extra_only = sum(
+        st != "done" and _training_stored(spec, study) for spec, st in zip(specs, statuses)
+    )
+    apart = (
+        f" ({extra_only} of them only for an extra evaluation, not in the projection)"
+        if extra_only
+        else ""
+    )
     if not times:
-        return f"{left} runs remain (no stored run to project their time from)"
+        return f"{left} runs remain{apart} (no stored run to project their time from)"
     mean = statistics.fmean(times)
     return (
-        f"{left} runs remain; stored runs took {mean:.0f} s on average (training + final eval), "
-        f"so about {mean * left / 3600:.2f} CPU-hours remain at that rate"
+        f"{left} runs remain{apart}; stored runs took {mean:.0f} s on average (training + final "
+        f"eval), so about {mean * (left - extra_only) / 3600:.2f} CPU-hours remain at that rate"
     )
 
 
@@ -690,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             for s, st in zip(specs, statuses):
                 print(f"{st:8s} {s.study}/{s.cell}/s{s.seed}")
-            print(_projection(specs, statuses))
+            print(_projection(specs, statuses, study))
             return 0
         t0, n = time.monotonic(), 0
         for s, st in zip(specs, statuses):
@@ -704,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             execute(s, study, threads=args.threads, extra=extra)
             n += 1
         statuses = [run_status(s, study, extra=extra) for s in specs]
-        print(_projection(specs, statuses))
+        print(_projection(specs, statuses, study))
     except UserError as e:
         print(f"run_study: error: {e}", file=sys.stderr)
         return 2

@@ -429,7 +429,10 @@ def test_rebuild_adds_only_the_missing_extra_evaluation(tmp_path: Path, capsys) 
     assert run_status(spec, study) == "rebuild"
     assert run_status(spec, study, extra=False) == "done"
     assert main([str(path), "--dry-run", *roots]) == 0
-    assert "rebuild  tiny/sgd/s0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rebuild  tiny/sgd/s0" in out
+    assert "1 runs remain (1 of them only for an extra evaluation, not in the projection)" in out
+    assert "about 0.00 CPU-hours remain" in out
     assert main([str(path), "--threads", "1", *roots]) == 0
     assert run_status(spec, study) == "done"
     after = {p.name: p.read_bytes() for p in spec.result_dir.iterdir()}
