@@ -29,7 +29,8 @@ remains. One run at a time, in-process, through the library's ``train`` and ``ro
 
 An extra evaluation needs the checkpoint, which lives in the git-ignored run folder and is gone on
 a fresh machine. A stored run whose extra evaluation is missing and whose checkpoint is gone is
-``rebuild``: it is trained again from its seed (a CPU run is bit-for-bit reproducible), the rebuilt
+``rebuild``: it is trained again from its seed (a CPU run is bit-for-bit reproducible on the CPU
+model that recorded it; on another model the driver refuses before training), the rebuilt
 run's metrics must equal the stored ones in every field but the timings (else the driver stops
 with an error and the stored results are kept), and only the missing extra evaluation files are
 added to the stored results: their config, metrics, summary and final evaluation stay as they were.
@@ -463,7 +464,7 @@ def run_status(spec: RunSpec, study: Study, *, extra: bool = True) -> str:
     return "new"
 
 
-def _comparable(folder: Path) -> list[dict[str, Any]]:
+def _comparable(folder: Path) -> list[str]:
     """The per-epoch records of ``folder/metrics.jsonl`` without their timing fields, as JSON
     text per record (so that NaN equals NaN)."""
     rows = []
