@@ -376,8 +376,10 @@ PER_PAIR_MAX = 6  # up to this many pairs, the headline also lists each pair's d
 def _points(values: Sequence[float | None]) -> str:
     """``+mean ± std points (95% CI lo to hi: verdict)`` of accuracy differences (fractions);
     with few pairs, each pair's difference follows."""
-    m, lo, hi = mean_ci(values)
     vals = [v for v in values if v is not None]
+    if not vals:
+        return "- (no pair with this value)"
+    m, lo, hi = mean_ci(vals)
     each = ", ".join(f"{100 * v:+.1f}" for v in vals)
     if math.isinf(lo):
         return f"{100 * m:+.2f} points (one pair: no interval)"

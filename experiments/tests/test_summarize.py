@@ -272,3 +272,7 @@ def test_pairs_on_two_cpu_models_leave_the_time_figures(tmp_path: Path) -> None:
     assert "| r90_agc | r90_sgd | 1+1 |" in format_paired(list(rows.values()), "cpu_time_s")
     text = headline(list(rows.values()), ["agc"], "cpu_time_s")
     assert "(1 pair recorded on two CPU models left out of the time figures)." in text
+    only_cross = {**r, "seeds": [1], "cross_machine": [True], "time_ratio": [None]}
+    only_cross.update(d_eval_robust=[-0.02], d_test_at_time=[None])
+    text = headline([only_cross], ["agc"], "cpu_time_s")
+    assert "-2.00 points (one pair: no interval)" in text and "- (no pair with this value)" in text
