@@ -17,7 +17,10 @@ process's CPU time while training, attacks and AGC refresh included, per-epoch e
 with one thread it is the wall-clock of an idle core, and it stays honest on a shared, loaded
 machine), ``train`` (``train_time_s``, the same span in wall-clock, inflated by other load) or
 ``wall`` (``wall_time_s``, wall-clock including the per-epoch evaluation). Gradient evaluations are
-exact. Extra evaluations of the study (e.g. AutoAttack on seed 0) get their own columns.
+exact. Extra evaluations of the study (e.g. AutoAttack on seed 2) get their own columns;
+``--extra NAME`` prints instead one row per run holding it, next to the final evaluation's robust
+accuracy on the same first test points (its per-point flags), with the points each attack broke
+and the gradient-masking flags that fired.
 
 Paired by seed: runs of one seed share the data order, the initial weights and the initial mask
 whatever the optimizer (``tests/test_pairing.py``), so a third table gives per-seed differences
@@ -56,6 +59,8 @@ __all__ = [
     "mean_ci",
     "headline",
     "machine",
+    "extra_rows",
+    "format_extra",
     "main",
 ]
 
@@ -126,12 +131,111 @@ def _final(run: Run, key: str) -> float | None:
     return run.metrics[-1].get(key) if run.metrics else None
 
 
-def _eval_acc(run: Run, key: str, file: str = "eval.json") -> float | None:
+def _eval_file(run: Run, file: str) -> dict[str, Any] | None:
     for ev in run.evals:
         if Path(str(ev.get("_path", ""))).name == file:
-            v = ev.get(key)
-            return float(v) if isinstance(v, int | float) else None
+            return ev
     return None
+
+
+def _eval_acc(run: Run, key: str, file: str = "eval.json") -> float | None:
+    ev = _eval_file(run, file)
+    v = ev.get(key) if ev is not None else None
+    return float(v) if isinstance(v, int | float) else None
+
+
+def extra_rows(cells: list[CellRuns], name: str) -> list[dict[str, Any]]:
+    """One row per run that holds the extra evaluation ``name`` (``eval_<name>.json``): its clean
+    and robust accuracy on its first ``n`` test points, the final evaluation's (``eval.json``)
+    robust accuracy on the same ``n`` points (from its per-point flags; None when it covers fewer
+    points or stores none), the difference, and the gradient-masking flags that fired."""
+    rows = []
+    for c in cells:
+        for r in c.runs:
+            ex = _eval_file(r, f"eval_{name}.json")
+            if ex is None:
+                continue
+            n = ex.get("n_examples")
+            final = _eval_file(r, "eval.json") or {}
+            flags_pp = final.get("per_point_robust")
+            same = (
+                sum(bool(v) for v in flags_pp[:n]) / n
+                if isinstance(n, int)
+                and n > 0
+                and isinstance(flags_pp, list)
+                and len(flags_pp) >= n
+                else None
+            )
+            robust = _eval_acc(r, "robust_acc", f"eval_{name}.json")
+            rows.append(
+                {
+                    "cell": c.cell,
+                    "seed": r.seed,
+                    "n_examples": n,
+                    "clean": _eval_acc(r, "clean_acc", f"eval_{name}.json"),
+                    "robust": robust,
+                    "final_same_points": same,
+                    "gap": _diff(robust, same),
+                    "flags": sorted(k for k, v in (ex.get("flags") or {}).items() if v),
+                    "broken_by": _broken_by(ex),
+                }
+            )
+    return rows
+
+
+def _broken_by(ev: dict[str, Any]) -> dict[str, int]:
+    """Points each attack stage (or AutoAttack component) broke, the clean stage left out."""
+    out: dict[str, int] = {}
+    for st in ev.get("stages") or []:
+        for part in st.get("components") or [st]:
+            name = str(part.get("name", "")).split("/")[-1]
+            if name != "clean" and isinstance(part.get("n_broken"), int):
+                out[name] = part["n_broken"]
+    return out
+
+
+def _pct1(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def format_extra(rows: list[dict[str, Any]], name: str, final_what: str = "final eval") -> str:
+    """Markdown table of :func:`extra_rows` and one summary line (range and mean of the
+    differences, flags fired)."""
+    if not rows:
+        return f"No run holds the `{name}` evaluation yet.\n"
+    lines = [
+        f"| cell | seed | points | {name} clean | {name} robust | {final_what} robust, same "
+        "points | difference (points) | points broken per attack | flags fired |",
+        "| --- " * 9 + "|",
+    ]
+    for r in rows:
+        gap = "-" if r["gap"] is None else f"{100 * r['gap']:+.1f}"
+        lines.append(
+            f"| {r['cell']} | {r['seed']} | {r['n_examples'] or '-'} | {_pct1(r['clean'])} | "
+            f"{_pct1(r['robust'])} | {_pct1(r['final_same_points'])} | {gap} | "
+            f"{', '.join(f'{k} {v}' for k, v in r['broken_by'].items()) or '-'} | "
+            f"{', '.join(r['flags']) or 'none'} |"
+        )
+    gaps = [r["gap"] for r in rows if r["gap"] is not None]
+    flagged = [r for r in rows if r["flags"]]
+    cells = {r["cell"] for r in rows}
+    summary = f"\n{len(rows)} run{'s' * (len(rows) != 1)} in {len(cells)} cells"
+    if gaps:
+        summary += (
+            f": `{name}` robust accuracy minus the {final_what}'s on the same points "
+            f"{100 * min(gaps):+.1f} to {100 * max(gaps):+.1f} points (mean "
+            f"{100 * statistics.fmean(gaps):+.2f})"
+        )
+    stages: dict[str, int] = {}
+    for r in rows:
+        for k, v in r["broken_by"].items():
+            stages[k] = stages.get(k, 0) + v
+    if stages:
+        summary += "; points broken over all runs: " + ", ".join(
+            f"{k} {v}" for k, v in stages.items()
+        )
+    summary += f"; gradient-masking flags fired in {len(flagged)} run{'s' * (len(flagged) != 1)}.\n"
+    return "\n".join(lines) + "\n" + summary
 
 
 def _partner_cell(cell: CellRuns, cells: list[CellRuns], axis: str, value: str) -> CellRuns:
@@ -561,10 +665,25 @@ def main(argv: list[str] | None = None) -> int:
         "agc-online-frac,agc): its pooled paired differences against the baseline (or the one "
         "--paired value) with 95%% intervals",
     )
+    p.add_argument(
+        "--extra",
+        default=None,
+        metavar="NAME",
+        help="print only the runs holding the study's extra evaluation NAME (e.g. autoattack) "
+        "next to the final evaluation on the same test points",
+    )
     args = p.parse_args(argv)
     try:
         study = load_study(args.study, results_root=Path(args.results))
         cells = collect_cells(study, Path(args.results))
+        if args.extra is not None:
+            names = [e["name"] for e in study.extra_evals]
+            if args.extra not in names:
+                raise UserError(f"{study.name} has no extra evaluation {args.extra!r} ({names})")
+            ev = study.eval or {}
+            what = f"PGD-{ev['pgd_steps']}" if ev.get("pgd_steps") else "final eval"
+            print(format_extra(extra_rows(cells, args.extra), args.extra, what), end="")
+            return 0
         if args.headline is not None:
             if study.baseline is None:
                 raise UserError(f"{study.name} has no baseline to pair with")

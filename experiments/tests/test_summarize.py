@@ -11,7 +11,9 @@ from run_study import expand, load_study
 from summarize import (
     at_time,
     collect_cells,
+    extra_rows,
     first_reaching,
+    format_extra,
     format_paired,
     format_table,
     headline,
@@ -276,3 +278,55 @@ def test_pairs_on_two_cpu_models_leave_the_time_figures(tmp_path: Path) -> None:
     only_cross.update(d_eval_robust=[-0.02], d_test_at_time=[None])
     text = headline([only_cross], ["agc"], "cpu_time_s")
     assert "-2.00 points (one pair: no interval)" in text and "- (no pair with this value)" in text
+
+
+def test_extra_evaluation_against_the_final_one_on_the_same_points(tmp_path: Path, capsys) -> None:
+    """The AutoAttack rows compare with the final evaluation restricted to the extra one's first
+    points (per-point flags), not with its accuracy over all of its points."""
+    path, results = _write_results(tmp_path)
+    # r90_sgd/s0: the final evaluation (8 points) is robust on 6 of them, but on 3 of the first 4
+    d = results / "toy" / "r90_sgd" / "s0"
+    flags = [True, True, False, True, True, True, False, True]
+    (d / "eval.json").write_text(
+        json.dumps({"clean_acc": 1.0, "robust_acc": 0.75, "per_point_robust": flags})
+    )
+    (d / "eval_autoattack.json").write_text(
+        json.dumps(
+            {
+                "n_examples": 4,
+                "clean_acc": 1.0,
+                "robust_acc": 0.5,
+                "flags": {"zero_gradients": False, "square_beats_gradient": True},
+                "stages": [
+                    {"name": "clean", "n_broken": 0},
+                    {
+                        "name": "autoattack",
+                        "n_broken": 2,
+                        "components": [
+                            {"name": "autoattack/apgd-ce", "n_broken": 1},
+                            {"name": "autoattack/square", "n_broken": 1},
+                        ],
+                    },
+                ],
+            }
+        )
+    )
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    rows = {r["cell"]: r for r in extra_rows(collect_cells(study, results), "autoattack")}
+    assert set(rows) == {"r90_sgd", "r90_agc", "r99_sgd", "r99_agc"}  # every seed-0 run holds one
+    r = rows["r90_sgd"]
+    assert r["seed"] == 0 and r["final_same_points"] == pytest.approx(0.75)
+    assert r["gap"] == pytest.approx(-0.25) and r["flags"] == ["square_beats_gradient"]
+    assert rows["r90_agc"]["final_same_points"] is None and rows["r90_agc"]["gap"] is None
+    text = format_extra(list(rows.values()), "autoattack", "PGD-50")
+    row = "| r90_sgd | 0 | 4 | 100.0 | 50.0 | 75.0 | -25.0 | apgd-ce 1, square 1 |"
+    assert row + " square_beats_gradient |" in text
+    assert "-25.0 to -25.0 points" in text and "flags fired in 1 run." in text
+    assert "broken over all runs: apgd-ce 1, square 1;" in text
+    assert format_extra([], "autoattack").startswith("No run holds")
+    STUDY_EXTRA = {**STUDY, "extra_evals": [{"name": "autoattack", "seeds": [0]}], "eval": {}}
+    path.write_text(yaml.safe_dump(STUDY_EXTRA, sort_keys=False))
+    assert main([str(path), "--results", str(results), "--extra", "autoattack"]) == 0
+    assert "| r90_agc | 0 | - | 70.0 | 40.0 | - | - | - | none |" in capsys.readouterr().out
+    assert main([str(path), "--results", str(results), "--extra", "nope"]) == 2
+    assert "no extra evaluation 'nope'" in capsys.readouterr().err
