@@ -331,6 +331,7 @@ def paired_rows(
     baseline: dict[str, str],
     clock: str = "wall_time_s",
     reference: str | None = None,
+    extra: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Per cell, the per-seed differences against the reference cell on the same seed.
 
@@ -345,8 +346,10 @@ def paired_rows(
     final ``clock``, minus the reference's final one: equal training time) and ``time_ratio``
     (the cell's final ``clock`` over the reference's), each a list with one entry per paired seed
     (None where a value is missing). The two time-based entries are None for a pair whose runs
-    were recorded on different CPU models (``cross_machine``: True), whose speeds differ. The
-    reference cell itself is left out. After the cells come
+    were recorded on different CPU models (``cross_machine``: True), whose speeds differ. For each
+    name in ``extra``, ``d_<name>_robust`` holds the differences in that extra evaluation's robust
+    accuracy (``eval_<name>.json``; None where either run lacks it). The reference cell itself is
+    left out. After the cells come
     pooled rows ``all <value>`` for values shared by several cells: every paired seed of those
     cells.
     """
@@ -386,6 +389,16 @@ def paired_rows(
                     for r, q in pairs
                 ],
                 "cross_machine": [not _same_machine(r, q) for r, q in pairs],
+                **{
+                    f"d_{name}_robust": [
+                        _diff(
+                            _eval_acc(r, "robust_acc", f"eval_{name}.json"),
+                            _eval_acc(q, "robust_acc", f"eval_{name}.json"),
+                        )
+                        for r, q in pairs
+                    ]
+                    for name in extra
+                },
             }
         )
     pooled: list[dict[str, Any]] = []
@@ -399,7 +412,7 @@ def paired_rows(
             "reference": f"all {ref_value}",
             "kind": kind,
         }
-        for k in ("seeds", "cross_machine", *_PAIRED_KEYS):
+        for k in ("seeds", "cross_machine", *_PAIRED_KEYS, *(f"d_{n}_robust" for n in extra)):
             agg[k] = [v for r in members for v in r[k]]
         pooled.append(agg)
     return rows + pooled
@@ -500,12 +513,16 @@ def headline(
     values: Sequence[str],
     clock: str,
     eval_spec: dict[str, Any] | None = None,
+    extra_specs: Sequence[dict[str, Any]] = (),
 ) -> str:
     """One markdown bullet per value of the baseline's axis, from :func:`paired_rows`: the pooled
     paired difference in final-evaluation accuracy (robust for a robust target, clean for a clean
     one), the time ratio, and the difference at equal training time, each with its mean ± std over
     the paired seeds and a 95% Student-t interval whose position against zero gives the verdict.
-    A value held by one cell uses that cell's row. Every number is computed from the rows."""
+    A value held by one cell uses that cell's row. For a robust target, each extra evaluation in
+    ``extra_specs`` (the study's entries, e.g. AutoAttack on one seed; ``rows`` from
+    :func:`paired_rows` with their names) whose runs are paired adds its pooled difference.
+    Every number is computed from the rows."""
     if not rows:
         return ""
     kind = rows[0]["kind"]
@@ -540,11 +557,21 @@ def headline(
             if cross
             else ""
         )
+        extras = ""
+        for spec in extra_specs if kind == "robust" else ():
+            vals = [v for v in r.get(f"d_{spec['name']}_robust", []) if v is not None]
+            if vals:
+                seeds = spec.get("seeds")
+                on = f"seed {', '.join(map(str, seeds))}, " if seeds else ""
+                extras += (
+                    f"; under `{spec['name']}` ({on}first {spec.get('n_examples')} test points), "
+                    f"{len(vals)} pair{'s' * (len(vals) != 1)}: {_points(vals)}"
+                )
         lines.append(
             f"- `{value}` vs `{ref}`, {n} seed pair{'s' * (n != 1)} in {n_cells} "
             f"cell{'s' * (n_cells != 1)}: {kind} accuracy of the {what} {_points(r[key])} at "
             f"{ratio}x the {when}; at equal {when} (per-epoch test {kind} accuracy where `{ref}` "
-            f"finished) {_points(r['d_test_at_time'])}{left_out}."
+            f"finished) {_points(r['d_test_at_time'])}{left_out}{extras}."
         )
     return "\n".join(lines) + "\n"
 
@@ -690,9 +717,11 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.paired) > 1:
                 raise UserError("--headline pairs with one reference: give --paired once")
             ref = args.paired[0] if args.paired else None
-            rows = paired_rows(cells, study.baseline, CLOCKS[args.clock], ref)
+            names = [e["name"] for e in study.extra_evals]
+            rows = paired_rows(cells, study.baseline, CLOCKS[args.clock], ref, names)
             values = [v for v in args.headline.split(",") if v]
-            print(headline(rows, values, CLOCKS[args.clock], study.eval), end="")
+            text = headline(rows, values, CLOCKS[args.clock], study.eval, study.extra_evals)
+            print(text, end="")
             return 0
         n = sum(len(c.runs) for c in cells)
         print(f"## {study.name}: {n} stored runs in {sum(bool(c.runs) for c in cells)} cells\n")

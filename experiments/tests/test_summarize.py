@@ -330,3 +330,25 @@ def test_extra_evaluation_against_the_final_one_on_the_same_points(tmp_path: Pat
     assert "| r90_agc | 0 | - | 70.0 | 40.0 | - | - | - | none |" in capsys.readouterr().out
     assert main([str(path), "--results", str(results), "--extra", "nope"]) == 2
     assert "no extra evaluation 'nope'" in capsys.readouterr().err
+
+
+def test_headline_adds_the_paired_extra_evaluation(tmp_path: Path) -> None:
+    """Seed 0 holds AutoAttack: r90 agc 40% vs sgd 30% (+10 points), r99 agc 30% vs 30% (0)."""
+    path, results = _write_results(tmp_path)
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    cells = collect_cells(study, results)
+    rows = paired_rows(cells, study.baseline, "cpu_time_s", extra=["autoattack"])
+    pooled = next(r for r in rows if r["cell"] == "all agc")
+    assert pooled["seeds"] == [0, 1, 0]  # r90: seeds 0 and 1, r99: seed 0
+    vals = pooled["d_autoattack_robust"]
+    assert vals[0] == pytest.approx(0.10) and vals[1] is None and vals[2] == pytest.approx(0.0)
+    r90 = next(r for r in rows if r["cell"] == "r90_agc")
+    assert r90["seeds"] == [0, 1] and r90["d_autoattack_robust"][1] is None  # seed 1 holds none
+    spec = {"name": "autoattack", "seeds": [0], "n_examples": 500}
+    text = headline(rows, ["agc"], "cpu_time_s", None, [spec])
+    assert "; under `autoattack` (seed 0, first 500 test points), 2 pairs: +5.00 ± 7.07" in text
+    assert "pairs +10.0, +0.0)." in text
+    assert "under `autoattack`" not in headline(rows, ["agc"], "cpu_time_s")  # none asked for
+    # no paired extra result: the sentence is left out
+    bare = paired_rows(cells, study.baseline, "cpu_time_s")
+    assert "autoattack" not in headline(bare, ["agc"], "cpu_time_s", None, [spec])
