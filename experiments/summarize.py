@@ -60,6 +60,7 @@ __all__ = [
     "headline",
     "machine",
     "extra_rows",
+    "flagged_runs",
     "format_extra",
     "main",
 ]
@@ -653,6 +654,19 @@ def _extra_cells(runs: Sequence[Run], name: str) -> str:
     return f" | {_fmt(clean, pct=True)} | {_fmt(robust, pct=True)} ({k})"
 
 
+def flagged_runs(cells: list[CellRuns], file: str = "eval.json") -> list[str]:
+    """``cell/s<seed> (flag, ...)`` for every run whose evaluation ``file`` raised a
+    gradient-masking flag (in the study's cell order)."""
+    out = []
+    for c in cells:
+        for r in c.runs:
+            ev = _eval_file(r, file)
+            fired = sorted(k for k, v in ((ev or {}).get("flags") or {}).items() if v)
+            if fired:
+                out.append(f"{c.cell}/s{r.seed} ({', '.join(fired)})")
+    return out
+
+
 def _hardware(cells: list[CellRuns]) -> str:
     seen = set()
     for c in cells:
@@ -729,6 +743,13 @@ def main(argv: list[str] | None = None) -> int:
         clock = CLOCKS[args.clock]
         names = [e["name"] for e in study.extra_evals]
         print(format_table(cells, study.baseline, clock=clock, extra_evals=names), end="")
+        flagged = flagged_runs(cells)
+        if any(r.evals for c in cells for r in c.runs):
+            print(
+                "\nGradient-masking flags of the final evaluation (`eval.json`): "
+                + (", ".join(flagged) if flagged else "none fired")
+                + ".\n"
+            )
         if study.baseline is not None:
             for ref in [None, *args.paired]:
                 print(format_paired(paired_rows(cells, study.baseline, clock, ref), clock), end="")

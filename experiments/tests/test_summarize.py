@@ -13,6 +13,7 @@ from summarize import (
     collect_cells,
     extra_rows,
     first_reaching,
+    flagged_runs,
     format_extra,
     format_paired,
     format_table,
@@ -324,6 +325,9 @@ def test_extra_evaluation_against_the_final_one_on_the_same_points(tmp_path: Pat
     assert "-25.0 to -25.0 points" in text and "flags fired in 1 run." in text
     assert "broken over all runs: apgd-ce 1, square 1;" in text
     assert format_extra([], "autoattack").startswith("No run holds")
+    cells = collect_cells(study, results)
+    assert flagged_runs(cells, "eval_autoattack.json") == ["r90_sgd/s0 (square_beats_gradient)"]
+    assert flagged_runs(cells) == []
     STUDY_EXTRA = {**STUDY, "extra_evals": [{"name": "autoattack", "seeds": [0]}], "eval": {}}
     path.write_text(yaml.safe_dump(STUDY_EXTRA, sort_keys=False))
     assert main([str(path), "--results", str(results), "--extra", "autoattack"]) == 0
