@@ -615,8 +615,8 @@ def execute(
 
 def _projection(specs: list[RunSpec], statuses: list[str], study: Study) -> str:
     """Mean measured time of the stored runs (training + final evaluation) x the runs that still
-    need training; runs missing only an extra evaluation are counted apart (their time is not
-    projected: an extra evaluation, e.g. AutoAttack, costs differently)."""
+    need training; runs missing only an extra evaluation are counted and named apart (their time
+    is not projected: an extra evaluation, e.g. AutoAttack, costs differently)."""
     times = []
     for spec, st in zip(specs, statuses):
         if st != "done":
@@ -628,11 +628,15 @@ def _projection(specs: list[RunSpec], statuses: list[str], study: Study) -> str:
             t += float((e.get("timings") or {}).get("total", 0.0))
         times.append(t)
     left = sum(st != "done" for st in statuses)
-    extra_only = sum(
-        st != "done" and _training_stored(spec, study) for spec, st in zip(specs, statuses)
-    )
+    extra_runs = [
+        f"{spec.cell}/s{spec.seed}"
+        for spec, st in zip(specs, statuses)
+        if st != "done" and _training_stored(spec, study)
+    ]
+    extra_only = len(extra_runs)
     apart = (
-        f" ({extra_only} of them only for an extra evaluation, not in the projection)"
+        f" ({extra_only} of them only for an extra evaluation, not in the projection: "
+        f"{', '.join(extra_runs)})"
         if extra_only
         else ""
     )

@@ -431,7 +431,8 @@ def test_rebuild_adds_only_the_missing_extra_evaluation(tmp_path: Path, capsys) 
     assert main([str(path), "--dry-run", *roots]) == 0
     out = capsys.readouterr().out
     assert "rebuild  tiny/sgd/s0" in out
-    assert "1 runs remain (1 of them only for an extra evaluation, not in the projection)" in out
+    assert "1 runs remain (1 of them only for an extra evaluation, not in the projection: " in out
+    assert "projection: sgd/s0)" in out
     assert "about 0.00 CPU-hours remain" in out
     assert main([str(path), "--threads", "1", *roots]) == 0
     assert run_status(spec, study) == "done"
