@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from run_study import RESULTS_ROOT, RUNS_ROOT, RunSpec, Study, expand, load_study
+from run_study import RESULTS_ROOT, RUNS_ROOT, RunSpec, Study, expand, extra_eval_file, load_study
 
 from robust_agc.errors import UserError
 from robust_agc.report import Run, load_run, mean_std
@@ -153,7 +153,7 @@ def extra_rows(cells: list[CellRuns], name: str) -> list[dict[str, Any]]:
     rows = []
     for c in cells:
         for r in c.runs:
-            ex = _eval_file(r, f"eval_{name}.json")
+            ex = _eval_file(r, extra_eval_file({"name": name}))
             if ex is None:
                 continue
             n = ex.get("n_examples")
@@ -167,21 +167,26 @@ def extra_rows(cells: list[CellRuns], name: str) -> list[dict[str, Any]]:
                 and len(flags_pp) >= n
                 else None
             )
-            robust = _eval_acc(r, "robust_acc", f"eval_{name}.json")
+            robust = _eval_acc(r, "robust_acc", extra_eval_file({"name": name}))
             rows.append(
                 {
                     "cell": c.cell,
                     "seed": r.seed,
                     "n_examples": n,
-                    "clean": _eval_acc(r, "clean_acc", f"eval_{name}.json"),
+                    "clean": _eval_acc(r, "clean_acc", extra_eval_file({"name": name})),
                     "robust": robust,
                     "final_same_points": same,
                     "gap": _diff(robust, same),
-                    "flags": sorted(k for k, v in (ex.get("flags") or {}).items() if v),
+                    "flags": _fired(ex),
                     "broken_by": _broken_by(ex),
                 }
             )
     return rows
+
+
+def _fired(ev: dict[str, Any]) -> list[str]:
+    """The gradient-masking flags an evaluation record raised, sorted."""
+    return sorted(k for k, v in (ev.get("flags") or {}).items() if v)
 
 
 def _broken_by(ev: dict[str, Any]) -> dict[str, int]:
@@ -393,8 +398,8 @@ def paired_rows(
                 **{
                     f"d_{name}_robust": [
                         _diff(
-                            _eval_acc(r, "robust_acc", f"eval_{name}.json"),
-                            _eval_acc(q, "robust_acc", f"eval_{name}.json"),
+                            _eval_acc(r, "robust_acc", extra_eval_file({"name": name})),
+                            _eval_acc(q, "robust_acc", extra_eval_file({"name": name})),
                         )
                         for r, q in pairs
                     ]
@@ -647,7 +652,7 @@ def format_table(
 
 
 def _extra_cells(runs: Sequence[Run], name: str) -> str:
-    file = f"eval_{name}.json"
+    file = extra_eval_file({"name": name})
     clean = [_eval_acc(r, "clean_acc", file) for r in runs]
     robust = [_eval_acc(r, "robust_acc", file) for r in runs]
     k = sum(v is not None for v in robust)
@@ -661,7 +666,7 @@ def flagged_runs(cells: list[CellRuns], file: str = "eval.json") -> list[str]:
     for c in cells:
         for r in c.runs:
             ev = _eval_file(r, file)
-            fired = sorted(k for k, v in ((ev or {}).get("flags") or {}).items() if v)
+            fired = _fired(ev or {})
             if fired:
                 out.append(f"{c.cell}/s{r.seed} ({', '.join(fired)})")
     return out
