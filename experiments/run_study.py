@@ -633,11 +633,10 @@ def _projection(specs: list[RunSpec], statuses: list[str], study: Study) -> str:
         for spec, st in zip(specs, statuses)
         if st != "done" and _training_stored(spec, study)
     ]
-    extra_only = len(extra_runs)
     apart = (
-        f" ({extra_only} of them only for an extra evaluation, not in the projection: "
+        f" ({len(extra_runs)} of them only for an extra evaluation, not in the projection: "
         f"{', '.join(extra_runs)})"
-        if extra_only
+        if extra_runs
         else ""
     )
     if not times:
@@ -645,7 +644,7 @@ def _projection(specs: list[RunSpec], statuses: list[str], study: Study) -> str:
     mean = statistics.fmean(times)
     return (
         f"{left} runs remain{apart}; stored runs took {mean:.0f} s on average (training + final "
-        f"eval), so about {mean * (left - extra_only) / 3600:.2f} CPU-hours remain at that rate"
+        f"eval), so about {mean * (left - len(extra_runs)) / 3600:.2f} CPU-hours remain at that rate"
     )
 
 

@@ -151,9 +151,10 @@ def extra_rows(cells: list[CellRuns], name: str) -> list[dict[str, Any]]:
     robust accuracy on the same ``n`` points (from its per-point flags; None when it covers fewer
     points or stores none), the difference, and the gradient-masking flags that fired."""
     rows = []
+    file = extra_eval_file({"name": name})
     for c in cells:
         for r in c.runs:
-            ex = _eval_file(r, extra_eval_file({"name": name}))
+            ex = _eval_file(r, file)
             if ex is None:
                 continue
             n = ex.get("n_examples")
@@ -167,13 +168,13 @@ def extra_rows(cells: list[CellRuns], name: str) -> list[dict[str, Any]]:
                 and len(flags_pp) >= n
                 else None
             )
-            robust = _eval_acc(r, "robust_acc", extra_eval_file({"name": name}))
+            robust = _eval_acc(r, "robust_acc", file)
             rows.append(
                 {
                     "cell": c.cell,
                     "seed": r.seed,
                     "n_examples": n,
-                    "clean": _eval_acc(r, "clean_acc", extra_eval_file({"name": name})),
+                    "clean": _eval_acc(r, "clean_acc", file),
                     "robust": robust,
                     "final_same_points": same,
                     "gap": _diff(robust, same),
@@ -362,6 +363,7 @@ def paired_rows(
     ref_value = baseline["value"] if reference is None else reference
     axis = baseline["axis"]
     kind = _kind(baseline)
+    extra_files = {name: extra_eval_file({"name": name}) for name in extra}
     rows = []
     for cell in cells:
         ref = _partner_cell(cell, cells, axis, ref_value)
@@ -397,13 +399,10 @@ def paired_rows(
                 "cross_machine": [not _same_machine(r, q) for r, q in pairs],
                 **{
                     f"d_{name}_robust": [
-                        _diff(
-                            _eval_acc(r, "robust_acc", extra_eval_file({"name": name})),
-                            _eval_acc(q, "robust_acc", extra_eval_file({"name": name})),
-                        )
+                        _diff(_eval_acc(r, "robust_acc", file), _eval_acc(q, "robust_acc", file))
                         for r, q in pairs
                     ]
-                    for name in extra
+                    for name, file in extra_files.items()
                 },
             }
         )
