@@ -1140,6 +1140,11 @@ def _run_counted(
 
         pgd()  # fail early when the attacks package is missing
     pgd_subset: list[int] = []
+    if "pgd" in state.done:
+        # Resumed after the PGD stage: its targets were the points no earlier unit broke (the
+        # convergence check below re-runs PGD on the first 64 of them, as an uninterrupted run does).
+        later = set(units[units.index("pgd") :])
+        pgd_subset = [i for i, b in enumerate(state.broken_by) if b is None or b in later][:64]
 
     for unit in units:
         if unit in state.done:
