@@ -8,12 +8,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from pyautoattack import AutoAttack
 from torch import nn
 
 from robust_agc import eval as ev
 from robust_agc.checks import GradientMaskingWarning
 from robust_agc.errors import UserError
+
+from .test_autoattack_parity import _check_parity, _harness, _reference
 
 CHEAP = ["apgd-ce", "apgd-t"]  # AutoAttack components for the default (fast) suite
 
@@ -248,34 +249,18 @@ def test_per_point_worst_case_and_clean_starts(fmnist_tiny, mlp, monkeypatch, fa
 # ------------------------------------------------------------------------ pyautoattack parity
 
 
-def _direct(model, x, y, eps, version, batch_size, shrink=False):
-    if isinstance(version, list):
-        aa = AutoAttack(model, attacks=version, version="custom", eps=eps, norm="Linf", seed=0)
-    else:
-        aa = AutoAttack(model, version=version, eps=eps, norm="Linf", seed=0)
-    if shrink:
-        _shrink(aa)
-    _, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-    return (y_adv == y).tolist()
-
-
-def test_identical_flags_to_pyautoattack_custom(fmnist_tiny, mlp, fast_aa):
+def test_trained_network_parity_per_component(fmnist_tiny, mlp, fast_aa):
+    """On a trained network and real images too, in chunks of 5: every chunk's returned images,
+    which component broke each point, and per component the points attacked and the model passes
+    spent, as in pyautoattack's own run_standard_evaluation (same budgets). Every component of
+    every version, each one breaking points only it can: tests/test_autoattack_parity.py."""
     x, y = _points(fmnist_tiny, 12)
-    eps = 0.02
-    res = ev.benchmark(mlp, x=x, y=y, eps=eps, version=CHEAP, batch_size=5, progress=False)
-    direct = _direct(mlp, x, y, eps, CHEAP, batch_size=5, shrink=True)
-    assert res.robust_flags.tolist() == direct
+    ref = _reference(mlp, x, y, CHEAP, batch_size=5, budgets=_shrink, eps=0.02)
+    run = _harness(mlp, x, y, CHEAP, batch_size=5, eps=0.02)
+    _check_parity(run, ref, CHEAP, len(y))
+    res = run[0]
     assert 0 < res.robust_acc < res.clean_acc  # some points broken, some robust: a real check
-
-
-@pytest.mark.slow
-def test_identical_flags_to_pyautoattack_standard(fmnist_tiny, mlp):
-    x, y = _points(fmnist_tiny, 10)
-    eps = 0.02
-    res = ev.benchmark(mlp, x=x, y=y, eps=eps, version="standard", progress=False)
-    direct = _direct(mlp, x, y, eps, "standard", batch_size=256)
-    assert res.robust_flags.tolist() == direct
-    assert res.n_attacked["autoattack/apgd-ce"] > 0  # the attacks really ran
+    assert res.n_attacked["autoattack/apgd-t"] > 0
 
 
 # ------------------------------------------------------------------------ flags
@@ -701,6 +686,10 @@ def _interrupting(monkeypatch, at_name: str, at_call: int):
 
 @pytest.mark.parametrize(("at_name", "at_call"), [("apgd-t", 1), ("apgd-ce", 2)])
 def test_state_file_resume(fmnist_tiny, mlp, tmp_path, monkeypatch, at_name, at_call, fast_aa):
+    """Stopped before a known chunk, the file holds the chunks done; the rerun runs only the chunks
+    left and returns the uninterrupted record, counts included (verdicts, accuracies, attacked and
+    broken counts, model passes); the recount skips the points broken in the first session, says
+    how many, and agrees. (Every saved state, crashes mid-chunk: tests/test_eval_resume.py.)"""
     x, y = _points(fmnist_tiny, 8)
     kw = {"x": x, "y": y, "eps": 0.02, "version": CHEAP, "batch_size": 3, "progress": False}
     ref = ev.benchmark(mlp, **kw)
@@ -710,14 +699,32 @@ def test_state_file_resume(fmnist_tiny, mlp, tmp_path, monkeypatch, at_name, at_
         with pytest.raises(Interrupt):
             ev.benchmark(mlp, state_file=state, **kw)
     saved = json.loads(state.read_text())
-    assert "clean" in saved["done"]
+    if at_name == "apgd-t":  # stopped before APGD-T's first chunk: APGD-CE finished
+        assert saved["done"] == ["clean", "autoattack/apgd-ce"] and saved["current"] is None
+    else:  # stopped before APGD-CE's second chunk: one chunk done
+        assert saved["done"] == ["clean"]
+        assert saved["current"]["unit"] == "autoattack/apgd-ce"
+        assert saved["current"]["batches_done"] == at_call - 1
+    n_past = sum(b not in (None, "clean") for b in saved["broken_by"])
+    assert n_past == sum(saved["n_broken"].get(u, 0) for u in saved["n_broken"] if u != "clean")
     calls = _interrupting(monkeypatch, "none", 0)
     res = ev.benchmark(mlp, state_file=state, **kw)
+    assert res.broken_by == ref.broken_by
     assert res.robust_flags.tolist() == ref.robust_flags.tolist()
-    assert res.component_acc == ref.component_acc
+    assert res.component_acc == ref.component_acc and res.stage_acc == ref.stage_acc
+    assert res.n_attacked == ref.n_attacked and res.n_broken == ref.n_broken
+    assert res.passes == ref.passes  # summed over the two sessions, nothing counted twice
+    assert res.robust_acc_repredicted == ref.robust_acc_repredicted == res.robust_acc
+    assert res.flags == ref.flags and res.flags["count_disagreement"] is False
+    details = res.flag_details["count_disagreement"]
+    assert details["n_disagree"] == 0 and details.get("n_not_repredicted", 0) == n_past
+    assert "n_not_repredicted" not in ref.flag_details["count_disagreement"]
     assert any("resumed" in n for n in res.notes)
     n_ce_chunks = -(-ref.n_attacked["autoattack/apgd-ce"] // 3)
+    n_t_chunks = -(-ref.n_attacked["autoattack/apgd-t"] // 3)
+    assert calls.count("apgd-t") == n_t_chunks
     if at_name == "apgd-t":
+        assert n_past > 0  # the recount really had points without an adversarial image
         assert "apgd-ce" not in calls  # the finished stage is not repeated
     else:
         assert calls.count("apgd-ce") == n_ce_chunks - 1  # only the unfinished chunks run
@@ -738,14 +745,20 @@ def test_state_file_refuses_other_evaluation(fmnist_tiny, mlp, tmp_path, change)
     x, y = _points(fmnist_tiny, 6)
     kw = {"x": x, "y": y, "eps": 0.02, "attacks": "clean", "batch_size": 4, "progress": False}
     state = tmp_path / "s.json"
-    ev.benchmark(mlp, state_file=state, **kw)
+    first = ev.benchmark(mlp, state_file=state, **kw)
+    text = state.read_text()
     kw2 = dict(kw)
+    change = dict(change)
     if change.pop("points", False):
         kw2["x"] = x.flip(0)
     kw2.update(change)
     with pytest.raises(UserError, match="another evaluation"):
         ev.benchmark(mlp, state_file=state, **kw2)
-    ev.benchmark(mlp, state_file=state, **kw)  # the same evaluation resumes
+    assert state.read_text() == text  # the refused run left the file alone
+    again = ev.benchmark(mlp, state_file=state, **kw)  # the same evaluation resumes (finished)
+    assert any("resumed" in n for n in again.notes)
+    assert again.robust_flags.tolist() == first.robust_flags.tolist()
+    assert again.clean_acc == first.clean_acc and again.passes == first.passes
 
 
 def test_state_file_refuses_other_model(fmnist_tiny, mlp, tmp_path):
