@@ -1,0 +1,180 @@
+"""AGC's extra passes with mixed-precision loss scaling, the functional view's mode forwarding, and
+the telemetry the trainer logs.
+
+``refresh(loss_scale=s)`` and ``snapshot_backward(loss_scale=s)`` must store gradients on the scale
+of unscaled ones; a refresh batch whose scaled gradient overflows while its loss is finite is
+differentiated again at half the scale, down to 1; a closure that switches the module it is given
+to eval mode switches the model (the view forwards ``train()``/``eval()``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robust_agc.optim import AGC
+from robust_agc.optim.agc import _all_finite
+
+
+def _net(bn: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(6, 8)]
+    if bn:
+        layers.append(nn.BatchNorm1d(8))
+    layers += [nn.Tanh(), nn.Linear(8, 3)]
+    return nn.Sequential(*layers)
+
+
+def _data(n: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _ce(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(m(x), y)
+
+
+def _refreshed(scale: float | None) -> tuple[nn.Module, AGC]:
+    model = _net()
+    x, y = _data()
+    opt = AGC(model.parameters(), lr=0.1)
+    opt.refresh(model, [(x[:12], y[:12]), (x[12:], y[12:])], _ce, loss_scale=scale)
+    return model, opt
+
+
+def test_all_finite():
+    assert _all_finite([])
+    assert _all_finite([torch.ones(3), torch.zeros(2, 2)])
+    for bad in (math.inf, -math.inf, math.nan):
+        t = torch.zeros(4)
+        t[2] = bad
+        assert not _all_finite([torch.ones(2), t]), bad
+
+
+def test_scaled_refresh_and_snapshot_gradients_are_on_the_unscaled_scale():
+    x, y = _data()
+    ref_model, ref = _refreshed(None)
+    model, opt = _refreshed(2.0**12)
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(opt.state[q]["full_grad"], ref.state[p]["full_grad"])
+        assert opt.state[q]["full_grad"].abs().max() > 0
+    ref.snapshot_backward(ref_model, lambda m: _ce(m, x, y))
+    opt.snapshot_backward(model, lambda m: _ce(m, x, y), loss_scale=2.0**12)
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(opt.state[q]["snap_grad"], ref.state[p]["snap_grad"])
+
+
+def test_an_overflowing_refresh_batch_is_retried_at_half_the_scale():
+    """At 2**140 the scaled float32 loss overflows: the refresh halves the scale until the gradient
+    is finite, and ``mu`` is then the unscaled mean gradient."""
+    ref_model, ref = _refreshed(None)
+    model, opt = _refreshed(2.0**140)
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        mu = opt.state[q]["full_grad"]
+        assert torch.isfinite(mu).all()
+        torch.testing.assert_close(mu, ref.state[p]["full_grad"], rtol=1e-5, atol=1e-7)
+
+
+class _Sqrt(nn.Module):
+    """A loss that is finite at 0 while its gradient is not (d sqrt(w) / dw = inf at w = 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.w).sum() + 0 * x.sum()
+
+
+def test_a_gradient_that_is_never_finite_stops_at_scale_one():
+    model = _Sqrt()
+    opt = AGC(model.parameters(), lr=0.1)
+    x = torch.zeros(4, 1)
+    opt.refresh(model, [(x,), (x,)], lambda m, xb: m(xb), loss_scale=8.0)
+    mu = opt.state[model.w]["full_grad"]
+    assert torch.isinf(mu).all() and (mu > 0).all()  # scale 1 kept: inf, not the NaN of scale 0
+
+
+def test_a_closure_can_switch_the_model_to_eval_mode():
+    """The view forwards ``eval()`` to the model: the refresh computes with BatchNorm's running
+    statistics, as ``model.eval()`` would, and the model is left in eval mode."""
+    x, y = _data()
+    model = _net(bn=True)
+    with torch.no_grad():
+        model(x * 2 + 1)  # running statistics that differ from the batch's
+    model.train()
+
+    def eval_ce(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        assert m.eval() is m
+        return _ce(m, xb, yb)
+
+    opt = AGC(model.parameters(), lr=0.1)
+    opt.refresh(model, [(x, y)], eval_ce)
+    assert not model.training
+    expected = torch.autograd.grad(_ce(model, x, y), list(model.parameters()))
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(opt.state[p]["full_grad"], g)
+    model.train()
+    train_grad = torch.autograd.grad(_ce(model, x, y), list(model.parameters()))
+    assert not torch.allclose(train_grad[0], expected[0])  # the mode made a difference
+
+
+def test_the_view_forwards_train_and_eval_and_reports_its_mode():
+    x, y = _data()
+    model = _net(bn=True)
+    seen: list[tuple[bool, bool]] = []
+
+    def ce(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        m.eval()
+        seen.append((m.training, model.training))
+        m.train()
+        seen.append((m.training, model.training))
+        return _ce(m, xb, yb)
+
+    AGC(model.parameters(), lr=0.1).refresh(model, [(x, y)], ce)
+    assert seen == [(False, False), (True, True)]
+
+
+def test_telemetry_reports_every_scalar_under_its_name():
+    """The exact keys and values of ``telemetry()`` for both estimators (the trainer logs them)."""
+    x, y = _data()
+    for estimator in ("grad-online", "loss-slope"):
+        model = _net()
+        opt = AGC(model.parameters(), lr=0.1, estimator=estimator, gamma=0.5, tau_init=0.3)
+        before = opt.telemetry()
+        assert before["agc_has_snapshot"] == 0.0 and before["agc_refreshes"] == 0.0
+        batches = [(x[:12], y[:12]), (x[12:], y[12:])]
+        opt.refresh(model, batches, _ce)
+        for _ in range(3):
+            opt.zero_grad()
+            _ce(model, x, y).backward()
+            opt.snapshot_backward(model, lambda m: _ce(m, x, y))
+            opt.step()
+        if estimator == "loss-slope":
+            opt.refresh(model, batches, _ce)
+        tel = opt.telemetry()
+        expected = {
+            "agc_tau": opt.tau,
+            "agc_tau_now": opt.tau_now,
+            "agc_coef": 0.5 * opt.tau,
+            "agc_refreshes": float(opt.num_refreshes),
+            "agc_steps": 3.0,
+            "agc_has_snapshot": 1.0,
+            "refresh_batches": 2.0,
+            "refresh_examples": 24.0,
+            "refresh_grad_evals": 24.0,
+            "refresh_forwards": 24.0 if estimator == "loss-slope" else 0.0,
+        }
+        if estimator == "grad-online":
+            online = opt.state_dict()["agc"]
+            expected["agc_online_estimate"] = float(online["online_dot"] / online["online_sq"])
+            assert math.isfinite(expected["agc_online_estimate"])
+        else:
+            assert math.isfinite(tel["agc_tau_now"]) and tel["agc_tau"] != 0.3
+        time_s = tel.pop("refresh_time_s")
+        assert 0 < time_s < 60
+        assert tel == pytest.approx(expected, nan_ok=True), estimator
