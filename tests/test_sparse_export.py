@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from robust_agc.models import create_model
+from robust_agc.optim import AGC
 from robust_agc.sparse import (
     apply_masks,
     create_scheduler,
@@ -131,11 +132,10 @@ def test_invalid_layout() -> None:
 
 # --------------------------------------------------------------------- AGC under masks
 def test_agc_with_rigl_keeps_zero_invariants_and_uses_dense_gradient() -> None:
-    agc_mod = pytest.importorskip("robust_agc.optim")
     torch.manual_seed(0)
     model = TinyNet()
     masks = apply_masks(model, sparsity=0.8, distribution="erk", generator=0)
-    opt = agc_mod.AGC(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, gamma=0.5)
+    opt = AGC(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3, gamma=0.5)
     masks.attach(opt)
     sched = create_scheduler("rigl", masks, total_steps=40, update_interval=4, optimizer=opt)
     x, y = make_data(64)

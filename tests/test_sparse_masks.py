@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from scipy import stats
 from torch import nn
 
 from robust_agc.models import create_model
@@ -104,6 +105,7 @@ def test_erk_favours_small_layers() -> None:
 # --------------------------------------------------------------------- buffers
 def test_masks_are_bool_buffers_on_owner_modules_only() -> None:
     model = TinyNet()
+    before = copy.deepcopy(model)
     masks = apply_masks(model, sparsity=0.5, distribution="uniform", generator=0)
     sd = model.state_dict()
     assert set(k for k in sd if k.endswith("weight_mask")) == {
@@ -115,25 +117,72 @@ def test_masks_are_bool_buffers_on_owner_modules_only() -> None:
     assert not any("ever" in k for k in sd)  # the ever-active record is not persistent
     assert masks.names == ["conv", "fc1", "fc2"]
     assert not hasattr(model.bn, "weight_mask") and not hasattr(model.bn1, "weight_mask")
-    # Biases are not masked.
-    assert torch.all(model.fc1.bias != 0) or model.fc1.bias.abs().sum() > 0
+    # Only the conv/linear weights change: every bias and normalization parameter is kept as it
+    # was, value for value (neither masked nor rescaled), and no bias has a mask.
+    for (name, p), p0 in zip(model.named_parameters(), before.parameters()):
+        if name in ("conv.weight", "fc1.weight", "fc2.weight"):
+            assert not torch.equal(p, p0), name
+        else:
+            assert torch.equal(p, p0), name
+    assert not any("bias_mask" in k for k in sd)
 
 
-def test_masks_are_exact_topk_and_seeded() -> None:
-    a = apply_masks(TinyNet(), sparsity=0.7, distribution="uniform", generator=3)
-    b = apply_masks(TinyNet(), sparsity=0.7, distribution="uniform", generator=3)
-    c = apply_masks(TinyNet(), sparsity=0.7, distribution="uniform", generator=4)
-    for ma, mb in zip(a.masks(), b.masks()):
-        assert torch.equal(ma, mb)
-    assert any(not torch.equal(ma, mc) for ma, mc in zip(a.masks(), c.masks()))
-    # Reference: top-k of torch.rand scores drawn from the same generator, layer by layer.
-    g = torch.Generator().manual_seed(3)
-    for w, m in zip(a.weights(), a.masks()):
-        k = int(m.sum())
-        scores = torch.rand(w.numel(), generator=g)
-        ref = torch.zeros(w.numel(), dtype=torch.bool)
-        ref[torch.topk(scores, k).indices] = True
-        assert torch.equal(ref.view(w.shape), m)
+@pytest.mark.parametrize("distribution", ["uniform", "er", "erk"])
+def test_masks_have_exact_counts_and_are_seeded(distribution: str) -> None:
+    """Each layer keeps exactly its layer_counts() weights; the same seed gives the same masks,
+    another seed (or the continued stream of a Generator) other masks in every layer."""
+
+    def draw(generator):
+        return apply_masks(TinyNet(), sparsity=0.7, distribution=distribution, generator=generator)
+
+    a, b, c = draw(3), draw(3), draw(4)
+    shapes = [tuple(w.shape) for w in a.weights()]
+    assert [int(m.sum()) for m in a.masks()] == layer_counts(shapes, 0.3, distribution)
+    assert [int(m.sum()) for m in c.masks()] == layer_counts(shapes, 0.3, distribution)
+    assert all(torch.equal(ma, mb) for ma, mb in zip(a.masks(), b.masks())), "same seed"
+    dense = [int(m.sum()) == m.numel() for m in a.masks()]  # ERK may make a small layer dense
+    assert not all(dense)
+    same = [not d and torch.equal(ma, mc) for d, ma, mc in zip(dense, a.masks(), c.masks())]
+    assert not any(same), f"seeds 3 and 4 give the same mask in layers {same}"
+    gen = torch.Generator().manual_seed(3)
+    first, second = draw(gen), draw(gen)  # the stream continues: new masks
+    assert all(torch.equal(ma, mf) for ma, mf in zip(a.masks(), first.masks())), "Generator(3)"
+    same = [
+        not d and torch.equal(m1, m2) for d, m1, m2 in zip(dense, first.masks(), second.masks())
+    ]
+    assert not any(same), f"a continued Generator repeats the mask in layers {same}"
+
+
+def test_masks_are_uniformly_random_k_subsets() -> None:
+    """The documented contract: each layer's mask is the top-k of i.i.d. uniform scores, i.e. a
+    uniformly random k-subset, drawn independently per layer. Over 400 seeds: exact counts every
+    time (never Bernoulli); every position kept equally often (chi-square); neighbouring positions
+    (along a row and down a column) and the same position of two layers kept together as often
+    as for independent uniform subsets (a block, a repeated row or a shared draw fails)."""
+    seeds, sparsity = 400, 0.7
+    drawn: list[list[torch.Tensor]] = [[], []]
+    for seed in range(seeds):
+        model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+        masks = apply_masks(model, sparsity=sparsity, distribution="uniform", generator=seed)
+        for acc, m in zip(drawn, masks.masks()):
+            acc.append(m.clone())
+    stacks = [torch.stack(ms).double() for ms in drawn]  # (seeds, out, in)
+    for st in stacks:
+        n = st[0].numel()
+        k = round((1 - sparsity) * n)
+        assert torch.all(st.flatten(1).sum(1) == k)  # exact count in every draw
+        p = k / n
+        kept = st.sum(0).flatten()  # how often each position was kept
+        q = float(((kept - seeds * p) ** 2).sum() / (seeds * p * (1 - p))) * (n - 1) / n
+        assert stats.chi2(n - 1).sf(q) > 1e-4, (q, n)
+        both = k * (k - 1) / (n * (n - 1))  # P(two given positions are both kept)
+        along_row = (st[:, :, 1:] * st[:, :, :-1]).mean()
+        down_column = (st[:, 1:] * st[:, :-1]).mean()
+        assert abs(float(along_row) - both) < 0.01, (float(along_row), both)
+        assert abs(float(down_column) - both) < 0.01, (float(down_column), both)
+    # layers are drawn independently: the first 60 positions of each are kept together p1 * p2
+    a, b = stacks[0].flatten(1)[:, :60], stacks[1].flatten(1)
+    assert abs(float((a * b).mean()) - 0.3 * 0.3) < 0.01
 
 
 def test_global_rng_seeds_when_no_generator() -> None:
