@@ -5,6 +5,7 @@ CPU autocast runs both dtypes here (float16 slowly: its runs are kept to a few d
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -193,18 +194,25 @@ def test_fp16_skipped_steps_leave_the_topology_alone_and_weights_finite(splits):
 )
 def test_amp_resume_continues_bit_identically(splits, tmp_path, amp, kw):
     """On CPU, an interrupted mixed-precision run resumed from last.pt ends with the weights and
-    metrics of an uninterrupted one; float16 restores the loss scaler's state."""
+    metrics of an uninterrupted one; float16 restores the loss scaler's state; the per-epoch
+    evaluation attack's generator continues where the interrupted run left it."""
     data = _small(splits, 64 if amp == "bf16" else 8)
     cfg = _cfg(amp=amp, **{"batch_size": 16, **kw})
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     ref.mkdir(), cut.mkdir()
-    Trainer(cfg, splits=data).fit(ref)
+    uninterrupted = Trainer(cfg, splits=data)
+    uninterrupted.fit(ref)
     first = Trainer(cfg, splits=data)
     first.cfg = dataclasses.replace(cfg, epochs=1)  # stops after the first epoch
     first.fit(cut)
     resumed = Trainer(cfg, splits=data)
+    fresh_eval_rng = resumed.eval_attack.get_rng_state()
     ckpt = load_checkpoint(cut / "last.pt")
     resumed.load_state_dict(ckpt)
+    # epoch 1's evaluation drew random starts: the restored state is that one, not a fresh one
+    eval_rng = first.eval_attack.get_rng_state()
+    assert not torch.equal(eval_rng, fresh_eval_rng)
+    assert torch.equal(resumed.eval_attack.get_rng_state(), eval_rng)
     if amp == "fp16":
         assert ckpt["amp"]["scaler"] == first.scaler.state_dict()
         assert resumed.scaler.state_dict() == first.scaler.state_dict()
@@ -219,6 +227,10 @@ def test_amp_resume_continues_bit_identically(splits, tmp_path, amp, kw):
     assert _metrics(ref) == _metrics(cut)
     if amp == "fp16":
         assert a["amp"] == b["amp"]
+    assert torch.equal(
+        resumed.eval_attack.get_rng_state(), uninterrupted.eval_attack.get_rng_state()
+    )
+    assert torch.equal(a["rng"]["eval_attack"], b["rng"]["eval_attack"])
 
 
 def test_channels_last_matches_the_default_layout(splits):
@@ -336,13 +348,31 @@ def test_agc_refresh_retries_an_overflowing_loss_scale_under_float16():
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_cuda_amp_channels_last_epoch(splits, amp):
-    trainer = Trainer(
-        _cfg(device="cuda", amp=amp, channels_last=True, optimizer="agc", sparse_method="rigl"),
-        splits=splits,
-    )
+    """An epoch on CUDA in each precision with channels_last: finite loss and weights, the weights
+    move; the evaluation (float32 whatever --amp) counts what a plain float32 forward pass of the
+    trained model predicts; bfloat16's epoch loss stays close to float32's (no loss scaler: the
+    same steps, within bfloat16's rounding; float16's scaler may skip its first steps)."""
+    cfg = _cfg(device="cuda", amp=amp, channels_last=True, optimizer="agc", sparse_method="rigl")
+    trainer = Trainer(cfg, splits=splits)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
     out = trainer.train_epoch()
     assert math.isfinite(out["train_loss"]) and _finite_weights(trainer.model)
-    assert trainer.evaluate()["val_clean_acc"] >= 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+    if amp == "fp16":
+        assert out["amp_skipped_steps"] < trainer.steps_per_epoch
+    ev = trainer.evaluate()
+    n = cfg.eval_subset
+    plain = copy.deepcopy(trainer.model).to(memory_format=torch.contiguous_format).eval()
+    for name, x, y in (("val", splits.x_val[:n], splits.y_val[:n]),
+                       ("test", splits.x_test[:n], splits.y_test[:n])):  # fmt: skip
+        with torch.no_grad():
+            pred = plain(x.to("cuda")).argmax(1).cpu()
+        assert ev[f"{name}_clean_acc"] == (pred == y).sum().item() / len(y), name
+        robust = ev[f"{name}_robust_acc"]
+        assert 0 <= robust <= 1 and (robust * len(y)).is_integer(), name
+    if amp == "bf16":
+        ref = Trainer(dataclasses.replace(cfg, amp="off"), splits=splits)
+        assert out["train_loss"] == pytest.approx(ref.train_epoch()["train_loss"], rel=0.1)
 
 
 def test_fp16_with_two_processes_skips_the_same_steps_on_every_rank(tmp_path):

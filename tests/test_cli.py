@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -109,26 +108,33 @@ def test_dense_pgd_at_learns_on_real_data(tmp_path):
 
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
-    """Kill a run with SIGKILL mid-training, resume it: same final weights and metrics."""
+    """SIGKILL a run at a fixed step of epoch 2 (after epoch 1's checkpoint was written), resume it
+    with the CLI: the final weights, metrics, gradient evaluations and step count are those of a run
+    never interrupted. The kill point is set by patching the trainer in the killed process
+    (tests/_sigkill_driver.py), not by a clock, so the run cannot finish first."""
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert run_cli("train", *SMALL, *SPARSE_AGC, "--out", str(ref)) == 0
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "robust_agc", "train", *SMALL, *SPARSE_AGC, "--out", str(killed)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (killed / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.3)  # well inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (killed / "last.pt").exists(), "the run ended before the first checkpoint"
-    assert run_cli("train", *SMALL, *SPARSE_AGC, "--out", str(killed), "--resume") == 0
     a = torch.load(ref / "last.pt", weights_only=True)
+    per_epoch = json.loads((ref / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    kill_step = per_epoch + 2  # the third step of epoch 2, taken in memory, then SIGKILL
+    marker = tmp_path / "killed-at"
+    cmd = [sys.executable, "-m", "tests._sigkill_driver", str(kill_step), str(marker), "train",
+           *SMALL, *SPARSE_AGC, "--out", str(killed)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    at = json.loads(Path(f"{marker}.0").read_text())
+    assert at == {"epoch": 1, "step": kill_step, "last_pt_existed": True}
+    cut = torch.load(killed / "last.pt", weights_only=True)
+    assert (cut["epoch"], cut["step"]) == (1, per_epoch) and cut["step"] < a["step"]
+    assert _metrics(killed) == _metrics(ref)[:1]  # epoch 1 only, as the uninterrupted run's
+    assert run_cli("train", *SMALL, *SPARSE_AGC, "--out", str(killed), "--resume") == 0
     b = torch.load(killed / "last.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert _metrics(ref) == _metrics(killed)
+    assert _metrics(ref) == _metrics(killed)  # epochs 2 and 3 trained after the resume
+    assert (b["epoch"], b["step"]) == (3, 3 * per_epoch)
     assert a["grad_evals"] == b["grad_evals"] and a["step"] == b["step"]
 
 

@@ -1,9 +1,12 @@
-"""Data-parallel training with torchrun + DDP (gloo, CPU): equality with one process, masks across ranks."""
+"""Data-parallel training with torchrun + DDP (gloo, CPU): equality with one process, masks across
+ranks, SIGKILL and a bit-identical resume."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -11,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from robust_agc.train import TIMING_FIELDS
 
 from .test_cli import run_cli
 
@@ -29,18 +34,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(*launcher: str, argv: list[str], timeout: int = 300) -> subprocess.Popen:
+def _torchrun(
+    *launcher: str, argv: list[str], timeout: int = 300, entry: tuple[str, ...] = ("robust_agc",)
+) -> subprocess.Popen:
+    """``torchrun <launcher> -m <entry> train <argv>`` (``entry``: a module and its arguments)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *launcher,
-        "-m",
-        "robust_agc",
-        "train",
-        *argv,
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", *entry, "train", *argv]
     return subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -91,25 +90,94 @@ def test_two_processes_give_the_weights_of_one(tmp_path, optimizer):
     assert json.loads((two / "summary.json").read_text())["machine"]["world_size"] == 2
 
 
-def test_two_nodes_through_c10d_rendezvous_with_rigl_and_agc(tmp_path):
-    """Two 'nodes' on localhost (one process each) join through the c10d rendezvous; RigL masks
-    are checked for equality across ranks after every topology update (the run fails otherwise)."""
-    out = tmp_path / "run"
-    port = _free_port()
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _canonical(rows: list[dict]) -> list[str]:
+    """Each epoch's record without the timing fields, as canonical JSON (NaN compares equal)."""
+    return [
+        json.dumps({k: v for k, v in r.items() if k not in TIMING_FIELDS}, sort_keys=True)
+        for r in rows
+    ]
+
+
+def test_two_nodes_then_a_sigkilled_two_process_run_resumes_bit_identically(tmp_path, caplog):
+    """RigL + AGC + PGD-AT on two processes, three launches (each about 8 s of start-up, the
+    reason this test takes about half a minute):
+
+    1. two 'nodes' on localhost (one process each) join through the c10d rendezvous and train two
+       epochs uninterrupted; RigL masks are checked equal across ranks after every topology update
+       (the run fails otherwise);
+    2. the same run, launched with ``--nproc-per-node 2``, is SIGKILLed on both ranks at a fixed
+       step of epoch 2, after epoch 1's checkpoint (tests/_sigkill_driver.py);
+    3. ``--resume`` on two processes trains epoch 2 and ends with the weights and metrics of (1),
+       bit for bit (per-rank attack random starts, AGC's refresh subset, RigL restored).
+
+    The epoch-1 checkpoint also resumes on one process (another world size, not bit-identical)."""
+    ref, run, single = tmp_path / "ref", tmp_path / "run", tmp_path / "single"
     argv = [*BASE, "--objective", "pgd-at", "--attack-steps", "1", "--optimizer", "agc",
-            "--sparse-method", "rigl", "--sparsity", "0.8", "--update-interval", "1", "--out", str(out)]  # fmt: skip
+            "--sparse-method", "rigl", "--sparsity", "0.8", "--update-interval", "1"]  # fmt: skip
+    port = _free_port()
     rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "robust-agc-test"]  # fmt: skip
-    procs = [_torchrun(*rdzv, argv=argv), _torchrun(*rdzv, argv=argv)]
+    procs = [_torchrun(*rdzv, argv=[*argv, "--out", str(ref)]) for _ in range(2)]
     for p in procs:
         _finish(p)
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["world_size"] == 2 and len(ckpt["rng"]["torch_per_rank"]) == 2
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    a = torch.load(ref / "last.pt", weights_only=True)
+    assert a["world_size"] == 2 and len(a["rng"]["torch_per_rank"]) == 2
+    rows = _rows(ref)
     assert rows[-1]["last_update"]["changed"] > 0  # the topology did change
     assert rows[-1]["density"] == pytest.approx(0.2, abs=0.01)
-    # the checkpoint of a 2-process run resumes in one process (another world size)
-    assert run_cli("train", *argv[:-2], "--out", str(out), "--epochs", "2", "--resume") == 0
+    per_epoch = rows[0]["step"]
+    assert a["step"] == 2 * per_epoch
+
+    # (2) killed at the second step of epoch 2, on both ranks (after a barrier in the driver)
+    kill_step, marker = per_epoch + 1, tmp_path / "killed-at"
+    launcher = ["--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    killed = _torchrun(
+        *launcher,
+        "--master-port",
+        str(_free_port()),
+        argv=[*argv, "--out", str(run)],
+        entry=("tests._sigkill_driver", str(kill_step), str(marker)),
+    )
+    out, _ = killed.communicate(timeout=300)
+    assert killed.returncode != 0 and "SIGKILL" in out, out[-3000:]
+    for rank in (0, 1):
+        at = json.loads(Path(f"{marker}.{rank}").read_text())
+        assert at == {"epoch": 1, "step": kill_step, "last_pt_existed": True}, rank
+    cut = torch.load(run / "last.pt", weights_only=True)
+    assert (cut["epoch"], cut["step"], cut["world_size"]) == (1, per_epoch, 2)
+    assert _canonical(_rows(run)) == _canonical(rows[:1])
+    shutil.copytree(run, single)
+
+    # (3) resumed on two processes with the CLI: epoch 2 is trained, bit-identical to (1)
+    _finish(
+        _torchrun(
+            *launcher,
+            "--master-port",
+            str(_free_port()),
+            argv=[*argv, "--out", str(run), "--resume"],
+        )
+    )
+    b = torch.load(run / "last.pt", weights_only=True)
+    assert (b["epoch"], b["step"], b["grad_evals"]) == (2, 2 * per_epoch, a["grad_evals"])
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert _canonical(_rows(run)) == _canonical(rows)
+    assert any(not torch.equal(cut["model"][k], b["model"][k]) for k in b["model"])
+
+    # the checkpoint of a 2-process run resumes in one process (another world size): epoch 2 is
+    # trained, with reseeded attack starts (so not bit for bit)
+    with caplog.at_level(logging.WARNING, logger="robust_agc.train"):
+        assert run_cli("train", *argv, "--out", str(single), "--resume") == 0
+    assert "resuming a 2-process run on 1 processes" in caplog.text
+    c = torch.load(single / "last.pt", weights_only=True)
+    assert (c["epoch"], c["step"], c["world_size"]) == (2, 2 * per_epoch, 1)
+    assert [r["epoch"] for r in _rows(single)] == [1, 2]
+    assert any(not torch.equal(cut["model"][k], c["model"][k]) for k in c["model"])
 
 
 def test_mask_buffers_are_the_ones_ddp_skips():
