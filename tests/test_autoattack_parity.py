@@ -328,23 +328,61 @@ def _harness(
     return res, chunks
 
 
-def _small_budgets(aa: Any) -> None:
-    """Fewer iterations and queries; restarts, targets and EoT samples as configured."""
-    aa.apgd.n_iter = 20
-    aa.apgd_targeted.n_iter = 20
-    aa.fab.n_iter = 20
-    aa.square.n_queries = 1000
+def _parity(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    version: str | Sequence[str],
+    expected: dict[str, str],
+    components: Sequence[str],
+    *,
+    batch_size: int,
+    budgets: Callable[[Any], None] | None = None,
+) -> tuple[ev.EvalResult, list[tuple[str, list[int], torch.Tensor]]]:
+    """pyautoattack's own run (checked against the landscape design) and the harness's on the
+    routed points; asserts their parity and returns the harness's run."""
+    ref = _reference(model, x, y, version, batch_size=batch_size, budgets=budgets)
+    _check_design(ref, expected, components)
+    run = _harness(model, x, y, version, batch_size=batch_size)
+    _check_parity(run, ref, components, len(POINTS))
+    return run
 
 
-@pytest.fixture
-def small_budgets(monkeypatch):
+def shrunk_budgets(
+    *, n_iter: int, n_queries: int, apgd_restarts: int | None = None
+) -> Callable[[Any], None]:
+    """A function that lowers a ``pyautoattack.AutoAttack``'s budgets in place (same loop and
+    objects): iterations of APGD, APGD-T and FAB, Square's queries and, if given, APGD's restarts;
+    targets and EoT samples as configured."""
+
+    def shrink(aa: Any) -> None:
+        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = n_iter
+        aa.square.n_queries = n_queries
+        if apgd_restarts is not None:
+            aa.apgd.n_restarts = apgd_restarts
+
+    return shrink
+
+
+def shrink_harness_autoattack(
+    monkeypatch: pytest.MonkeyPatch, shrink: Callable[[Any], None]
+) -> None:
+    """Apply ``shrink`` to every AutoAttack the harness builds."""
     real_init = ev._AutoAttackRunner.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
-        _small_budgets(self.aa)
+        shrink(self.aa)
 
     monkeypatch.setattr(ev._AutoAttackRunner, "__init__", init)
+
+
+_small_budgets = shrunk_budgets(n_iter=20, n_queries=1000)
+
+
+@pytest.fixture
+def small_budgets(monkeypatch):
+    shrink_harness_autoattack(monkeypatch, _small_budgets)
     return _small_budgets
 
 
@@ -463,10 +501,16 @@ def test_standard_parity_every_component(routed, small_budgets):
     model, x, y = routed
     components = ev.AUTOATTACK_VERSIONS["standard"]
     assert components == ("apgd-ce", "apgd-t", "fab-t", "square")
-    ref = _reference(model, x, y, "standard", batch_size=4, budgets=small_budgets)
-    _check_design(ref, EXPECTED["standard"], components)
-    run = _harness(model, x, y, "standard", batch_size=4)
-    _check_parity(run, ref, components, len(POINTS))
+    run = _parity(
+        model,
+        x,
+        y,
+        "standard",
+        EXPECTED["standard"],
+        components,
+        batch_size=4,
+        budgets=small_budgets,
+    )
     _check_standard(run[0], components)
 
 
@@ -475,10 +519,7 @@ def test_standard_parity_full_budgets(routed):
     """The same with pyautoattack's standard budgets (100 iterations, 5000 queries)."""
     model, x, y = routed
     components = ev.AUTOATTACK_VERSIONS["standard"]
-    ref = _reference(model, x, y, "standard", batch_size=4)
-    _check_design(ref, EXPECTED["standard"], components)
-    run = _harness(model, x, y, "standard", batch_size=4)
-    _check_parity(run, ref, components, len(POINTS))
+    run = _parity(model, x, y, "standard", EXPECTED["standard"], components, batch_size=4)
     _check_standard(run[0], components)
     cfg = run[0].attack_config["autoattack"]
     assert (cfg["apgd"]["n_iter"], cfg["fab"]["n_iter"], cfg["square"]["n_queries"]) == (
@@ -493,10 +534,9 @@ def test_rand_parity_every_component(routed, small_budgets):
     model, x, y = routed
     components = ev.AUTOATTACK_VERSIONS["rand"]
     assert components == ("apgd-ce", "apgd-dlr")
-    ref = _reference(model, x, y, "rand", batch_size=4, budgets=small_budgets)
-    _check_design(ref, EXPECTED["rand"], components)
-    run = _harness(model, x, y, "rand", batch_size=4)
-    _check_parity(run, ref, components, len(POINTS))
+    run = _parity(
+        model, x, y, "rand", EXPECTED["rand"], components, batch_size=4, budgets=small_budgets
+    )
     assert run[0].attack_config["autoattack"]["apgd"]["eot_iter"] == 20
     assert "square_beats_gradient" not in run[0].flags  # no Square in this version
 
@@ -506,11 +546,10 @@ def test_custom_order_parity_every_component(routed, small_budgets):
     APGD and FAB) runs in the order given, not the canonical one."""
     model, x, y = routed
     components = ["apgd-dlr", "fab", "apgd-t", "fab-t", "square"]
-    ref = _reference(model, x, y, components, batch_size=5, budgets=small_budgets)
     expected = EXPECTED["plus"] | {"linear": "apgd-dlr"}
-    _check_design(ref, expected, components)
-    run = _harness(model, x, y, components, batch_size=5)
-    _check_parity(run, ref, components, len(POINTS))
+    run = _parity(
+        model, x, y, components, expected, components, batch_size=5, budgets=small_budgets
+    )
     cfg = run[0].attack_config["autoattack"]
     assert cfg["version"] == "custom" and cfg["components"] == components
     assert (cfg["apgd"]["n_restarts"], cfg["fab"]["n_restarts"]) == (5, 5)
@@ -522,17 +561,11 @@ def test_plus_parity_every_component(routed):
     model, x, y = routed
     components = ev.AUTOATTACK_VERSIONS["plus"]
     assert components == ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
-    ref = _reference(model, x, y, "plus", batch_size=5)
-    _check_design(ref, EXPECTED["plus"], components)
-    run = _harness(model, x, y, "plus", batch_size=5)
-    _check_parity(run, ref, components, len(POINTS))
+    _parity(model, x, y, "plus", EXPECTED["plus"], components, batch_size=5)
 
 
 @pytest.mark.slow
 def test_rand_parity_full_budgets(routed):
     model, x, y = routed
     components = ev.AUTOATTACK_VERSIONS["rand"]
-    ref = _reference(model, x, y, "rand", batch_size=4)
-    _check_design(ref, EXPECTED["rand"], components)
-    run = _harness(model, x, y, "rand", batch_size=4)
-    _check_parity(run, ref, components, len(POINTS))
+    _parity(model, x, y, "rand", EXPECTED["rand"], components, batch_size=4)

@@ -14,30 +14,25 @@ from robust_agc import eval as ev
 from robust_agc.checks import GradientMaskingWarning
 from robust_agc.errors import UserError
 
-from .test_autoattack_parity import _check_parity, _harness, _reference
+from .test_autoattack_parity import (
+    _check_parity,
+    _harness,
+    _reference,
+    shrink_harness_autoattack,
+    shrunk_budgets,
+)
 
 CHEAP = ["apgd-ce", "apgd-t"]  # AutoAttack components for the default (fast) suite
 
 
-def _shrink(aa) -> None:
-    """Small budgets on a pyautoattack.AutoAttack (same loop and objects, 10x cheaper)."""
-    aa.apgd.n_iter = 10
-    aa.apgd.n_restarts = 1
-    aa.apgd_targeted.n_iter = 10
-    aa.fab.n_iter = 10
-    aa.square.n_queries = 300
+# Small budgets on every pyautoattack.AutoAttack (same loop and objects, 10x cheaper).
+_shrink = shrunk_budgets(n_iter=10, n_queries=300, apgd_restarts=1)
 
 
 @pytest.fixture
 def fast_aa(monkeypatch):
     """Shrink the budgets of every AutoAttack the harness builds (fast default suite)."""
-    real_init = ev._AutoAttackRunner.__init__
-
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        _shrink(self.aa)
-
-    monkeypatch.setattr(ev._AutoAttackRunner, "__init__", init)
+    shrink_harness_autoattack(monkeypatch, _shrink)
 
 
 class ConstantModel(nn.Module):

@@ -438,6 +438,24 @@ def test_state_with_other_clean_predictions_is_refused(routed, uninterrupted, tm
         _run(model, x, y, state_file=state)
 
 
+class _Stop(Exception):
+    """Raised by a patched method to interrupt an evaluation at a known point."""
+
+
+def _stopped_then_resumed(
+    routed, tmp_path, monkeypatch, kw: dict[str, Any], owner: type, name: str, patched: Any
+) -> ev.EvalResult:
+    """Run with ``owner.name`` replaced by ``patched`` (which raises :class:`_Stop`), then rerun
+    on the same state file unpatched; returns the resumed record."""
+    model, x, y = routed
+    state = tmp_path / "state.json"
+    with monkeypatch.context() as mp:
+        mp.setattr(owner, name, patched)
+        with pytest.raises(_Stop):
+            _run(model, x, y, state_file=state, **kw)
+    return _run(model, x, y, state_file=state, **kw)
+
+
 def test_resume_inside_pgd_stage(routed, tmp_path, monkeypatch):
     """PGD chunks resume like AutoAttack's: stopped in the middle of the PGD stage, the rerun
     attacks only the unfinished PGD chunks and returns the uninterrupted record."""
@@ -445,22 +463,14 @@ def test_resume_inside_pgd_stage(routed, tmp_path, monkeypatch):
     kw = {"attacks": "clean,pgd,autoattack", "pgd_steps": 10, "pgd_restarts": 1}
     ref = _run(model, x, y, **kw)
     assert ref.n_broken["pgd"] > 0 and _chunks(ref.n_attacked["pgd"]) >= 3
-    state = tmp_path / "state.json"
     real_save = ev._State.save
-
-    class Stop(Exception):
-        pass
 
     def save(self):
         real_save(self)
         if (self.current or {}).get("unit") == "pgd" and self.current["batches_done"] == 2:
-            raise Stop
+            raise _Stop
 
-    with monkeypatch.context() as mp:
-        mp.setattr(ev._State, "save", save)
-        with pytest.raises(Stop):
-            _run(model, x, y, state_file=state, **kw)
-    res = _run(model, x, y, state_file=state, **kw)
+    res = _stopped_then_resumed(routed, tmp_path, monkeypatch, kw, ev._State, "save", save)
     assert _record(res)[0] == _record(ref)[0]
 
 
@@ -469,18 +479,12 @@ def test_resume_after_pgd_stage_keeps_the_pgd_check(routed, tmp_path, monkeypatc
     kw = {"attacks": "clean,pgd,autoattack", "pgd_steps": 10, "pgd_restarts": 1}
     ref = _run(model, x, y, **kw)
     assert "pgd_steps_nonmonotone" in ref.flags
-    state = tmp_path / "state.json"
-
-    class Stop(Exception):
-        pass
 
     def stop(runner, name, xb, yb):
-        raise Stop
+        raise _Stop
 
-    with monkeypatch.context() as mp:
-        mp.setattr(ev._AutoAttackRunner, "__call__", stop)
-        with pytest.raises(Stop):
-            _run(model, x, y, state_file=state, **kw)
-    res = _run(model, x, y, state_file=state, **kw)
+    res = _stopped_then_resumed(
+        routed, tmp_path, monkeypatch, kw, ev._AutoAttackRunner, "__call__", stop
+    )
     assert res.flags == ref.flags
     assert res.passes == ref.passes

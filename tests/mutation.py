@@ -1,0 +1,191 @@
+"""Mutation testing of the core modules with mutmut, one module group at a time.
+
+    python tests/mutation.py run [GROUP ...] [--jobs N]   # mutate and test (resumable)
+    python tests/mutation.py report [--list STATUS ...]   # per-module table from the last runs
+
+``make mutation`` runs both. Each group (see :data:`GROUPS`) is mutated in its own scratch copy of
+the repository under ``.mutation/<group>/``, whose ``pyproject.toml`` gets the group's
+``only_mutate`` and test files added to the shared ``[tool.mutmut]`` table: mutmut takes one test
+selection per run, and a surviving mutant is run against every selected test that covers it, so a
+group's own unit tests keep a survivor's cost to seconds instead of the whole suite's minutes.
+A run that is stopped resumes where it was (mutmut keeps each verdict in ``.meta`` files); a
+changed source file or test file is copied in again and mutmut re-tests what changed.
+
+Left out of every selection: tests that drive the library only through subprocesses (the CLI,
+``torchrun``, the README's commands): mutmut maps tests to functions by in-process tracing, so they
+would never be chosen. Their mutants are covered there by the multi-process tests of the default
+suite; ``tests/MUTATION.md`` lists them. Not collected by pytest (no ``test_`` prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".mutation"
+COLUMNS = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "not checked")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Modules mutated together and the test files that judge their mutants."""
+
+    modules: tuple[str, ...]
+    tests: tuple[str, ...]
+    deselect: tuple[str, ...] = ()
+
+
+GROUPS: dict[str, Group] = {
+    "optim": Group(
+        ("robust_agc/optim/*",),
+        (
+            "test_optim.py",
+            "test_optim_agc_defects.py",
+            "test_optim_step.py",
+            "test_optim_factory.py",
+            "test_optim_passes.py",
+            "test_sparse_export.py",
+            "test_sparse_bsr.py",
+        ),
+    ),
+    "masks": Group(
+        ("robust_agc/sparse/masks.py",),
+        (
+            "test_sparse_masks.py",
+            "test_sparse_helpers.py",
+            "test_sparse_export.py",
+            "test_sparse_bsr.py",
+            "test_sparse_schedulers.py",
+        ),
+        # checks a warning's stacklevel, which mutmut's trampolines shift by one frame
+        ("test_sparse_masks.py::test_extreme_sparsity_warns",),
+    ),
+    "pgd": Group(
+        ("attacks/pgd.py",),
+        ("test_attacks.py", "test_attack_random_starts.py", "test_losses.py"),
+    ),
+    "checkpoint": Group(
+        ("robust_agc/checkpoint.py",),
+        ("test_checkpoint.py", "test_resume_streams.py", "test_eval_cli.py"),
+    ),
+    "eval": Group(
+        ("robust_agc/eval.py",),
+        ("test_eval.py", "test_eval_resume.py", "test_autoattack_parity.py", "test_eval_cli.py"),
+    ),
+}
+
+
+def _mutmut() -> str:
+    exe = Path(sys.executable).with_name("mutmut")
+    if not exe.exists():
+        raise SystemExit("mutmut is not installed: pip install -e '.[mutation]'")
+    return str(exe)
+
+
+def _prepare(name: str, group: Group) -> Path:
+    """Copy the repository into ``.mutation/<name>`` and write the group's mutmut config."""
+    dest = WORK / name
+    skip = {".git", ".venv", "runs", "data", ".mutation", "mutants", "__pycache__"}
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in ROOT.iterdir():
+        if item.name in skip or item.name.startswith("."):
+            continue
+        target = dest / item.name
+        if item.is_dir():
+            shutil.copytree(
+                item, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*skip, "*.pyc")
+            )
+        else:
+            shutil.copy2(item, target)
+    selection = [f"tests/{t}" for t in group.tests]
+    selection += [f"--deselect=tests/{d}" for d in group.deselect]
+    with open(dest / "pyproject.toml", "a") as f:
+        f.write(f"only_mutate = {json.dumps(list(group.modules))}\n")
+        f.write(f"pytest_add_cli_args_test_selection = {json.dumps(selection)}\n")
+    return dest
+
+
+def run(names: list[str], jobs: int, only: list[str] | None = None) -> None:
+    """Run mutmut for each named group (all groups when none are named); ``only``: mutant name
+    patterns (``fnmatch``, e.g. ``"*AGCǁstep*"``) to (re)run first, whatever their verdict."""
+    for name in names or list(GROUPS):
+        if name not in GROUPS:
+            raise SystemExit(f"unknown group {name!r}: one of {', '.join(GROUPS)}")
+        dest = _prepare(name, GROUPS[name])
+        print(f"== {name}: {', '.join(GROUPS[name].modules)} in {dest}", flush=True)
+        cmd = [_mutmut(), "run", "--max-children", str(jobs), *(only or [])]
+        subprocess.run(cmd, cwd=dest, check=False)
+
+
+def load() -> dict[str, dict[str, str]]:
+    """``{module path: {mutant name: status}}`` from every group's ``.meta`` files."""
+    from mutmut.stats import status_by_exit_code
+
+    out: dict[str, dict[str, str]] = {}
+    for name in GROUPS:
+        base = WORK / name / "mutants"
+        for meta in sorted(base.rglob("*.py.meta")):
+            codes = json.loads(meta.read_text())["exit_code_by_key"]
+            if codes:
+                module = str(meta.relative_to(base))[: -len(".meta")]
+                out[module] = {m: status_by_exit_code[code] for m, code in codes.items()}
+    return out
+
+
+def table(results: dict[str, dict[str, str]]) -> str:
+    """A markdown table: one row per module and a total row; score = killed / checked."""
+    lines = [
+        "| module | mutants | " + " | ".join(COLUMNS) + " | score |",
+        "|" + "---|" * (len(COLUMNS) + 3),
+    ]
+    total: Counter[str] = Counter()
+    for module, statuses in results.items():
+        counts = Counter(statuses.values())
+        total.update(counts)
+        lines.append(_row(module, counts))
+    lines.append(_row("**all**", total))
+    return "\n".join(lines)
+
+
+def _row(name: str, counts: Counter[str]) -> str:
+    n = sum(counts.values())
+    checked = n - counts["not checked"]
+    score = f"{100 * counts['killed'] / checked:.1f}%" if checked else "-"
+    return f"| {name} | {n} | " + " | ".join(str(counts[c]) for c in COLUMNS) + f" | {score} |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Mutation testing of the core modules.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="mutate and test (resumable)")
+    p_run.add_argument("groups", nargs="*", help=f"groups to run (default: all of {list(GROUPS)})")
+    p_run.add_argument("--jobs", type=int, default=2, help="parallel mutant workers")
+    p_run.add_argument("--only", nargs="+", metavar="PATTERN", help="mutant name patterns only")
+    p_rep = sub.add_parser("report", help="per-module table")
+    p_rep.add_argument("--list", nargs="*", default=[], metavar="STATUS", help="statuses to list")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run(args.groups, args.jobs, args.only)
+        return 0
+    results = load()
+    if not results:
+        print("no mutmut results under .mutation/: run `make mutation` first")
+        return 1
+    print(table(results))
+    for status in args.list:
+        names = [m for s in results.values() for m, st in s.items() if st == status]
+        print(f"\n{status} ({len(names)}):")
+        for m in names:
+            print(f"  {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
