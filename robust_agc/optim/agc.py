@@ -630,7 +630,6 @@ class AGC(Optimizer):
 
     # ---- the step -------------------------------------------------------------------------
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one update with the corrected gradient (never skipped).
 
@@ -641,62 +640,63 @@ class AGC(Optimizer):
         Args:
             closure: optional closure re-evaluating the loss at the current weights (as in SGD).
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.no_grad():
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
 
-        fresh = self._snap_grad_fresh
-        if not fresh and self.has_snapshot:
-            self._warn_once(
-                "stale",
-                "AGC.step() without AGC.snapshot_backward() since the last step: the correction "
-                "is skipped for this step (v = g)",
-            )
+            fresh = self._snap_grad_fresh
+            if not fresh and self.has_snapshot:
+                self._warn_once(
+                    "stale",
+                    "AGC.step() without AGC.snapshot_backward() since the last step: the correction "
+                    "is skipped for this step (v = g)",
+                )
 
-        per_group = []
-        for group in self.param_groups:
-            params, grads, snaps, fulls, bufs = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AGC does not support sparse gradients")
-                state = self.state[p]
-                params.append(p)
-                grads.append(p.grad)
-                ok = fresh and "snap_grad" in state and "full_grad" in state
-                snaps.append(state["snap_grad"] if ok else None)
-                fulls.append(state["full_grad"] if ok else None)
-                bufs.append(state.get("momentum_buffer"))
-            per_group.append((params, grads, snaps, fulls, bufs))
+            per_group = []
+            for group in self.param_groups:
+                params, grads, snaps, fulls, bufs = [], [], [], [], []
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("AGC does not support sparse gradients")
+                    state = self.state[p]
+                    params.append(p)
+                    grads.append(p.grad)
+                    ok = fresh and "snap_grad" in state and "full_grad" in state
+                    snaps.append(state["snap_grad"] if ok else None)
+                    fulls.append(state["full_grad"] if ok else None)
+                    bufs.append(state.get("momentum_buffer"))
+                per_group.append((params, grads, snaps, fulls, bufs))
 
-        if fresh and self.param_groups[0]["estimator"] == "grad-online":
-            self._accumulate_online(per_group)
+            if fresh and self.param_groups[0]["estimator"] == "grad-online":
+                self._accumulate_online(per_group)
 
-        for group, (params, grads, snaps, fulls, bufs) in zip(self.param_groups, per_group):
-            agc(
-                params,
-                grads,
-                snaps,
-                fulls,
-                bufs,
-                coef=self.group_coefficient(group) if fresh else 0.0,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                nesterov=group["nesterov"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-            )
-            if group["momentum"] != 0:
-                for p, buf in zip(params, bufs):
-                    self.state[p]["momentum_buffer"] = buf
+            for group, (params, grads, snaps, fulls, bufs) in zip(self.param_groups, per_group):
+                agc(
+                    params,
+                    grads,
+                    snaps,
+                    fulls,
+                    bufs,
+                    coef=self.group_coefficient(group) if fresh else 0.0,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    momentum=group["momentum"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    maximize=group["maximize"],
+                    foreach=group["foreach"],
+                )
+                if group["momentum"] != 0:
+                    for p, buf in zip(params, bufs):
+                        self.state[p]["momentum_buffer"] = buf
 
-        self._snap_grad_fresh = False
-        self._scalars["steps"] += 1
-        return loss
+            self._snap_grad_fresh = False
+            self._scalars["steps"] += 1
+            return loss
 
     def _accumulate_online(self, per_group: list[tuple[list, ...]]) -> None:
         dots, sqs = [], []
@@ -718,7 +718,6 @@ class AGC(Optimizer):
 
     # ---- the refresh --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def refresh(
         self,
         model: nn.Module,
@@ -765,141 +764,146 @@ class AGC(Optimizer):
             ``refresh_grad_evals`` counts examples through one forward+backward at the current
             weights, ``refresh_forwards`` examples through a snapshot forward-only pass.
         """
-        t0 = time.perf_counter()
-        named = self._named_params(model)
-        params = [p for _, p in named]
-        estimator = self.param_groups[0]["estimator"]
-        prev = [self.state[p].get("snapshot") for p in params]
-        had_snapshot = bool(params) and all(s is not None for s in prev)
-        use_b = estimator == "loss-slope" and had_snapshot
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            named = self._named_params(model)
+            params = [p for _, p in named]
+            estimator = self.param_groups[0]["estimator"]
+            prev = [self.state[p].get("snapshot") for p in params]
+            had_snapshot = bool(params) and all(s is not None for s in prev)
+            use_b = estimator == "loss-slope" and had_snapshot
 
-        buffers = _cloned_buffers(model)
-        current_view = _FunctionalView(model, buffers)
-        snap_view = None
-        if use_b:
-            snap_tensors = dict(buffers)
-            snap_tensors.update({n: cast(Tensor, s) for (n, _), s in zip(named, prev)})
-            snap_view = _FunctionalView(model, snap_tensors)
+            buffers = _cloned_buffers(model)
+            current_view = _FunctionalView(model, buffers)
+            snap_view = None
+            if use_b:
+                snap_tensors = dict(buffers)
+                snap_tensors.update({n: cast(Tensor, s) for (n, _), s in zip(named, prev)})
+                snap_view = _FunctionalView(model, snap_tensors)
 
-        acc = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-        a_list: list[Tensor] = []
-        b_list: list[Tensor] = []
-        examples = 0
-        num_batches = 0
-        for batch in batches:
-            if isinstance(batch, Tensor):
-                batch = (batch,)
-            n_i = int(batch[0].shape[0]) if batch[0].dim() > 0 else 1
-            with torch.enable_grad():
-                a_i = loss_fn(current_view, *batch)
-                if not isinstance(a_i, Tensor) or a_i.numel() != 1:
-                    raise ValueError(
-                        f"Invalid loss_fn value: must return a scalar loss, got {a_i!r}"
-                    )
-                if loss_scale is None:
-                    g_i = torch.autograd.grad(
-                        a_i, params, allow_unused=True, materialize_grads=True
-                    )
-                else:
-                    g_i = _scaled_grad(a_i, params, loss_scale)
-            torch._foreach_add_(acc, list(g_i), alpha=n_i)
-            a_list.append(a_i.detach().reshape(()))
-            if snap_view is not None:
-                b_list.append(loss_fn(snap_view, *batch).detach().reshape(()))
-            examples += n_i
-            num_batches += 1
+            acc = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
+            a_list: list[Tensor] = []
+            b_list: list[Tensor] = []
+            examples = 0
+            num_batches = 0
+            for batch in batches:
+                if isinstance(batch, Tensor):
+                    batch = (batch,)
+                n_i = int(batch[0].shape[0]) if batch[0].dim() > 0 else 1
+                with torch.enable_grad():
+                    a_i = loss_fn(current_view, *batch)
+                    if not isinstance(a_i, Tensor) or a_i.numel() != 1:
+                        raise ValueError(
+                            f"Invalid loss_fn value: must return a scalar loss, got {a_i!r}"
+                        )
+                    if loss_scale is None:
+                        g_i = torch.autograd.grad(
+                            a_i, params, allow_unused=True, materialize_grads=True
+                        )
+                    else:
+                        g_i = _scaled_grad(a_i, params, loss_scale)
+                torch._foreach_add_(acc, list(g_i), alpha=n_i)
+                a_list.append(a_i.detach().reshape(()))
+                if snap_view is not None:
+                    b_list.append(loss_fn(snap_view, *batch).detach().reshape(()))
+                examples += n_i
+                num_batches += 1
 
-        a = torch.stack(a_list).double() if a_list else torch.zeros(0, dtype=torch.float64)
-        b = torch.stack(b_list).double() if b_list else torch.zeros(0, dtype=torch.float64)
-        total = torch.tensor(float(examples), dtype=torch.float64)
-        online = {k: v.clone() for k, v in self._online.items()}
-        online_count = int(self._scalars["online_count"])
-        if _dist_active(distributed, process_group):
-            a, b, acc, total, online, online_count = _dist_reduce(
-                a, b, acc, total, online, online_count, process_group
-            )
-        if float(total) <= 0:
-            raise ValueError("Invalid batches value: the refresh received no examples")
-        mu = [t.div_(float(total)) for t in acc]
-
-        # tau_now
-        tau_now = math.nan
-        if estimator == "loss-slope":
-            if not had_snapshot:
-                logger.info("AGC refresh: no previous snapshot, tau kept at %g", self.tau)
-            elif a.numel() < 2:
-                self._warn_once(
-                    "few", f"AGC refresh with {a.numel()} batch(es): tau_now needs >= 2, tau kept"
+            a = torch.stack(a_list).double() if a_list else torch.zeros(0, dtype=torch.float64)
+            b = torch.stack(b_list).double() if b_list else torch.zeros(0, dtype=torch.float64)
+            total = torch.tensor(float(examples), dtype=torch.float64)
+            online = {k: v.clone() for k, v in self._online.items()}
+            online_count = int(self._scalars["online_count"])
+            if _dist_active(distributed, process_group):
+                a, b, acc, total, online, online_count = _dist_reduce(
+                    a, b, acc, total, online, online_count, process_group
                 )
-            else:
-                bc = b - b.mean()
-                var_b = float((bc * bc).sum()) / (b.numel() - 1)
-                cov_ab = float(((a - a.mean()) * bc).sum()) / (b.numel() - 1)
-                # Below this the b_i differ only by float rounding (e.g. a previous snapshot whose
-                # loss is the same constant on every batch, as a zero-initialised head gives) and the
-                # slope cov/var is rounding noise divided by rounding noise: no estimate.
-                resolution = (_VAR_RESOLUTION * float(b.abs().mean())) ** 2
-                if var_b > resolution and math.isfinite(var_b) and math.isfinite(cov_ab):
-                    tau_now = cov_ab / var_b
-                else:
+            if float(total) <= 0:
+                raise ValueError("Invalid batches value: the refresh received no examples")
+            mu = [t.div_(float(total)) for t in acc]
+
+            # tau_now
+            tau_now = math.nan
+            if estimator == "loss-slope":
+                if not had_snapshot:
+                    logger.info("AGC refresh: no previous snapshot, tau kept at %g", self.tau)
+                elif a.numel() < 2:
                     self._warn_once(
-                        "var0",
-                        f"AGC refresh: var(b) = {var_b:.3g} is at float resolution (the previous "
-                        "snapshot's loss is constant over batches): tau kept",
+                        "few",
+                        f"AGC refresh with {a.numel()} batch(es): tau_now needs >= 2, tau kept",
                     )
-        else:
-            if online_count > 0 and online:
-                sq = float(online["sq"])
-                if sq > 0 and math.isfinite(sq):
-                    tau_now = float(online["dot"]) / sq
                 else:
-                    self._warn_once("var0", f"AGC refresh: mean ||g_snap - mu||^2 = {sq}, tau kept")
-            elif had_snapshot and any(g["coef"] == "adaptive" for g in self.param_groups):
-                self._warn_once(  # (fixed / ramp coefficients do not use tau: nothing is lost)
-                    "nostep", "AGC refresh: no step with a snapshot gradient since the last refresh"
-                )
-        updated = math.isfinite(tau_now)
-        if updated:
-            alpha = float(self.param_groups[0]["alpha"])
-            self._scalars["tau_now"] = torch.tensor(tau_now, dtype=torch.float64)
-            self._scalars["tau"] = (1 - alpha) * self._scalars["tau"] + alpha * tau_now
+                    bc = b - b.mean()
+                    var_b = float((bc * bc).sum()) / (b.numel() - 1)
+                    cov_ab = float(((a - a.mean()) * bc).sum()) / (b.numel() - 1)
+                    # Below this the b_i differ only by float rounding (e.g. a previous snapshot whose
+                    # loss is the same constant on every batch, as a zero-initialised head gives) and the
+                    # slope cov/var is rounding noise divided by rounding noise: no estimate.
+                    resolution = (_VAR_RESOLUTION * float(b.abs().mean())) ** 2
+                    if var_b > resolution and math.isfinite(var_b) and math.isfinite(cov_ab):
+                        tau_now = cov_ab / var_b
+                    else:
+                        self._warn_once(
+                            "var0",
+                            f"AGC refresh: var(b) = {var_b:.3g} is at float resolution (the previous "
+                            "snapshot's loss is constant over batches): tau kept",
+                        )
+            else:
+                if online_count > 0 and online:
+                    sq = float(online["sq"])
+                    if sq > 0 and math.isfinite(sq):
+                        tau_now = float(online["dot"]) / sq
+                    else:
+                        self._warn_once(
+                            "var0", f"AGC refresh: mean ||g_snap - mu||^2 = {sq}, tau kept"
+                        )
+                elif had_snapshot and any(g["coef"] == "adaptive" for g in self.param_groups):
+                    self._warn_once(  # (fixed / ramp coefficients do not use tau: nothing is lost)
+                        "nostep",
+                        "AGC refresh: no step with a snapshot gradient since the last refresh",
+                    )
+            updated = math.isfinite(tau_now)
+            if updated:
+                alpha = float(self.param_groups[0]["alpha"])
+                self._scalars["tau_now"] = torch.tensor(tau_now, dtype=torch.float64)
+                self._scalars["tau"] = (1 - alpha) * self._scalars["tau"] + alpha * tau_now
 
-        # new snapshot and mu
-        for p, m in zip(params, mu):
-            state = self.state[p]
-            state["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
-            state["full_grad"] = m
-            state.pop("snap_grad", None)
-        self._snap_grad_fresh = False
-        self._scalars["refreshes"] += 1
-        for v in self._online.values():
-            v.zero_()
-        self._scalars["online_count"].zero_()
-        self._refresh_losses = (a.cpu(), b.cpu())
+            # new snapshot and mu
+            for p, m in zip(params, mu):
+                state = self.state[p]
+                state["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
+                state["full_grad"] = m
+                state.pop("snap_grad", None)
+            self._snap_grad_fresh = False
+            self._scalars["refreshes"] += 1
+            for v in self._online.values():
+                v.zero_()
+            self._scalars["online_count"].zero_()
+            self._refresh_losses = (a.cpu(), b.cpu())
 
-        out = {
-            "agc_tau_now": tau_now,
-            "agc_tau": self.tau,
-            "agc_coef": self.coefficient,
-            "agc_tau_updated": float(updated),
-            "refresh_batches": float(num_batches),
-            "refresh_examples": float(examples),
-            "refresh_grad_evals": float(examples),
-            "refresh_forwards": float(examples if use_b else 0),
-            "refresh_time_s": time.perf_counter() - t0,
-        }
-        self._last_refresh = {k: v for k, v in out.items() if k.startswith("refresh_")}
-        logger.info(
-            "AGC refresh %d: tau_now=%.4g tau=%.4g c=%.4g (%d batches, %d examples, %.2fs)",
-            self.num_refreshes,
-            tau_now,
-            self.tau,
-            self.coefficient,
-            num_batches,
-            examples,
-            out["refresh_time_s"],
-        )
-        return out
+            out = {
+                "agc_tau_now": tau_now,
+                "agc_tau": self.tau,
+                "agc_coef": self.coefficient,
+                "agc_tau_updated": float(updated),
+                "refresh_batches": float(num_batches),
+                "refresh_examples": float(examples),
+                "refresh_grad_evals": float(examples),
+                "refresh_forwards": float(examples if use_b else 0),
+                "refresh_time_s": time.perf_counter() - t0,
+            }
+            self._last_refresh = {k: v for k, v in out.items() if k.startswith("refresh_")}
+            logger.info(
+                "AGC refresh %d: tau_now=%.4g tau=%.4g c=%.4g (%d batches, %d examples, %.2fs)",
+                self.num_refreshes,
+                tau_now,
+                self.tau,
+                self.coefficient,
+                num_batches,
+                examples,
+                out["refresh_time_s"],
+            )
+            return out
 
 
 #: Relative spread of the previous-snapshot losses below which ``var(b)`` counts as zero.

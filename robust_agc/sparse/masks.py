@@ -252,13 +252,12 @@ class SparseMasks:
         return {n: float(mask.float().mean()) for n, _, mask in self}
 
     # ------------------------------------------------------------------ enforcement
-    @torch.no_grad()
     def apply_(self) -> None:
         """Zero the weights at pruned positions (in place)."""
-        for m in self.modules:
-            m.weight.masked_fill_(torch.logical_not(getattr(m, MASK_BUFFER)), 0)
+        with torch.no_grad():
+            for m in self.modules:
+                m.weight.masked_fill_(torch.logical_not(getattr(m, MASK_BUFFER)), 0)
 
-    @torch.no_grad()
     def zero_optimizer_state_(
         self, optimizer: torch.optim.Optimizer, where: Sequence[Tensor] | None = None
     ) -> None:
@@ -266,12 +265,13 @@ class SparseMasks:
 
         ``where`` defaults to the pruned positions (``~mask``) of each layer.
         """
-        for i, m in enumerate(self.modules):
-            state = optimizer.state.get(m.weight)
-            if not state:
-                continue
-            zero_at = torch.logical_not(getattr(m, MASK_BUFFER)) if where is None else where[i]
-            _fill_state(state, m.weight.shape, zero_at)
+        with torch.no_grad():
+            for i, m in enumerate(self.modules):
+                state = optimizer.state.get(m.weight)
+                if not state:
+                    continue
+                zero_at = torch.logical_not(getattr(m, MASK_BUFFER)) if where is None else where[i]
+                _fill_state(state, m.weight.shape, zero_at)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
         """Enforce the masks on ``optimizer`` with step pre/post hooks; returns the two handles.
@@ -369,7 +369,6 @@ class SparseMasks:
         return out
 
     # ------------------------------------------------------------------ FLOPs and report
-    @torch.no_grad()
     def flops(self, input_shape: Sequence[int]) -> dict[str, Any]:
         """Inference FLOPs of the model's conv/linear layers, dense and with the masks.
 
@@ -380,44 +379,47 @@ class SparseMasks:
         Returns:
             ``{"dense": f_D, "sparse": f_S, "ratio": f_S / f_D, "per_layer": {name: (f_D, f_S)}}``
         """
-        shape = tuple(input_shape)
-        if len(shape) == 0 or any(not isinstance(s, int) or s <= 0 for s in shape):
-            raise ValueError(f"Invalid input_shape value: {input_shape}")
-        per_layer: dict[str, tuple[float, float]] = {}
-        hooks = []
+        with torch.no_grad():
+            shape = tuple(input_shape)
+            if len(shape) == 0 or any(not isinstance(s, int) or s <= 0 for s in shape):
+                raise ValueError(f"Invalid input_shape value: {input_shape}")
+            per_layer: dict[str, tuple[float, float]] = {}
+            hooks = []
 
-        def make_hook(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
-            def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-                w = module.weight
-                n_out = w.shape[0]
-                # Linear (..., out) and conv (N, out, *spatial): output elements per weight row.
-                positions = output.numel() / n_out
-                mask = getattr(module, MASK_BUFFER, None)
-                active = w.numel() if mask is None else int(mask.sum())
-                dense = 2.0 * positions * w.numel()
-                sparse = 2.0 * positions * active
-                old = per_layer.get(name, (0.0, 0.0))
-                per_layer[name] = (old[0] + dense, old[1] + sparse)
+            def make_hook(name: str) -> Callable[[nn.Module, Any, Tensor], None]:
+                def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+                    w = module.weight
+                    n_out = w.shape[0]
+                    # Linear (..., out) and conv (N, out, *spatial): output elements per weight row.
+                    positions = output.numel() / n_out
+                    mask = getattr(module, MASK_BUFFER, None)
+                    active = w.numel() if mask is None else int(mask.sum())
+                    dense = 2.0 * positions * w.numel()
+                    sparse = 2.0 * positions * active
+                    old = per_layer.get(name, (0.0, 0.0))
+                    per_layer[name] = (old[0] + dense, old[1] + sparse)
 
-            return hook
+                return hook
 
-        for name, module in maskable_modules(self.model):
-            hooks.append(module.register_forward_hook(make_hook(name)))
-        was_training = self.model.training
-        try:
-            ref = self.weights()[0]
-            x = torch.zeros((1, *shape), device=ref.device, dtype=ref.dtype)
-            self.model.eval()
-            self.model(x)
-        finally:
-            self.model.train(was_training)
-            for h in hooks:
-                h.remove()
-        f_d = sum(v[0] for v in per_layer.values())
-        f_s = sum(v[1] for v in per_layer.values())
-        if f_d == 0:
-            raise ValueError("Invalid model value: no conv/linear layer ran in the forward pass")
-        return {"dense": f_d, "sparse": f_s, "ratio": f_s / f_d, "per_layer": per_layer}
+            for name, module in maskable_modules(self.model):
+                hooks.append(module.register_forward_hook(make_hook(name)))
+            was_training = self.model.training
+            try:
+                ref = self.weights()[0]
+                x = torch.zeros((1, *shape), device=ref.device, dtype=ref.dtype)
+                self.model.eval()
+                self.model(x)
+            finally:
+                self.model.train(was_training)
+                for h in hooks:
+                    h.remove()
+            f_d = sum(v[0] for v in per_layer.values())
+            f_s = sum(v[1] for v in per_layer.values())
+            if f_d == 0:
+                raise ValueError(
+                    "Invalid model value: no conv/linear layer ran in the forward pass"
+                )
+            return {"dense": f_d, "sparse": f_s, "ratio": f_s / f_d, "per_layer": per_layer}
 
     def report(self, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
         """Summary statistics of the masks (and of the attached scheduler, if any).
@@ -452,28 +454,28 @@ class SparseMasks:
         return out
 
     # ------------------------------------------------------------------ distributed
-    @torch.no_grad()
     def broadcast_(self, src: int = 0) -> None:
         """Broadcast the masks from rank ``src`` and re-apply them (no-op without torch.distributed)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        for m in self.modules:
-            mask = getattr(m, MASK_BUFFER)
-            buf = mask.to(torch.uint8)
-            torch.distributed.broadcast(buf, src=src)
-            mask.copy_(buf.bool())
-        self.apply_()
+        with torch.no_grad():
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return
+            for m in self.modules:
+                mask = getattr(m, MASK_BUFFER)
+                buf = mask.to(torch.uint8)
+                torch.distributed.broadcast(buf, src=src)
+                mask.copy_(buf.bool())
+            self.apply_()
 
-    @torch.no_grad()
     def masks_equal_across_ranks(self) -> bool:
         """True when every rank holds the same masks (always True without torch.distributed)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return True
-        flat = torch.cat([mask.reshape(-1).to(torch.int32) for mask in self.masks()])
-        hi, lo = flat.clone(), flat.clone()
-        torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
-        return bool(torch.equal(hi, lo))
+        with torch.no_grad():
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return True
+            flat = torch.cat([mask.reshape(-1).to(torch.int32) for mask in self.masks()])
+            hi, lo = flat.clone(), flat.clone()
+            torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+            torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+            return bool(torch.equal(hi, lo))
 
     def __repr__(self) -> str:
         return (
