@@ -12,7 +12,7 @@ DEMO_OUT ?= runs/demo
 DEMO_PROCS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test test-slow lint format bench gpu-smoke clean
+.PHONY: install data demo test test-slow mutation lint format bench gpu-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,16 @@ test: install
 test-slow: install
 	RUN_SLOW=1 $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# Mutation testing of the core modules, group by group (tests/mutation.py; shared settings in
+# pyproject's [tool.mutmut]). Slow (hours on 2 cores), so not in CI; resumable. Results and the
+# reason for every survivor: tests/MUTATION.md. `make mutation MUTATION_GROUPS=optim` runs one group.
+MUTATION_JOBS ?= 2
+MUTATION_GROUPS ?=
+mutation: install
+	$(BIN)/python -m pip install -q -e '.[mutation]'
+	$(BIN)/python tests/mutation.py run --jobs $(MUTATION_JOBS) $(MUTATION_GROUPS)
+	$(BIN)/python tests/mutation.py report --list survived "no tests" timeout suspicious
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -67,7 +77,7 @@ bench: install
 	$(BIN)/python benchmarks/eval_speed.py
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mutation
 
 # For a machine with one CUDA GPU (not CI): RigL + AGC + PGD-AT in float32 with a SIGKILL and
 # --resume, the same in bfloat16 autocast with channels_last, AutoAttack on 300 points, throughput
