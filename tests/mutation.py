@@ -8,8 +8,9 @@ the repository under ``.mutation/<group>/``, whose ``pyproject.toml`` gets the g
 ``only_mutate`` and test files added to the shared ``[tool.mutmut]`` table: mutmut takes one test
 selection per run, and a surviving mutant is run against every selected test that covers it, so a
 group's own unit tests keep a survivor's cost to seconds instead of the whole suite's minutes.
-A run that is stopped resumes where it was (mutmut keeps each verdict in ``.meta`` files); a
-changed source file or test file is copied in again and mutmut re-tests what changed.
+A run that is stopped resumes where it was (mutmut keeps each verdict in ``.meta`` files); the
+sources and tests are copied in again at every run, the map of tests to functions is collected
+anew, and mutants of a changed function are tested again (``--only`` re-tests chosen ones).
 
 Left out of every selection: tests that drive the library only through subprocesses (the CLI,
 ``torchrun``, the README's commands): mutmut maps tests to functions by in-process tracing, so they
@@ -104,6 +105,9 @@ def _prepare(name: str, group: Group) -> Path:
             )
         else:
             shutil.copy2(item, target)
+    # mutmut keeps its map of tests to functions across runs and does not redo it for a changed
+    # function or test: collect it anew every run (a minute), verdicts of unchanged code are kept.
+    (dest / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     selection = [f"tests/{t}" for t in group.tests]
     selection += [f"--deselect=tests/{d}" for d in group.deselect]
     with open(dest / "pyproject.toml", "a") as f:

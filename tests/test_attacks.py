@@ -627,3 +627,95 @@ def test_ours_usable_by_torchattacks_code(tiny_model, data):
     multi = torchattacks.MultiAttack([wrapped, torchattacks.FGSM(tiny_model, eps=EPS_LINF)])
     adv = multi(x, y)
     assert float(_linf(adv, x).max()) <= EPS_LINF + 1e-6
+
+
+# --------------------------------------------------------------------------- PGD's contract details
+
+
+def test_broadcast_input_gradient_of_a_small_input():
+    """Every broadcast dimension has size <= 2: the stride-0 gradient must still get own memory."""
+    x, y = torch.rand(2, 1, 2, 2), torch.zeros(2, dtype=torch.long)
+    assert torch.equal(PGD(_BroadcastGradient(), EPS_LINF, steps=2, random_start=False)(x, y), x)
+
+
+def test_pgd_repr_names_the_whole_threat_model(tiny_model):
+    atk = PGD(tiny_model, EPS_LINF, steps=3, restarts=2, early_stop=True, seed=5)
+    assert repr(atk) == (
+        f"PGD(model=_TinyMLP, eps={EPS_LINF!r}, norm='Linf', alpha={atk.alpha!r}, steps=3, "
+        "random_start=True, restarts=2, loss='ce', early_stop=True, bn_mode='eval', seed=5, "
+        "channels_last=False)"
+    )
+
+
+class _LayoutRecorder(nn.Module):
+    """A linear model that records whether each input it sees is in channels_last layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_converts_four_dimensional_inputs_only_when_asked(channels_last):
+    model = _LayoutRecorder()
+    x, y = torch.rand(2, 3, 4, 4), torch.tensor([0, 1])
+    PGD(model, EPS_LINF, steps=2, seed=0, channels_last=channels_last)(x, y)
+    assert model.seen and set(model.seen) == {channels_last}
+
+
+class _TwoPoints(nn.Module):
+    """Two classes, logits ``(0, w . x + b_i)`` per example: example 0 sits at the boundary (any
+    step breaks it), example 1 far from it (no step within eps does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, 16))
+        self.register_buffer("b", torch.tensor([-1e-3, -3.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x[:, 0, 0, 0] > 0.5).long()  # example 1 is marked by its first pixel
+        z = x.flatten(1) @ self.w + self.b[ids]
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+def _two_points() -> tuple[_TwoPoints, torch.Tensor, torch.Tensor]:
+    x = torch.full((2, 1, 4, 4), 0.3)
+    x[1, 0, 0, 0] = 0.9
+    x[0] = x[0] - (x[0].flatten() @ torch.linspace(-1.0, 1.0, 16)) / 16  # w . x = 0
+    return _TwoPoints(), x.clamp(0, 1), torch.zeros(2, dtype=torch.long)
+
+
+def _ce_each(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y, reduction="none")
+
+
+def test_restarts_keep_the_highest_loss_of_an_unbroken_point():
+    """With one point broken in the first restart and one never broken, every later restart
+    attacks the unbroken one and keeps its highest loss: above the first restart's."""
+    model, x, y = _two_points()
+    one = PGD(model, 0.05, alpha=0.005, steps=1, seed=1)(x, y)
+    four = PGD(model, 0.05, alpha=0.005, steps=1, restarts=4, seed=1)(x, y)
+    assert model(one).argmax(1).tolist() == [1, 0]  # broken, robust
+    l1, l4 = _ce_each(model, one, y), _ce_each(model, four, y)
+    assert l4[1] > l1[1]
+    assert torch.equal(four[0], one[0])  # the broken point keeps its first adversarial example
+
+
+def test_restarts_with_early_stop():
+    model, x, y = _two_points()
+    out = PGD(model, 0.05, alpha=0.005, steps=3, restarts=3, early_stop=True, seed=1)(x, y)
+    assert model(out).argmax(1).tolist() == [1, 0]
+
+
+def test_early_stop_keeps_attacking_the_last_unbroken_point():
+    """Early stopping freezes the broken point and attacks the other exactly as without it."""
+    model, x, y = _two_points()
+    kw = dict(eps=0.05, alpha=0.005, steps=4, seed=1)
+    stop, full = PGD(model, early_stop=True, **kw)(x, y), PGD(model, **kw)(x, y)
+    torch.testing.assert_close(stop[1], full[1], rtol=0, atol=1e-7)
+    assert not torch.equal(stop[0], full[0])  # the broken point stopped moving
