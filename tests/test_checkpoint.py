@@ -88,3 +88,117 @@ def test_build_model_folds_masks_and_checks_architecture():
 
 def test_strip_prefixes():
     assert list(strip_prefixes({"module.model.a": 1, "b": 2})) == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- the exact contract
+
+
+def test_atomic_write_creates_parents_and_renames_within_the_folder(tmp_path, monkeypatch):
+    """The temporary file lives beside the target (a rename across file systems is not atomic)
+    and is removed when the write fails; missing parent folders are created."""
+    import os
+
+    from robust_agc import checkpoint as ck
+
+    target = tmp_path / "a" / "b" / "c.pt"
+    renames = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        renames.append((pathlib.Path(src), pathlib.Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", replace)
+    ck.atomic_write_bytes(target, b"abc")
+    assert target.read_bytes() == b"abc"
+    ((src, dst),) = renames
+    assert dst == target and src.parent == target.parent
+    assert src.name.startswith(".c.pt.") and src.name.endswith(".tmp")  # hidden, recognisable
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        ck.atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"abc"  # the old file is intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["c.pt"]  # no temporary left
+
+
+def test_load_maps_to_the_requested_device(tmp_path):
+    save_checkpoint({"w": torch.ones(3)}, tmp_path / "c.pt")
+    assert load_checkpoint(tmp_path / "c.pt", map_location="meta")["w"].device.type == "meta"
+    assert load_checkpoint(tmp_path / "c.pt")["w"].device.type == "cpu"
+
+
+def test_refusal_names_the_class_and_the_file(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    make_malicious_checkpoint(path, marker)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert msg.startswith(f"refusing to load {path}: it holds objects other than tensors")
+    head, _, detail = msg.partition("(unsafe pickle; nothing was executed): ")
+    assert head and "Unsupported global: GLOBAL getattr" in detail
+    assert len(detail) == 200  # torch's line, cut to 200 characters
+    assert not marker.exists()
+
+
+def test_read_errors_give_the_first_line_of_the_cause(tmp_path):
+    p = tmp_path / "trunc.pt"
+    save_checkpoint({"w": torch.ones(1000)}, p)
+    p.write_bytes(p.read_bytes()[:200])  # a truncated zip archive
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(p)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot read checkpoint {p}: ") and "\n" not in msg
+    assert len(msg) > len(f"cannot read checkpoint {p}: ") + 5
+
+
+@pytest.mark.parametrize("obj, name", [([1, 2], "list"), (torch.ones(2), "Tensor"), (3, "int")])
+def test_a_file_that_is_not_a_dict_is_refused(tmp_path, obj, name):
+    torch.save(obj, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path / "x.pt")
+    assert str(err.value) == f"{tmp_path / 'x.pt'} is not a robust_agc checkpoint (got {name})"
+
+
+def test_strip_prefixes_in_any_order_and_repetition():
+    sd = {"module.model.module.a": 1, "model.b": 2, "c": 3, "xmodule.d": 4}
+    assert strip_prefixes(sd) == {"a": 1, "b": 2, "c": 3, "xmodule.d": 4}
+    assert strip_prefixes({"model.module.e": 5}) == {"e": 5}
+    assert strip_prefixes({"m.e": 1}, prefixes=("m.",)) == {"e": 1}
+
+
+_CFG = {"model": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 28}
+
+
+@pytest.mark.parametrize("ckpt", [{"model": {}}, {"config": _CFG}, {}])
+def test_build_needs_model_and_config(ckpt):
+    with pytest.raises(CheckpointError) as err:
+        build_model_from_checkpoint(ckpt)
+    assert str(err.value) == "not a robust_agc training checkpoint (no 'model' or 'config' entry)"
+
+
+@pytest.mark.parametrize("key", ["model", "num_classes", "in_channels", "input_size"])
+def test_build_names_a_missing_config_key(key):
+    cfg = {k: v for k, v in _CFG.items() if k != key}
+    with pytest.raises(CheckpointError) as err:
+        build_model_from_checkpoint({"model": {}, "config": cfg})
+    assert str(err.value) == f"checkpoint config lacks {key!r}"
+
+
+def test_build_is_strict_about_weights_and_masks():
+    sd = create_model("small-cnn", num_classes=10, in_channels=1, input_size=28).state_dict()
+    missing = {k: v for k, v in sd.items() if k != "classifier.1.bias"}
+    with pytest.raises(CheckpointError) as err:
+        build_model_from_checkpoint({"model": missing, "config": _CFG})
+    msg = str(err.value)
+    assert msg.startswith("checkpoint weights do not fit architecture 'small-cnn': ")
+    assert msg.endswith(": Error(s) in loading state_dict for SmallCNN:")  # the first line only
+    for bad_mask in ({"classifier.9.weight_mask": torch.ones(3)},
+                     {"classifier.1.weight_mask": torch.ones(3, 3)}):  # fmt: skip
+        key = next(iter(bad_mask))
+        with pytest.raises(CheckpointError) as err:
+            build_model_from_checkpoint({"model": sd | bad_mask, "config": _CFG})
+        assert str(err.value) == f"mask {key} does not match a weight of 'small-cnn'"

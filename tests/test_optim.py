@@ -93,6 +93,10 @@ KERNEL_CONFIGS = [
     dict(coef=0.05, lr=0.05, wd=0.0, momentum=0.9, dampening=0.1, nesterov=False, maximize=False),
     dict(coef=1.0, lr=0.2, wd=5e-4, momentum=0.0, dampening=0.0, nesterov=False, maximize=False),
     dict(coef=0.7, lr=0.1, wd=0.02, momentum=0.5, dampening=0.0, nesterov=True, maximize=True),
+    # Nesterov on the caller's own gradients (no decay, no maximize: nothing copied them yet)
+    dict(coef=0.3, lr=0.1, wd=0.0, momentum=0.9, dampening=0.0, nesterov=True, maximize=False),
+    # the boundary values 1 of weight decay and momentum
+    dict(coef=0.2, lr=0.05, wd=1.0, momentum=1.0, dampening=0.5, nesterov=False, maximize=False),
 ]
 
 
@@ -135,6 +139,36 @@ def test_kernel_matches_float64_reference(cfg, foreach):
         ref = _reference(p0[i], seqs[i], **cfg)
         torch.testing.assert_close(params[i], ref, rtol=1e-12, atol=1e-12)
         assert not torch.equal(params[i], p0[i])
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("cfg", KERNEL_CONFIGS[:2] + KERNEL_CONFIGS[3:])
+def test_kernel_with_a_parameter_that_joins_later(cfg, foreach):
+    """A parameter without a gradient on the first step (no momentum buffer yet) joins on the
+    second, while the others already have buffers: each follows its own reference."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 4), (5,), (2, 3)]
+    params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    p0 = [p.clone() for p in params]
+    seqs = [
+        [
+            tuple(torch.randn(s, generator=g, dtype=torch.float64) for _ in range(3))
+            for _ in range(4)
+        ]
+        for s in shapes
+    ]
+    bufs: list[torch.Tensor | None] = [None] * 3
+    kw = {k: cfg[k] for k in ("coef", "lr", "momentum", "dampening", "nesterov", "maximize")}
+    for t in range(4):
+        idx = [0, 2] if t == 0 else [0, 1, 2]
+        sub = [bufs[i] for i in idx]
+        agc([params[i] for i in idx], *([seqs[i][t][j] for i in idx] for j in range(3)), sub,
+            weight_decay=cfg["wd"], foreach=foreach, **kw)  # fmt: skip
+        for i, b in zip(idx, sub):
+            bufs[i] = b
+    for i in range(3):
+        ref = _reference(p0[i], seqs[i][1:] if i == 1 else seqs[i], **cfg)
+        torch.testing.assert_close(params[i], ref, rtol=1e-12, atol=1e-12)
 
 
 def test_foreach_equals_for_loop_with_missing_snapshots():
