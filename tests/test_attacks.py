@@ -719,3 +719,15 @@ def test_early_stop_keeps_attacking_the_last_unbroken_point():
     stop, full = PGD(model, early_stop=True, **kw)(x, y), PGD(model, **kw)(x, y)
     torch.testing.assert_close(stop[1], full[1], rtol=0, atol=1e-7)
     assert not torch.equal(stop[0], full[0])  # the broken point stopped moving
+
+
+@pytest.mark.parametrize("flag", ["random_start", "early_stop", "channels_last"])
+def test_pgd_flags_must_be_bools(tiny_model, flag):
+    with pytest.raises(ValueError, match=rf"^Invalid {flag} value: 'yes'$"):
+        PGD(tiny_model, EPS_LINF, **{flag: "yes"})
+
+
+def test_pgd_loss_attribute_is_the_name_or_the_callable(tiny_model):
+    assert PGD(tiny_model, EPS_LINF, loss="dlr").loss == "dlr"
+    assert PGD(tiny_model, EPS_LINF).loss == "ce"
+    assert PGD(tiny_model, EPS_LINF, loss=cross_entropy).loss is cross_entropy
