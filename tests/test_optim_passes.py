@@ -178,3 +178,12 @@ def test_telemetry_reports_every_scalar_under_its_name():
         time_s = tel.pop("refresh_time_s")
         assert 0 < time_s < 60
         assert tel == pytest.approx(expected, nan_ok=True), estimator
+
+
+def test_a_scaled_refresh_gives_zero_for_a_parameter_the_loss_does_not_use():
+    model = _net()
+    model.unused = nn.Parameter(torch.ones(3))
+    x, y = _data()
+    opt = AGC(model.parameters(), lr=0.1)
+    opt.refresh(model, [(x, y)], _ce, loss_scale=2.0**140)
+    assert torch.equal(opt.state[model.unused]["full_grad"], torch.zeros(3))
