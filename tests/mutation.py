@@ -144,7 +144,8 @@ def load() -> dict[str, dict[str, str]]:
 
 
 def table(results: dict[str, dict[str, str]]) -> str:
-    """A markdown table: one row per module and a total row; score = killed / checked."""
+    """A markdown table: one row per module and a total row; score = (killed + timeout) / checked
+    (checked: every mutant but those not run yet; "no tests" counts as not caught)."""
     lines = [
         "| module | mutants | " + " | ".join(COLUMNS) + " | score |",
         "|" + "---|" * (len(COLUMNS) + 3),
@@ -161,7 +162,8 @@ def table(results: dict[str, dict[str, str]]) -> str:
 def _row(name: str, counts: Counter[str]) -> str:
     n = sum(counts.values())
     checked = n - counts["not checked"]
-    score = f"{100 * counts['killed'] / checked:.1f}%" if checked else "-"
+    caught = counts["killed"] + counts["timeout"]  # a mutant that never finishes is caught
+    score = f"{100 * caught / checked:.1f}%" if checked else "-"
     return f"| {name} | {n} | " + " | ".join(str(counts[c]) for c in COLUMNS) + f" | {score} |"
 
 
