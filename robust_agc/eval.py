@@ -1139,12 +1139,6 @@ def _run_counted(
             )
 
         pgd()  # fail early when the attacks package is missing
-    pgd_subset: list[int] = []
-    if "pgd" in state.done:
-        # Resumed after the PGD stage: its targets were the points no earlier unit broke (the
-        # convergence check below re-runs PGD on the first 64 of them, as an uninterrupted run does).
-        later = set(units[units.index("pgd") :])
-        pgd_subset = [i for i, b in enumerate(state.broken_by) if b is None or b in later][:64]
 
     for unit in units:
         if unit in state.done:
@@ -1160,8 +1154,6 @@ def _run_counted(
             state.n_broken[unit] = 0
             state.timings.setdefault(unit, 0.0)
             state.passes.setdefault(unit, [0, 0])
-        if unit == "pgd":
-            pgd_subset = targets[: min(64, len(targets))]
         chunks = [targets[i : i + batch_size] for i in range(0, len(targets), batch_size)]
         if main and comm.world > 1 and len(chunks) - done_batches < comm.world:
             logger.warning(
@@ -1231,6 +1223,12 @@ def _run_counted(
             )
 
     # PGD convergence check: fewer steps on a subset must not break *more* points (rank 0 only).
+    # The subset: the first 64 of PGD's targets, i.e. of the points no unit before it broke (derived
+    # from the verdicts, so a session resumed after the PGD stage checks the same points).
+    pgd_subset: list[int] = []
+    if "pgd" in units:
+        from_pgd = set(units[units.index("pgd") :])
+        pgd_subset = [i for i, b in enumerate(state.broken_by) if b is None or b in from_pgd][:64]
     counter.take()
     if main and run_checks and pgd is not None and pgd_subset:
         t0 = time.perf_counter()
