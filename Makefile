@@ -12,7 +12,7 @@ DEMO_OUT ?= runs/demo
 DEMO_PROCS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test test-slow mutation lint format bench gpu-smoke clean
+.PHONY: install data demo test test-slow mutation bit-identity lint format bench gpu-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ mutation: install
 	$(BIN)/python -m pip install -q -e '.[mutation]'
 	$(BIN)/python tests/mutation.py run --jobs $(MUTATION_JOBS) $(MUTATION_GROUPS)
 	$(BIN)/python tests/mutation.py report --list survived "no tests" timeout suspicious
+
+# Same configs, this tree against the code of REF (default: HEAD), on this machine: weights,
+# metrics and an evaluation record must agree bit for bit (tests/bit_identity.py; a few minutes).
+REF ?= HEAD
+bit-identity: install
+	$(BIN)/python tests/bit_identity.py --ref $(REF)
 
 lint: install
 	$(BIN)/ruff check .
