@@ -74,3 +74,32 @@ def test_machine_info_names_what_decides_the_kernels() -> None:
     assert info["cpu_capability"] == cpu_capability() == torch.backends.cpu.get_cpu_capability()
     assert set(cpu_flags()) <= set(KERNEL_FLAGS)
     assert info["world_size"] == 3 and info["threads"] == torch.get_num_threads()
+
+
+def test_agc_public_interface_matches_its_state() -> None:
+    """The CorrectedOptimizer methods report exactly the state AGC's step uses."""
+    from robust_agc.optim import AGC, CorrectedOptimizer, is_corrected
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = AGC(model.parameters(), lr=0.1)
+    assert is_corrected(opt) and isinstance(opt, CorrectedOptimizer)
+    assert not is_corrected(torch.optim.SGD(model.parameters(), lr=0.1))
+    w = model.weight
+    assert opt.snapshot_of(w) is None and opt.stale_positions(w) is None
+    assert opt.snapshot_gradients() == []
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt.refresh(model, [(x, y)], lambda m, xb, yb: nn.functional.cross_entropy(m(xb), yb))
+    with torch.no_grad():  # a position pruned at the refresh: snapshot and mu zero there
+        opt.snapshot_of(w)[0, 1] = 0
+        opt.full_gradient_of(w)[0, 1] = 0
+    stale = opt.stale_positions(w)
+    assert stale is not None and stale.sum() == 1 and stale[0, 1]
+    opt.snapshot_backward(model, lambda m: nn.functional.cross_entropy(m(x), y))
+    snaps = opt.snapshot_gradients()
+    assert len(snaps) == 2 and snaps[0].shape == w.shape and snaps[0][0, 1] == 0
+    where = torch.zeros_like(w, dtype=torch.bool)
+    where[2, 3] = True
+    assert snaps[0][2, 3] != 0 and opt.full_gradient_of(w)[2, 3] != 0
+    opt.drop_correction_(w, where)
+    assert snaps[0][2, 3] == 0 and opt.full_gradient_of(w)[2, 3] == 0

@@ -459,6 +459,46 @@ class AGC(Optimizer):
             "snapshot" in self.state[p] for group in self.param_groups for p in group["params"]
         )
 
+    # ---- what other parts of the library read and change (see CorrectedOptimizer) ----------
+
+    def snapshot_of(self, p: Tensor) -> Tensor | None:
+        """The snapshot point ``ws`` of parameter ``p`` (``None`` before the first refresh)."""
+        return self.state.get(p, {}).get("snapshot")
+
+    def full_gradient_of(self, p: Tensor) -> Tensor | None:
+        """The full gradient ``mu`` at the snapshot for ``p`` (``None`` before the first refresh)."""
+        return self.state.get(p, {}).get("full_grad")
+
+    def stale_positions(self, p: Tensor) -> Tensor | None:
+        """Where ``p``'s full gradient is stale: positions pruned at the last refresh (a sparse
+        layer zeroed their snapshot and ``mu``) that may have regrown since. The correction is
+        dropped there (``v = g``) until the next refresh. ``None`` before the first refresh."""
+        st = self.state.get(p, {})
+        return _stale(st) if "snapshot" in st and "full_grad" in st else None
+
+    def snapshot_gradients(self) -> list[Tensor]:
+        """The snapshot gradients ``g_B(ws)`` of the last :meth:`snapshot_backward`, one per
+        parameter that has one (what a loss scaler's overflow check must see besides ``.grad``)."""
+        return [
+            self.state[p]["snap_grad"]
+            for group in self.param_groups
+            for p in group["params"]
+            if "snap_grad" in self.state.get(p, {})
+        ]
+
+    def drop_correction_(self, p: Tensor, where: Tensor) -> None:
+        """Zero ``p``'s snapshot gradient and full gradient where ``where`` is True, so the step
+        there uses the plain gradient (``v = g``); for positions a sparse method has just
+        re-activated (BSR-Net). ``where`` has ``p``'s shape."""
+        st = self.state.get(p)
+        if not st:
+            return
+        with torch.no_grad():
+            for key in ("snap_grad", "full_grad"):
+                v = st.get(key)
+                if isinstance(v, Tensor) and v.shape == where.shape:
+                    v.masked_fill_(where, 0)
+
     def group_coefficient(self, group: dict[str, Any]) -> float:
         """The coefficient ``c`` of one param group (see the class docstring)."""
         mode = group["coef"]
@@ -623,8 +663,7 @@ class AGC(Optimizer):
             # and mu) and have regrown since: mu there is not the mean of g_B(ws), so the control
             # variate g_B(ws) - mu would not have zero mean. Drop the correction there (v = g) until
             # the next refresh. Derived from the state itself: an active position has mu != 0.
-            stale = (st["snapshot"] == 0) & (st["full_grad"] == 0)
-            st["snap_grad"] = g.detach().masked_fill_(stale, 0)
+            st["snap_grad"] = g.detach().masked_fill_(_stale(st), 0)
         self._snap_grad_fresh = True
         return loss.detach()
 
@@ -908,6 +947,12 @@ class AGC(Optimizer):
 
 #: Relative spread of the previous-snapshot losses below which ``var(b)`` counts as zero.
 _VAR_RESOLUTION = 1e-5
+
+
+def _stale(st: dict[str, Any]) -> Tensor:
+    """The regrown-position rule, from the state itself: an active position has ``mu != 0``, so a
+    zero snapshot with a zero ``mu`` marks one pruned at the last refresh."""
+    return (st["snapshot"] == 0) & (st["full_grad"] == 0)
 
 
 def _scaled_grad(loss: Tensor, params: list[Tensor], scale: float | Tensor) -> list[Tensor]:
