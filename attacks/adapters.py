@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Attack, _check_int
+from .base import Attack
+from .validation import check_int
 
 __all__ = ["TorchattacksAdapter", "as_torchattacks"]
 
@@ -79,7 +80,7 @@ class TorchattacksAdapter(Attack):
             steps = steps if isinstance(steps, numbers.Integral) else 1
             restarts = restarts if isinstance(restarts, numbers.Integral) else 1
             cost_per_example = max(1, int(steps)) * max(1, int(restarts))
-        self._cost = _check_int("cost_per_example", cost_per_example, minimum=1)
+        self._cost = check_int("cost_per_example", cost_per_example, minimum=1)
 
     @property
     def cost_per_example(self) -> int:

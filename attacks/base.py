@@ -10,14 +10,14 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-import math
-import numbers
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .validation import check_int, check_real
 
 __all__ = ["Attack", "NORMS", "BN_MODES"]
 
@@ -30,26 +30,9 @@ BN_MODES: tuple[str, ...] = ("eval", "train")
 """Model mode during the attack: ``"eval"`` (frozen BatchNorm statistics) or ``"train"``."""
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    """Return ``value`` as an int if it is an integer >= ``minimum``, else raise ValueError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"Invalid {name} value: {value!r}")
-    return int(value)
-
-
-def _check_real(name: str, value: Any, *, positive: bool = False) -> float:
-    """Return ``value`` as a float if it is a finite real >= 0 (> 0 if ``positive``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {name} value: {value!r}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0.0 or (positive and v == 0.0):
-        raise ValueError(f"Invalid {name} value: {value!r}")
-    return v
-
-
 def _check_eps(eps: Any, norm: str) -> float:
     """Validate a perturbation budget and warn about the usual slips."""
-    v = _check_real("eps", eps)
+    v = check_real("eps", eps)
     if v == 0.0:
         warnings.warn("eps=0: the attack returns the clean inputs unchanged", stacklevel=3)
     elif norm == "Linf" and v > 1.0:
@@ -134,7 +117,7 @@ class Attack(abc.ABC):
         if bn_mode not in BN_MODES:
             raise ValueError(f"Invalid bn_mode value: {bn_mode!r} (choose from eval, train)")
         if seed is not None:
-            _check_int("seed", seed, minimum=0)
+            check_int("seed", seed, minimum=0)
         self.model = model
         self.norm = norm
         self.eps = None if eps is None else _check_eps(eps, norm)

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
-from .base import _check_real
 from .losses import LossFn
 from .pgd import PGD
+from .validation import check_real
 
 __all__ = ["FGSMRS"]
 
@@ -50,7 +50,7 @@ class FGSMRS(PGD):
         seed: int | None = None,
     ) -> None:
         if alpha is not None:
-            _check_real("alpha", alpha, positive=True)
+            check_real("alpha", alpha, open_minimum=True)
         super().__init__(
             model, eps, alpha, 1, True, restarts=restarts, loss=loss, bn_mode=bn_mode, seed=seed
         )

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Attack, _check_int, _check_real
+from .base import Attack
 from .losses import AttackLoss, LossFn, resolve_loss
+from .validation import check_int, check_real
 
 __all__ = ["PGD"]
 
@@ -74,13 +75,13 @@ class PGD(Attack):
         channels_last: bool = False,
     ) -> None:
         super().__init__(model, eps=eps, norm=self._norm, bn_mode=bn_mode, seed=seed)
-        self.steps = _check_int("steps", steps, minimum=1)
+        self.steps = check_int("steps", steps, minimum=1)
         self.alpha = (
             2.5 * self.eps / self.steps
             if alpha is None
-            else _check_real("alpha", alpha, positive=True)
+            else check_real("alpha", alpha, open_minimum=True)
         )
-        self.restarts = _check_int("restarts", restarts, minimum=1)
+        self.restarts = check_int("restarts", restarts, minimum=1)
         for name, flag in (
             ("random_start", random_start),
             ("early_stop", early_stop),

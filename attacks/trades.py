@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .base import _check_real
 from .pgd import PGD
+from .validation import check_real
 
 __all__ = ["TRADESAttack"]
 
@@ -65,7 +65,7 @@ class TRADESAttack(PGD):
             seed=seed,
             channels_last=channels_last,
         )
-        self.init_std = _check_real("init_std", init_std)
+        self.init_std = check_real("init_std", init_std)
 
     def _init_delta(self, x: Tensor) -> Tensor:
         return self._rand(x, "normal").mul_(self.init_std)
