@@ -112,10 +112,10 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     import torch.distributed as dist
 
-    from .cli import _init_distributed
+    from .utils import init_distributed
 
     joined = dist.is_available() and dist.is_initialized()  # a caller's group stays up
-    rank, local_rank, world = _init_distributed(args.device)
+    rank, local_rank, world = init_distributed(args.device)
     try:
         if world > 1:
             if args.device.startswith("cuda"):
@@ -133,7 +133,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: int) -> int:
-    from .eval import _validate, benchmark
+    from .eval import benchmark, make_plan
 
     model, info = _load(args)
     cfg = info.get("config") or {}
@@ -167,7 +167,7 @@ def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: i
         "pgd_step_size": args.pgd_step_size,
     }
     try:
-        _validate(**kwargs)
+        make_plan(**kwargs)
     except ValueError as e:
         raise UserError(str(e)) from None
     model_info = {k: v for k, v in info.items() if k != "config"}

@@ -77,7 +77,7 @@ GROUPS: dict[str, Group] = {
         ("test_checkpoint.py", "test_resume_streams.py", "test_eval_cli.py"),
     ),
     "eval": Group(
-        ("robust_agc/eval.py",),
+        ("robust_agc/eval/*",),
         ("test_eval.py", "test_eval_resume.py", "test_autoattack_parity.py", "test_eval_cli.py"),
     ),
 }

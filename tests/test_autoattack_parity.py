@@ -58,7 +58,9 @@ from pyautoattack.autopgd_base import APGDAttack_targeted
 from torch import nn
 
 from robust_agc import eval as ev
-from robust_agc.checks import GradientMaskingWarning
+from robust_agc.eval.autoattack import AutoAttackRunner
+from robust_agc.eval.checks import GradientMaskingWarning
+from robust_agc.eval.passes import PassCounter
 
 EPS = 0.05
 N_MARK = 16  # one-hot point id: the first two rows of the 8x8 image
@@ -251,7 +253,7 @@ def _reference(
     if budgets is not None:
         budgets(aa)
     ids_of = _point_index(x)
-    counter = ev._PassCounter(model)
+    counter = PassCounter(model)
     broken: dict[int, str] = {}
     attacked: dict[str, list[int]] = {}
     passes: dict[str, dict[str, int]] = {}
@@ -312,7 +314,7 @@ def _harness(
     """``benchmark``'s record, and every AutoAttack chunk it ran as in :class:`Reference`."""
     ids_of = _point_index(x)
     chunks: list[tuple[str, list[int], torch.Tensor]] = []
-    real_call = ev._AutoAttackRunner.__call__
+    real_call = AutoAttackRunner.__call__
 
     def call(runner: Any, name: str, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         adv = real_call(runner, name, xb, yb)
@@ -321,7 +323,7 @@ def _harness(
 
     with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
         warnings.simplefilter("ignore", GradientMaskingWarning)
-        mp.setattr(ev._AutoAttackRunner, "__call__", call)
+        mp.setattr(AutoAttackRunner, "__call__", call)
         res = ev.benchmark(
             model, x=x, y=y, eps=eps, version=version, batch_size=batch_size, progress=False
         )
@@ -368,13 +370,13 @@ def shrink_harness_autoattack(
     monkeypatch: pytest.MonkeyPatch, shrink: Callable[[Any], None]
 ) -> None:
     """Apply ``shrink`` to every AutoAttack the harness builds."""
-    real_init = ev._AutoAttackRunner.__init__
+    real_init = AutoAttackRunner.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         shrink(self.aa)
 
-    monkeypatch.setattr(ev._AutoAttackRunner, "__init__", init)
+    monkeypatch.setattr(AutoAttackRunner, "__init__", init)
 
 
 _small_budgets = shrunk_budgets(n_iter=20, n_queries=1000)

@@ -31,17 +31,18 @@ WORKER = textwrap.dedent(
     import torch
     import torch.distributed as dist
     from robust_agc import eval as ev
+    from robust_agc.eval.autoattack import AutoAttackRunner
     from robust_agc.data import load_dataset
     from robust_agc.models import create_model
 
-    real_init = ev._AutoAttackRunner.__init__
+    real_init = AutoAttackRunner.__init__
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         aa = self.aa
         aa.apgd.n_iter, aa.apgd.n_restarts = 10, 1
         aa.apgd_targeted.n_iter, aa.fab.n_iter, aa.square.n_queries = 10, 10, 100
         aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 3
-    ev._AutoAttackRunner.__init__ = init
+    AutoAttackRunner.__init__ = init
 
     weights, out = sys.argv[1], sys.argv[2]
     model = create_model("small-cnn", num_classes=10, in_channels=1, input_size=28)
@@ -149,12 +150,12 @@ def test_cli_under_torchrun_rank_zero_writes_and_prints(tmp_path, trained_cnn):
 def test_round_robin_schedule_covers_every_chunk_once(world, start):
     """Rank r runs chunks start + r, start + r + world, ...: each remaining chunk exactly once,
     whatever the world size (a resumed evaluation starts at ``start``)."""
-    from robust_agc.eval import _Comm
+    from robust_agc.eval.comm import Comm
 
     n_chunks = 8
     ran: list[list[int]] = []
     for rank in range(world):
-        comm = _Comm()
+        comm = Comm()
         comm.world, comm.rank = world, rank
         comm.all_gather = lambda obj: [obj]  # type: ignore[method-assign]  # local result only
         mine = [r for _, results in comm.rounds(n_chunks, start, lambda b: b) for r in results]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -11,8 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_agc import eval as ev
-from robust_agc.checks import GradientMaskingWarning
 from robust_agc.errors import UserError
+from robust_agc.eval import attackers
+from robust_agc.eval.autoattack import AutoAttackRunner
+from robust_agc.eval.checks import GradientMaskingWarning
+from robust_agc.utils import machine_info
 
 from .test_autoattack_parity import (
     _check_parity,
@@ -152,6 +156,37 @@ def test_suspicious_eps_warns():
         ev.benchmark(MeanIntensityModel(), x=x, y=y, eps=8.0, attacks="clean", progress=False)
 
 
+def test_warnings_point_at_the_caller():
+    """The eps warning and the gradient-masking warnings are attributed to benchmark's caller."""
+    x, y = _intensity_points(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ev.benchmark(ConstantModel(), x=x, y=y, eps=8.0, attacks="clean", progress=False)
+    eps_warnings = [w for w in caught if "eps/255" in str(w.message)]
+    masking = [w for w in caught if issubclass(w.category, GradientMaskingWarning)]
+    assert eps_warnings and masking  # ConstantModel has zero input gradients
+    assert {w.filename for w in eps_warnings + masking} == {__file__}
+
+
+def test_make_plan_is_the_validation_of_benchmark():
+    plan = ev.make_plan(eps=0.1, attacks="pgd,autoattack", version=["apgd-ce", "apgd-t"])
+    assert isinstance(plan, ev.EvalPlan)
+    assert plan.stages == ("clean", "pgd", "autoattack") and plan.aa_version == "custom"
+    assert plan.units == ("clean", "pgd", "autoattack/apgd-ce", "autoattack/apgd-t")
+    assert plan.aa_units == ("autoattack/apgd-ce", "autoattack/apgd-t")
+    assert plan.pgd_step == pytest.approx(2.5 * 0.1 / 50)
+    assert ev.make_plan(eps=0.1, pgd_step_size=0.01).pgd_step == 0.01
+    assert (
+        ev.make_plan(eps=0.1, version="standard").components == ev.AUTOATTACK_VERSIONS["standard"]
+    )
+    with pytest.raises(ValueError, match="Invalid batch_size value"):
+        ev.make_plan(eps=0.1, batch_size=0)
+    with pytest.raises(ValueError, match="Invalid eps value"):
+        ev.make_plan(eps=None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.eps = 0.2  # type: ignore[misc]
+
+
 @pytest.mark.parametrize(("value", "expected"), [("linf", "Linf"), ("L2", "L2"), ("l2", "L2")])
 def test_threat_model_accepts_strings(value, expected):
     assert ev.ThreatModel.parse(value) is ev.ThreatModel(expected)
@@ -200,13 +235,13 @@ def test_trivially_robust_model_standard_version(fast_aa):
 def test_per_point_worst_case_and_clean_starts(fmnist_tiny, mlp, monkeypatch, fast_aa):
     x, y = _points(fmnist_tiny, 24)
     seen: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-    real_call = ev._AutoAttackRunner.__call__
+    real_call = AutoAttackRunner.__call__
 
     def spy(self, name, xb, yb):
         seen.append((name, xb.clone(), yb.clone()))
         return real_call(self, name, xb, yb)
 
-    monkeypatch.setattr(ev._AutoAttackRunner, "__call__", spy)
+    monkeypatch.setattr(AutoAttackRunner, "__call__", spy)
     res = ev.benchmark(
         mlp,
         x=x,
@@ -397,7 +432,7 @@ def test_pgd_steps_flag_fires_when_more_steps_do_worse(fmnist_tiny, mlp, monkeyp
                 return torch.zeros_like(xb)
             return xb
 
-    monkeypatch.setattr(ev, "_make_pgd", lambda model, **kw: FakePGD(model, **kw))
+    monkeypatch.setattr(attackers, "make_pgd", lambda model, **kw: FakePGD(model, **kw))
     with pytest.warns(GradientMaskingWarning, match="pgd_steps_nonmonotone"):
         res = ev.benchmark(mlp, x=x, y=y, eps=0.05, attacks="clean,pgd", progress=False)
     assert res.flags["pgd_steps_nonmonotone"] is True
@@ -511,6 +546,9 @@ def test_json_record(fmnist_tiny, mlp, tmp_path, fast_aa):
         assert key in d, key
     assert d["additional_data"] is False
     assert d["number_forward_passes"] == 1 and d["world_size"] == 1
+    # provenance: what decides the CPU kernels (robust_agc.utils.machine_info)
+    assert d["machine"] == json.loads(json.dumps(machine_info(world_size=1)))
+    assert set(d["machine"]) == {"cpu", "cpu_capability", "cpu_flags", "threads", "world_size"}
     assert d["autoattack_acc"] == d["robust_acc"] == res.robust_acc
     assert d["n_examples"] == 10 and len(d["per_point_robust"]) == 10
     assert sum(d["per_point_robust"]) / 10 == pytest.approx(d["robust_acc"])
@@ -621,7 +659,7 @@ def test_passes_of_autoattack_components_add_up(fmnist_tiny, mlp, fast_aa):
 
 def test_standard_autoattack_configuration():
     """pyautoattack's standard settings, as recorded (nothing is run)."""
-    runner = ev._AutoAttackRunner(
+    runner = AutoAttackRunner(
         MeanIntensityModel(),
         version="standard",
         components=ev.AUTOATTACK_VERSIONS["standard"],
@@ -666,7 +704,7 @@ class Interrupt(Exception):
 
 def _interrupting(monkeypatch, at_name: str, at_call: int):
     """Make the AutoAttack runner raise on its ``at_call``-th call of component ``at_name``."""
-    real_call = ev._AutoAttackRunner.__call__
+    real_call = AutoAttackRunner.__call__
     calls: list[str] = []
 
     def spy(self, name, xb, yb):
@@ -675,7 +713,7 @@ def _interrupting(monkeypatch, at_name: str, at_call: int):
             raise Interrupt
         return real_call(self, name, xb, yb)
 
-    monkeypatch.setattr(ev._AutoAttackRunner, "__call__", spy)
+    monkeypatch.setattr(AutoAttackRunner, "__call__", spy)
     return calls
 
 

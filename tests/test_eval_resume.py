@@ -23,8 +23,10 @@ import pytest
 import torch
 
 from robust_agc import eval as ev
-from robust_agc.checks import GradientMaskingWarning
 from robust_agc.errors import UserError
+from robust_agc.eval.autoattack import AutoAttackRunner
+from robust_agc.eval.checks import GradientMaskingWarning
+from robust_agc.eval.state import EvalState
 
 from .test_autoattack_parity import (  # noqa: F401 (one_thread: an autouse fixture)
     EPS,
@@ -48,14 +50,14 @@ def _tiny_budgets(aa: Any) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_budgets():
-    real_init = ev._AutoAttackRunner.__init__
+    real_init = AutoAttackRunner.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         _tiny_budgets(self.aa)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev._AutoAttackRunner, "__init__", init)
+        mp.setattr(AutoAttackRunner, "__init__", init)
         yield
 
 
@@ -77,13 +79,13 @@ class Calls:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.names: list[str] = []
-        real = ev._AutoAttackRunner.__call__
+        real = AutoAttackRunner.__call__
 
         def spy(runner, name, xb, yb):
             self.names.append(name)
             return real(runner, name, xb, yb)
 
-        monkeypatch.setattr(ev._AutoAttackRunner, "__call__", spy)
+        monkeypatch.setattr(AutoAttackRunner, "__call__", spy)
 
     def per_unit(self) -> dict[str, int]:
         return {u: self.names.count(u.split("/", 1)[1]) for u in UNITS}
@@ -122,14 +124,14 @@ def uninterrupted(routed, tmp_path_factory):
     model, x, y = routed
     state = tmp_path_factory.mktemp("ref") / "state.json"
     saved: list[str] = []
-    real_save = ev._State.save
+    real_save = EvalState.save
 
     def save(self):
         real_save(self)
         saved.append(self.path.read_text(encoding="utf-8"))
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev._State, "save", save)
+        mp.setattr(EvalState, "save", save)
         res = _run(model, x, y, state_file=state)
     return res, saved
 
@@ -201,7 +203,7 @@ def test_interrupted_state_is_the_known_chunk(
     class Stop(Exception):
         pass
 
-    real = ev._AutoAttackRunner.__call__
+    real = AutoAttackRunner.__call__
     seen: list[str] = []
 
     def stop(runner, name, xb, yb):
@@ -211,7 +213,7 @@ def test_interrupted_state_is_the_known_chunk(
         return real(runner, name, xb, yb)
 
     with monkeypatch.context() as mp:
-        mp.setattr(ev._AutoAttackRunner, "__call__", stop)
+        mp.setattr(AutoAttackRunner, "__call__", stop)
         with pytest.raises(Stop):
             _run(model, x, y, state_file=state)
     snap = json.loads(state.read_text(encoding="utf-8"))
@@ -316,14 +318,14 @@ def test_count_disagreement_fires_exactly_on_disagreeing_points(
     past = {i for i, b in enumerate(json.loads(snap_text)["broken_by"]) if b not in (None, "clean")}
     now = [i for i in broken if i not in past] if resume else broken
     assert past and now and (set(now) < set(broken) if resume else now == broken)
-    real_save = ev._State.save
+    real_save = EvalState.save
 
     def save(self):  # the model changes once every unit is done: before the recount
         real_save(self)
         if set(UNITS) <= set(self.done):
             model.heal = True
 
-    monkeypatch.setattr(ev._State, "save", save)
+    monkeypatch.setattr(EvalState, "save", save)
     state = tmp_path / "state.json"
     for healed, expect in [(set(), 0), ({now[0]}, 1), (set(broken), len(now))]:
         if resume:
@@ -393,13 +395,13 @@ def test_state_of_another_evaluation_is_refused_untouched(
         model = RoutedModel(list(reversed(POINTS)), LABELS, eps=EPS).eval()
         key = "model_sha256"
     if kw.pop("budget", None):
-        real_init = ev._AutoAttackRunner.__init__
+        real_init = AutoAttackRunner.__init__
 
         def init(self, *args, **kwargs):
             real_init(self, *args, **kwargs)
             self.aa.square.n_queries += 1
 
-        monkeypatch.setattr(ev._AutoAttackRunner, "__init__", init)
+        monkeypatch.setattr(AutoAttackRunner, "__init__", init)
         key = "attack_config"
     calls = Calls(monkeypatch)
     with pytest.raises(UserError, match=rf"another evaluation \(different [a-z_0-9, ]*{key}"):
@@ -463,14 +465,14 @@ def test_resume_inside_pgd_stage(routed, tmp_path, monkeypatch):
     kw = {"attacks": "clean,pgd,autoattack", "pgd_steps": 10, "pgd_restarts": 1}
     ref = _run(model, x, y, **kw)
     assert ref.n_broken["pgd"] > 0 and _chunks(ref.n_attacked["pgd"]) >= 3
-    real_save = ev._State.save
+    real_save = EvalState.save
 
     def save(self):
         real_save(self)
         if (self.current or {}).get("unit") == "pgd" and self.current["batches_done"] == 2:
             raise _Stop
 
-    res = _stopped_then_resumed(routed, tmp_path, monkeypatch, kw, ev._State, "save", save)
+    res = _stopped_then_resumed(routed, tmp_path, monkeypatch, kw, EvalState, "save", save)
     assert _record(res)[0] == _record(ref)[0]
 
 
@@ -484,7 +486,7 @@ def test_resume_after_pgd_stage_keeps_the_pgd_check(routed, tmp_path, monkeypatc
         raise _Stop
 
     res = _stopped_then_resumed(
-        routed, tmp_path, monkeypatch, kw, ev._AutoAttackRunner, "__call__", stop
+        routed, tmp_path, monkeypatch, kw, AutoAttackRunner, "__call__", stop
     )
     assert res.flags == ref.flags
     assert res.passes == ref.passes

@@ -1,0 +1,190 @@
+"""Loading a model to evaluate: our checkpoints, plain state dicts, RobustBench's model zoo.
+
+:func:`load_model` returns an eval-ready model (eval mode, sparsity masks folded into the weights);
+:func:`load_model_and_info` also describes where it came from, for the record's ``model_info``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import build_model_from_checkpoint, load_checkpoint, strip_prefixes
+from ..errors import CheckpointError, UserError
+from .plan import ThreatModel
+
+__all__ = ["load_model", "load_model_and_info"]
+
+
+def load_model_and_info(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    dataset: str | None = None,
+    source: str | None = None,
+    threat_model: ThreatModel | str = "Linf",
+    model_dir: str | Path | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an eval-ready model and describe it; see :func:`load_model`.
+
+    Returns:
+        ``(model, info)``: ``info`` holds ``source``, ``architecture``, ``dataset`` and, for our
+        checkpoints, ``config`` (the training config, including ``eps`` when recorded) and ``epoch``.
+    """
+    if source is None:
+        source = "state_dict" if arch is not None else "checkpoint"
+    if source not in ("checkpoint", "state_dict", "robustbench"):
+        raise UserError(
+            f"Invalid source value: {source!r} (choose checkpoint, state_dict, robustbench)"
+        )
+    if source == "checkpoint":
+        ckpt = load_checkpoint(path, map_location=map_location)
+        model = build_model_from_checkpoint(ckpt)
+        cfg = dict(ckpt.get("config") or {})
+        info = {
+            "source": "checkpoint",
+            "path": str(path),
+            "architecture": cfg.get("model"),
+            "dataset": cfg.get("dataset"),
+            "config": cfg,
+            "epoch": ckpt.get("epoch"),
+            "checkpoint_version": ckpt.get("version"),
+        }
+        return model.eval(), info
+    if source == "state_dict":
+        return _load_state_dict_model(path, arch=arch, dataset=dataset, map_location=map_location)
+    return _load_robustbench(
+        str(path), dataset=dataset, threat_model=threat_model, model_dir=model_dir
+    )
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    dataset: str | None = None,
+    source: str | None = None,
+    threat_model: ThreatModel | str = "Linf",
+    model_dir: str | Path | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load an eval-ready model (eval mode, sparsity masks folded into the weights).
+
+    Three sources:
+
+    * ``load_model("run/best.pt")``: one of our checkpoints (``robust_agc.checkpoint``, safe loading);
+    * ``load_model("weights.pt", arch="small-cnn", dataset="fashion-mnist")``: a plain state dict of a
+      registered architecture (``module.``/``model.`` prefixes stripped, ``weights_only`` loading,
+      ``*.weight_mask`` buffers folded in; ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers
+      accepted);
+    * ``load_model("Carmon2019Unlabeled", source="robustbench", dataset="cifar10")``: RobustBench's
+      model zoo (optional dependency, needs the internet the first time).
+
+    Raises:
+        CheckpointError: a missing, corrupt or unsafe file, or weights that do not fit ``arch``.
+        UserError: unknown architecture or dataset, or ``robustbench`` not importable.
+    """
+    return load_model_and_info(
+        path,
+        arch=arch,
+        dataset=dataset,
+        source=source,
+        threat_model=threat_model,
+        model_dir=model_dir,
+        map_location=map_location,
+    )[0]
+
+
+def _load_state_dict_model(
+    path: str | Path,
+    *,
+    arch: str | None,
+    dataset: str | None,
+    map_location: str | torch.device,
+) -> tuple[nn.Module, dict[str, Any]]:
+    from ..data import DATASET_INFO
+    from ..models import create_model
+
+    if arch is None:
+        raise UserError("a plain state dict needs --arch (a registered architecture)")
+    if dataset is None:
+        raise UserError("a plain state dict needs --dataset (it fixes classes, channels and size)")
+    if dataset not in DATASET_INFO:
+        raise UserError(f"Invalid dataset value: {dataset!r} (choose {', '.join(DATASET_INFO)})")
+    info = DATASET_INFO[dataset]
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"state dict not found: {path}")
+    obj = load_checkpoint(path, map_location=map_location)  # weights_only, CheckpointError
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    state = strip_prefixes(obj)
+    model = create_model(
+        arch,
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        input_size=info.input_size,
+        mean=info.mean,
+        std=info.std,
+    )
+    masks = {k: v for k, v in state.items() if k.endswith("weight_mask")}
+    own = set(model.state_dict())
+    fold = {k: v for k, v in masks.items() if k not in own}
+    weights = {k: v for k, v in state.items() if k not in fold}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path} does not fit architecture {arch!r}: {first}") from None
+    if fold:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, m in fold.items():
+                w = params.get(k[: -len("_mask")])
+                if w is None or w.shape != m.shape:
+                    raise CheckpointError(f"mask {k} in {path} matches no weight of {arch!r}")
+                w.copy_(torch.where(m.bool(), w, torch.zeros_like(w)))
+    return model.eval(), {
+        "source": "state_dict",
+        "path": str(path),
+        "architecture": arch,
+        "dataset": dataset,
+        "masks_folded": len(fold),
+    }
+
+
+def _load_robustbench(
+    name: str,
+    *,
+    dataset: str | None,
+    threat_model: ThreatModel | str,
+    model_dir: str | Path | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    try:
+        from robustbench.utils import load_model as rb_load_model
+    except ImportError as e:
+        raise UserError(
+            f"RobustBench models need the optional 'robustbench' package, which cannot be imported "
+            f"here ({e}); install it (pip install robustbench) or load a checkpoint/state dict"
+        ) from None
+    if dataset is None:
+        raise UserError("a RobustBench model needs --dataset (cifar10, cifar100 or imagenet)")
+    tm = ThreatModel.parse(threat_model).value
+    kwargs: dict[str, Any] = {"model_name": name, "dataset": dataset, "threat_model": tm}
+    if model_dir is not None:
+        kwargs["model_dir"] = str(model_dir)
+    model = rb_load_model(**kwargs)
+    return model.eval(), {
+        "source": "robustbench",
+        "architecture": name,
+        "dataset": dataset,
+        "threat_model": tm,
+    }

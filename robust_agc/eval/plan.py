@@ -1,0 +1,259 @@
+"""What an evaluation will run: the threat model, the stages and their settings, checked once.
+
+:func:`make_plan` validates :func:`robust_agc.eval.benchmark`'s scalar arguments (``ValueError`` in
+torch's wording, ``Invalid <name> value: ...``) and returns an :class:`EvalPlan`, a frozen record
+the later phases read instead of a long list of keyword arguments. The command line calls
+:func:`make_plan` too, to turn a bad option into a user error before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = [
+    "AUTOATTACK_COMPONENTS",
+    "AUTOATTACK_VERSIONS",
+    "GRADIENT_FREE_UNITS",
+    "STAGES",
+    "EvalPlan",
+    "ThreatModel",
+    "make_plan",
+]
+
+STAGES: tuple[str, ...] = ("clean", "pgd", "autoattack", "square")
+AUTOATTACK_COMPONENTS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+AUTOATTACK_VERSIONS: dict[str, tuple[str, ...]] = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+GRADIENT_FREE_UNITS: frozenset[str] = frozenset({"square", "autoattack/square"})
+"""The units that use no gradient (the Square check compares them with the gradient attacks)."""
+
+
+class ThreatModel(str, Enum):
+    """Perturbation sets: ``Linf`` and ``L2`` balls of radius ``eps`` (inputs in [0, 1])."""
+
+    Linf = "Linf"
+    L2 = "L2"
+
+    @classmethod
+    def parse(cls, value: ThreatModel | str) -> ThreatModel:
+        """Accept the enum or a string, case-insensitively (``"linf"``, ``"L2"``...)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            for m in cls:
+                if value.lower() == m.value.lower():
+                    return m
+        raise ValueError(
+            f"Invalid threat_model value: {value!r} (choose {', '.join(m.value for m in cls)})"
+        )
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """The validated attack settings of one evaluation (built by :func:`make_plan`).
+
+    Attributes:
+        threat: the threat model; ``eps`` its radius.
+        stages: the stages in order, ``"clean"`` first.
+        aa_version: AutoAttack's version name (``"custom"`` for a component list);
+            ``components`` the AutoAttack components it runs.
+        n_examples: how many of the first points to use (all when None).
+        batch_size: points per attack chunk; ``seed`` the seed of every attack.
+        pgd_steps, pgd_restarts, pgd_step_size: the ``pgd`` stage (step size None: the default).
+        run_checks: run the gradient-masking checks that cost model passes.
+    """
+
+    threat: ThreatModel
+    eps: float
+    stages: tuple[str, ...]
+    aa_version: str
+    components: tuple[str, ...]
+    n_examples: int | None
+    batch_size: int
+    seed: int
+    pgd_steps: int
+    pgd_restarts: int
+    pgd_step_size: float | None
+    run_checks: bool = True
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        """The attack units in order: the stages, AutoAttack split into ``autoattack/<name>``."""
+        units: list[str] = []
+        for s in self.stages:
+            if s == "autoattack":
+                units.extend(f"autoattack/{c}" for c in self.components)
+            else:
+                units.append(s)
+        return tuple(units)
+
+    @property
+    def aa_units(self) -> tuple[str, ...]:
+        """The AutoAttack units (``autoattack/<name>``), empty when AutoAttack does not run."""
+        return tuple(u for u in self.units if u.startswith("autoattack/"))
+
+    @property
+    def pgd_step(self) -> float:
+        """The ``pgd`` stage's step size: ``pgd_step_size``, else ``2.5 * eps / pgd_steps``."""
+        return (
+            self.pgd_step_size
+            if self.pgd_step_size is not None
+            else 2.5 * self.eps / self.pgd_steps
+        )
+
+
+def make_plan(
+    *,
+    eps: float | None,
+    threat_model: ThreatModel | str = "Linf",
+    n_examples: int | None = None,
+    attacks: str | Sequence[str] = ("clean", "autoattack"),
+    version: str | Sequence[str] = "standard",
+    batch_size: int = 256,
+    seed: int = 0,
+    pgd_steps: int = 50,
+    pgd_restarts: int = 10,
+    pgd_step_size: float | None = None,
+    run_checks: bool = True,
+    stacklevel: int = 1,
+) -> EvalPlan:
+    """Check :func:`robust_agc.eval.benchmark`'s scalar arguments and return the plan.
+
+    Args:
+        eps: perturbation radius; required, never defaulted. A Linf ``eps >= 1`` warns
+            (``UserWarning``: did you mean eps/255?), attributed to the caller of this function
+            (``stacklevel=1``) or to a frame further up.
+        threat_model: ``"Linf"`` or ``"L2"`` (enum or string).
+        n_examples: how many of the first points to use (all when None).
+        attacks: stages in order, from ``clean``, ``pgd``, ``autoattack``, ``square`` (a list or a
+            comma-separated string); ``clean`` always runs first.
+        version: AutoAttack ``"standard"``, ``"plus"``, ``"rand"``, or a list of components
+            (e.g. ``["apgd-ce", "apgd-t"]``), run as pyautoattack's ``version="custom"`` with its
+            constructor settings (APGD-CE 5 restarts, 9 targets, Square 5000 queries).
+        batch_size: points per attack chunk (also fixes AutoAttack's chunking, hence its
+            randomness); in a distributed evaluation the unit of work shared out to processes.
+        seed: the seed of every attack (each chunk is re-seeded, AutoAttack style).
+        pgd_steps, pgd_restarts, pgd_step_size: the ``pgd`` stage (default PGD-50, 10 restarts,
+            step ``2.5 * eps / steps``).
+        run_checks: run the gradient-masking checks (:mod:`robust_agc.eval.checks`); the count
+            agreement and Square checks are always recorded.
+
+    Raises:
+        ValueError: an invalid argument (``Invalid <name> value: ...``).
+    """
+    eps = _check_eps(eps)
+    tm = ThreatModel.parse(threat_model)
+    _check_numbers(n_examples, batch_size, seed, pgd_steps, pgd_restarts, pgd_step_size)
+    stages = _parse_attacks(attacks)
+    aa_version, components = _parse_version(version)
+    if tm is ThreatModel.Linf and eps >= 1.0:
+        warnings.warn(
+            f"eps={eps} for Linf on inputs in [0, 1] covers the whole input range "
+            "(did you mean eps/255?)",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+    return EvalPlan(
+        threat=tm,
+        eps=eps,
+        stages=tuple(stages),
+        aa_version=aa_version,
+        components=components,
+        n_examples=n_examples,
+        batch_size=batch_size,
+        seed=seed,
+        pgd_steps=pgd_steps,
+        pgd_restarts=pgd_restarts,
+        pgd_step_size=pgd_step_size,
+        run_checks=bool(run_checks),
+    )
+
+
+def _check_eps(eps: float | None) -> float:
+    if eps is None or isinstance(eps, bool) or not isinstance(eps, int | float):
+        raise ValueError(f"Invalid eps value: {eps!r} (eps must be given explicitly, a number > 0)")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"Invalid eps value: {eps}")
+    return eps
+
+
+def _check_numbers(
+    n_examples: int | None,
+    batch_size: int,
+    seed: int,
+    pgd_steps: int,
+    pgd_restarts: int,
+    pgd_step_size: float | None,
+) -> None:
+    if n_examples is not None and (
+        isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1
+    ):
+        raise ValueError(f"Invalid n_examples value: {n_examples!r}")
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seed", seed),
+        ("pgd_steps", pgd_steps),
+        ("pgd_restarts", pgd_restarts),
+    ):
+        low = 0 if name == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"Invalid {name} value: {value!r}")
+    if pgd_step_size is not None and not (
+        isinstance(pgd_step_size, int | float)
+        and math.isfinite(pgd_step_size)
+        and pgd_step_size > 0
+    ):
+        raise ValueError(f"Invalid pgd_step_size value: {pgd_step_size!r}")
+
+
+def _parse_attacks(attacks: str | Sequence[str]) -> list[str]:
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    attacks = [str(a).lower() for a in attacks]
+    if not attacks:
+        raise ValueError(f"Invalid attacks value: {attacks!r} (empty)")
+    for a in attacks:
+        if a not in STAGES:
+            raise ValueError(f"Invalid attacks value: {a!r} (choose from {', '.join(STAGES)})")
+    if len(set(attacks)) != len(attacks):
+        raise ValueError(f"Invalid attacks value: {attacks!r} (duplicates)")
+    if "clean" in attacks:
+        attacks.remove("clean")
+    return ["clean", *attacks]
+
+
+def _parse_version(version: str | Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    if isinstance(version, str):
+        if version in AUTOATTACK_VERSIONS:
+            return version, AUTOATTACK_VERSIONS[version]
+        if version == "custom":
+            raise ValueError(
+                "Invalid version value: 'custom' (pass the list of components instead, "
+                f"e.g. ['apgd-ce', 'apgd-t'], from {', '.join(AUTOATTACK_COMPONENTS)})"
+            )
+        comps = [c.strip() for c in version.split(",") if c.strip()]
+        if not all(c in AUTOATTACK_COMPONENTS for c in comps) or not comps:
+            raise ValueError(
+                f"Invalid version value: {version!r} (choose standard, plus, rand or a list of "
+                f"components from {', '.join(AUTOATTACK_COMPONENTS)})"
+            )
+        version = comps
+    comps = [str(c).lower() for c in version]
+    if not comps:
+        raise ValueError(f"Invalid version value: {version!r} (empty component list)")
+    for c in comps:
+        if c not in AUTOATTACK_COMPONENTS:
+            raise ValueError(
+                f"Invalid version value: {c!r} (components: {', '.join(AUTOATTACK_COMPONENTS)})"
+            )
+    if len(set(comps)) != len(comps):
+        raise ValueError(f"Invalid version value: {comps!r} (duplicates)")
+    return "custom", tuple(comps)
