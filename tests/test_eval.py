@@ -802,3 +802,27 @@ def test_state_file_refuses_other_model(fmnist_tiny, mlp, tmp_path):
         ev.benchmark(
             ConstantModel(), x=x, y=y, eps=0.02, attacks="clean", state_file=state, progress=False
         )
+
+
+def test_old_import_paths_keep_working():
+    """The former module's public API comes from the package; robust_agc.checks is a shim."""
+    import robust_agc.checks as old_checks
+    from robust_agc.eval import checks as new_checks
+
+    for name in (
+        "ThreatModel",
+        "EvalResult",
+        "STAGES",
+        "AUTOATTACK_COMPONENTS",
+        "AUTOATTACK_VERSIONS",
+        "benchmark",
+        "load_model",
+        "load_model_and_info",
+    ):
+        assert (
+            name in ev.__all__
+            and callable(getattr(ev, name))
+            or isinstance(getattr(ev, name), tuple | dict)
+        )
+    for name in new_checks.__all__:
+        assert getattr(old_checks, name) is getattr(new_checks, name)
