@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_agc.optim import AGC
-from robust_agc.optim.agc import _all_finite
+from robust_agc.utils import all_finite as _all_finite
 
 
 def _net(bn: bool = False) -> nn.Module:
