@@ -11,9 +11,14 @@ The method is described in ``docs/agc.md``.
 """
 
 from robust_agc.optim.agc import AGC, COEF_MODES, ESTIMATORS, agc, corrected_gradient
-from robust_agc.optim.factory import create_optimizer, list_optimizers
 from robust_agc.optim.probe import gradient_variance
 from robust_agc.optim.protocol import CorrectedOptimizer, is_corrected
+from robust_agc.optim.registry import (
+    create_optimizer,
+    list_optimizers,
+    optimizer_kwargs,
+    register_optimizer,
+)
 
 __all__ = [
     "AGC",
@@ -26,4 +31,6 @@ __all__ = [
     "gradient_variance",
     "is_corrected",
     "list_optimizers",
+    "optimizer_kwargs",
+    "register_optimizer",
 ]
