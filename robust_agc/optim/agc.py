@@ -23,11 +23,17 @@ Typical use (one step and one refresh per epoch)::
             opt.step()
         opt.refresh(model, clean_batches, lambda m, x, y: F.cross_entropy(m(x), y))
 
-The public release's defects listed in ``docs/agc.md`` are absent by construction: the refresh
-compares against the *previous* snapshot (it is replaced only at the end of the refresh), it never
-reads or writes ``p.grad`` (fresh ``torch.autograd.grad`` accumulators), it never changes BatchNorm
-running statistics (every pass runs through ``torch.func.functional_call`` with cloned buffers),
-``step()`` always updates, and the first snapshot is the current model, never a random network.
+The public release's defects (``docs/agc.md``, "Defects of the reference release we avoid") are
+absent by construction: the refresh compares against the *previous* snapshot (it is replaced only
+at the end of the refresh), it never reads or writes ``p.grad`` (fresh ``torch.autograd.grad``
+accumulators), it never changes BatchNorm running statistics (every pass runs through
+``torch.func.functional_call`` with cloned buffers), ``step()`` always updates, and the first
+snapshot is the current model, never a random network.
+
+This module holds the optimizer and its functional kernels; the extra passes it runs (the model
+at the snapshot, the refresh's full gradient with loss scaling, the reductions over ranks) live in
+:mod:`robust_agc.optim.passes`. How to choose the coefficient, the refresh data, sparse training,
+distributed training, mixed precision and the costs: ``docs/agc.md``.
 """
 
 from __future__ import annotations
@@ -435,7 +441,8 @@ class AGC(Optimizer):
     def stale_positions(self, p: Tensor) -> Tensor | None:
         """Where ``p``'s full gradient is stale: positions pruned at the last refresh (a sparse
         layer zeroed their snapshot and ``mu``) that may have regrown since. The correction is
-        dropped there (``v = g``) until the next refresh. ``None`` before the first refresh."""
+        dropped there (``v = g``) until the next refresh (``docs/agc.md``, "Sparse training and
+        regrown positions"). ``None`` before the first refresh."""
         st = self.state.get(p, {})
         return _stale(st) if "snapshot" in st and "full_grad" in st else None
 
@@ -746,7 +753,8 @@ class AGC(Optimizer):
         Weights, ``p.grad`` and the model's buffers (BatchNorm running statistics) are unchanged:
         every pass uses ``functional_call`` with cloned buffers, in the model's current mode. Which
         data ``batches`` holds (clean, adversarial, a random fraction) is the caller's choice;
-        record it (``docs/agc.md``, defect 2: adversarial batches match ``g_B(ws)``'s data).
+        record it (``docs/agc.md``, "Refreshes and the full gradient": adversarial batches match
+        ``g_B(ws)``'s data).
 
         Args:
             model: the module whose parameters this optimizer updates.
