@@ -1,4 +1,4 @@
-"""Wall-clock overhead of AGC over SGD in PGD-10 adversarial training (docs/agc.md, cost table).
+"""Wall-clock overhead of AGC over SGD in PGD-10 adversarial training (``docs/agc.md``, "Costs").
 
 One PGD-AT epoch = per batch a PGD-10 attack (10 F+B), the training F+B, and for AGC the snapshot
 F+B (``snapshot_backward``); plus, for AGC, one refresh per epoch (at the epoch's start, as

@@ -52,6 +52,8 @@ GROUPS: dict[str, Group] = {
             "test_optim_step.py",
             "test_optim_factory.py",
             "test_optim_passes.py",
+            "test_probe.py",
+            "test_utils.py",
             "test_sparse_export.py",
             "test_sparse_bsr.py",
         ),

@@ -146,3 +146,98 @@ def test_svrg_takes_only_fixed_or_ramp(coef):
     with pytest.raises(ValueError) as err:
         create_optimizer("svrg", _params(), lr=0.1, coef=coef)
     assert str(err.value) == f"Invalid coef value: {coef!r} (svrg takes 'fixed' or 'ramp')"
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def test_the_factory_module_is_a_shim_of_the_registry():
+    from robust_agc.optim import factory, registry
+
+    assert factory.create_optimizer is registry.create_optimizer is create_optimizer
+    assert factory.list_optimizers is registry.list_optimizers is list_optimizers
+    assert list_optimizers() == ["adam", "adamw", "agc", "sgd", "svrg"]
+
+
+def test_a_registered_optimizer_is_built_by_name_with_only_its_keywords(monkeypatch):
+    from robust_agc.optim import registry
+    from robust_agc.optim.registry import register_optimizer
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    seen = {}
+
+    @register_optimizer("rmsprop", keywords=("alpha",), from_config=lambda cfg: {"alpha": 0.5})
+    def build(params, *, lr, momentum, nesterov, weight_decay, **kwargs):
+        seen.update(nesterov=nesterov)
+        return torch.optim.RMSprop(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, **kwargs
+        )
+
+    assert "rmsprop" in list_optimizers()
+    opt = create_optimizer("RMSprop", _params(), lr=0.1, momentum=0.5, alpha=0.9)
+    assert type(opt) is torch.optim.RMSprop and seen == {"nesterov": True}
+    assert opt.param_groups[0]["alpha"] == 0.9 and opt.param_groups[0]["momentum"] == 0.5
+    with pytest.raises(ValueError, match=r"Invalid keyword value: eps for optimizer 'rmsprop'"):
+        create_optimizer("rmsprop", _params(), lr=0.1, eps=1e-3)
+    with pytest.raises(ValueError, match="already registered"):
+        register_optimizer("rmsprop")(build)
+    with pytest.raises(ValueError, match="lower case"):
+        register_optimizer("RMSprop")
+    from robust_agc.config import TrainConfig
+
+    cfg = TrainConfig(optimizer="sgd")
+    object.__setattr__(cfg, "optimizer", "rmsprop")
+    assert registry.optimizer_kwargs(cfg)["alpha"] == 0.5
+
+
+def _trainer_kwargs(cfg) -> dict:
+    """What robust_agc.train built before the registry did (its _build_optimizer at 5030c62)."""
+    extra: dict = {}
+    if cfg.optimizer == "agc":
+        extra = dict(
+            gamma=cfg.agc_gamma,
+            alpha=cfg.agc_alpha,
+            tau_init=cfg.agc_tau_init,
+            estimator=cfg.agc_estimator,
+        )
+    elif cfg.optimizer == "svrg":
+        extra = dict(
+            coef="ramp" if cfg.svrg_schedule == "ramp" else "fixed", fixed_coef=cfg.svrg_coef
+        )
+    return dict(
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(optimizer="sgd", lr=0.2, momentum=0.8, nesterov=False, weight_decay=1e-3),
+        dict(optimizer="agc", agc_gamma=0.3, agc_alpha=0.5, agc_tau_init=0.2),
+        dict(optimizer="agc", agc_estimator="loss-slope"),
+        dict(optimizer="svrg", svrg_coef=0.4),
+        dict(optimizer="svrg", svrg_schedule="ramp"),
+    ],
+)
+def test_optimizer_kwargs_from_a_config_are_what_the_trainer_passed(fields):
+    from robust_agc.config import TrainConfig
+    from robust_agc.optim import optimizer_kwargs
+
+    cfg = TrainConfig(**fields)
+    kwargs = optimizer_kwargs(cfg)
+    assert kwargs == _trainer_kwargs(cfg)
+    opt = create_optimizer(cfg.optimizer, _params(), **kwargs)
+    assert type(opt) is CLASSES[cfg.optimizer]
+
+
+def test_optimizer_kwargs_refuses_an_unknown_name():
+    from types import SimpleNamespace
+
+    from robust_agc.optim import optimizer_kwargs
+
+    with pytest.raises(ValueError, match=r"Invalid name value: 'lion' \(available: adam, "):
+        optimizer_kwargs(SimpleNamespace(optimizer="lion"))

@@ -1,5 +1,5 @@
-"""AGC's extra passes with mixed-precision loss scaling, the functional view's mode forwarding, and
-the telemetry the trainer logs.
+"""AGC's extra passes (robust_agc.optim.passes) and, through AGC, with mixed-precision loss scaling,
+the functional view's mode forwarding, and the telemetry the trainer logs.
 
 ``refresh(loss_scale=s)`` and ``snapshot_backward(loss_scale=s)`` must store gradients on the scale
 of unscaled ones; a refresh batch whose scaled gradient overflows while its loss is finite is
@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_agc.optim import AGC
-from robust_agc.optim.agc import _all_finite
+from robust_agc.optim.passes import (
+    FunctionalView,
+    cloned_buffers,
+    dist_active,
+    full_gradient_pass,
+    scaled_grad,
+)
+from robust_agc.utils import all_finite as _all_finite
 
 
 def _net(bn: bool = False) -> nn.Module:
@@ -187,3 +194,86 @@ def test_a_scaled_refresh_gives_zero_for_a_parameter_the_loss_does_not_use():
     opt = AGC(model.parameters(), lr=0.1)
     opt.refresh(model, [(x, y)], _ce, loss_scale=2.0**140)
     assert torch.equal(opt.state[model.unused]["full_grad"], torch.zeros(3))
+
+
+# --------------------------------------------------------------------------- the passes themselves
+
+
+def test_cloned_buffers_are_equal_private_copies():
+    model = _net(bn=True)
+    model(_data()[0])  # non-trivial running statistics
+    buffers = cloned_buffers(model)
+    assert list(buffers) == [n for n, _ in model.named_buffers()]
+    for name, b in model.named_buffers():
+        assert torch.equal(buffers[name], b)
+        assert buffers[name].data_ptr() != b.data_ptr()
+
+
+def test_the_view_calls_the_model_with_other_weights_and_leaves_its_buffers_alone():
+    x, _ = _data()
+    model = _net(bn=True).train()
+    other = {n: p.detach() * 2 for n, p in model.named_parameters()}
+    ref = _net(bn=True).train()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(2)
+    before = [b.clone() for b in model.buffers()]
+    tensors = cloned_buffers(model)
+    tensors.update(other)
+    view = FunctionalView(model, tensors)
+    assert list(view.parameters()) == [] and view.training
+    torch.testing.assert_close(view(x), ref(x), rtol=0, atol=0)
+    for b, b0 in zip(model.buffers(), before):
+        assert torch.equal(b, b0)  # the model's running statistics did not move ...
+    torch.testing.assert_close(tensors["1.running_mean"], ref[1].running_mean)  # ... the clones did
+    assert view.eval() is view and not view.training and not model.training
+
+
+def test_scaled_grad_is_the_unscaled_gradient_and_retries_an_overflow():
+    model = _net()
+    x, y = _data()
+    params = list(model.parameters())
+    plain = torch.autograd.grad(_ce(model, x, y), params)
+    for scale in (1.0, 2.0**10, 2.0**140):
+        grads = scaled_grad(_ce(model, x, y), params, scale)
+        assert _all_finite(grads)
+        for g, ref in zip(grads, plain):
+            torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_full_gradient_pass_collects_weighted_gradients_and_both_losses():
+    model = _net()
+    x, y = _data()
+    params = list(model.parameters())
+    snap = {n: p.detach() + 0.1 for n, p in model.named_parameters()}
+    batches = [(x[:10], y[:10]), (x[10:], y[10:])]
+    with torch.no_grad():
+        gp = full_gradient_pass(
+            FunctionalView(model, {}), FunctionalView(model, snap), params, batches, _ce, None
+        )
+    assert gp.examples == 24 and gp.num_batches == 2
+    expected = [torch.zeros_like(p) for p in params]
+    for xb, yb in batches:
+        for e, g in zip(expected, torch.autograd.grad(_ce(model, xb, yb), params)):
+            e.add_(g, alpha=len(xb))
+    for got, e in zip(gp.grad_sum, expected):
+        torch.testing.assert_close(got, e)
+    with torch.no_grad():
+        a = [float(_ce(model, xb, yb)) for xb, yb in batches]
+        b = [float(_ce(FunctionalView(model, snap), xb, yb)) for xb, yb in batches]
+    assert gp.a.dtype == gp.b.dtype == torch.float64
+    assert gp.a.tolist() == pytest.approx(a) and gp.b.tolist() == pytest.approx(b)
+    with torch.no_grad():
+        none = full_gradient_pass(FunctionalView(model, {}), None, params, batches, _ce, None)
+    assert none.b.numel() == 0 and torch.equal(none.a, gp.a)
+    with pytest.raises(ValueError, match="Invalid loss_fn value"):
+        full_gradient_pass(
+            FunctionalView(model, {}), None, params, batches, lambda m, xb, yb: m(xb), None
+        )
+
+
+def test_dist_active_without_a_process_group():
+    assert not dist_active(False, None)
+    assert not dist_active(None, None)
+    with pytest.raises(RuntimeError, match="distributed=True requires"):
+        dist_active(True, None)

@@ -79,7 +79,7 @@ def test_corrected_variance_matches_the_formula_and_has_no_side_effects() -> Non
     state_before = copy.deepcopy(opt.state_dict())
     stats = gradient_variance(model, _loss, batches, optimizer=opt)
 
-    mus = [opt.state[p]["full_grad"] for p in model.parameters()]
+    mus = [opt.full_gradient_of(p) for p in model.parameters()]
     g = _manual_grads(model, batches)
     s = _manual_grads(snap, batches)
     v = [[gi + 0.4 * (mu - si) for gi, si, mu in zip(gb, sb, mus)] for gb, sb in zip(g, s)]
@@ -174,3 +174,23 @@ def test_trainer_rejects_a_probe_larger_than_the_training_set(tmp_path) -> None:
     )
     with pytest.raises(UserError, match="Invalid probe_batches value: 3 batches of 32"):
         Trainer(cfg)
+
+
+def test_the_probe_lives_with_the_optimizer_and_the_old_path_still_works() -> None:
+    import robust_agc.optim
+    import robust_agc.optim.probe
+    import robust_agc.probe
+
+    assert robust_agc.probe.gradient_variance is robust_agc.optim.probe.gradient_variance
+    assert robust_agc.optim.gradient_variance is gradient_variance
+
+
+def test_an_optimizer_without_the_corrected_interface_gives_the_plain_variance_only() -> None:
+    model, batches = _net().train(), _batches()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches:  # a momentum buffer in the state: still no correction
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+    stats = gradient_variance(model, _loss, batches, optimizer=opt)
+    assert "var_corrected" not in stats and stats["var_plain"] > 0

@@ -90,6 +90,8 @@ def test_agc_public_interface_matches_its_state() -> None:
     assert opt.snapshot_gradients() == []
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     opt.refresh(model, [(x, y)], lambda m, xb, yb: nn.functional.cross_entropy(m(xb), yb))
+    assert opt.coefficient == opt.group_coefficient(opt.param_groups[0]) == 0.1 * opt.tau
+    assert torch.equal(opt.snapshot_of(w), w)
     with torch.no_grad():  # a position pruned at the refresh: snapshot and mu zero there
         opt.snapshot_of(w)[0, 1] = 0
         opt.full_gradient_of(w)[0, 1] = 0

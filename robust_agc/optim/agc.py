@@ -23,11 +23,17 @@ Typical use (one step and one refresh per epoch)::
             opt.step()
         opt.refresh(model, clean_batches, lambda m, x, y: F.cross_entropy(m(x), y))
 
-The public release's defects listed in ``docs/agc.md`` are absent by construction: the refresh
-compares against the *previous* snapshot (it is replaced only at the end of the refresh), it never
-reads or writes ``p.grad`` (fresh ``torch.autograd.grad`` accumulators), it never changes BatchNorm
-running statistics (every pass runs through ``torch.func.functional_call`` with cloned buffers),
-``step()`` always updates, and the first snapshot is the current model, never a random network.
+The public release's defects (``docs/agc.md``, "Defects of the reference release we avoid") are
+absent by construction: the refresh compares against the *previous* snapshot (it is replaced only
+at the end of the refresh), it never reads or writes ``p.grad`` (fresh ``torch.autograd.grad``
+accumulators), it never changes BatchNorm running statistics (every pass runs through
+``torch.func.functional_call`` with cloned buffers), ``step()`` always updates, and the first
+snapshot is the current model, never a random network.
+
+This module holds the optimizer and its functional kernels; the extra passes it runs (the model
+at the snapshot, the refresh's full gradient with loss scaling, the reductions over ranks) live in
+:mod:`robust_agc.optim.passes`. How to choose the coefficient, the refresh data, sparse training,
+distributed training, mixed precision and the costs: ``docs/agc.md``.
 """
 
 from __future__ import annotations
@@ -37,13 +43,22 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
+
+from .passes import (
+    FunctionalView,
+    GradientPass,
+    all_reduce_flat,
+    cloned_buffers,
+    dist_active,
+    dist_reduce,
+    full_gradient_pass,
+)
 
 __all__ = ["AGC", "agc", "corrected_gradient", "ESTIMATORS", "COEF_MODES"]
 
@@ -255,52 +270,6 @@ def _multi_tensor_agc(
 
 
 # --------------------------------------------------------------------------------------------
-# functional view of a model: other parameters and private buffers, same modules
-# --------------------------------------------------------------------------------------------
-
-
-class _FunctionalView(nn.Module):
-    """Calls ``model`` through ``torch.func.functional_call`` with substituted tensors.
-
-    The model is not registered as a submodule (so ``view.parameters()`` is empty and nothing is
-    copied); ``train()``/``eval()`` are forwarded to the model so that mode semantics are the
-    model's own. Buffers passed in ``tensors`` are private clones, so in-place buffer updates
-    (BatchNorm running statistics, ``num_batches_tracked``) never reach the model.
-    """
-
-    def __init__(self, model: nn.Module, tensors: dict[str, Tensor]) -> None:
-        super().__init__()
-        object.__setattr__(self, "_agc_model", model)
-        object.__setattr__(self, "_agc_tensors", tensors)
-        self.training = model.training
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self._agc_model, self._agc_tensors, args, kwargs)
-
-    def train(self, mode: bool = True) -> _FunctionalView:
-        self._agc_model.train(mode)
-        self.training = mode
-        return self
-
-
-def _cloned_buffers(model: nn.Module) -> dict[str, Tensor]:
-    return {name: b.clone() for name, b in model.named_buffers()}
-
-
-def _dist_active(distributed: bool | None, process_group: Any) -> bool:
-    if distributed is False:
-        return False
-    ok = dist.is_available() and dist.is_initialized()
-    if distributed and not ok:
-        raise RuntimeError(
-            "distributed=True requires an initialized torch.distributed process group"
-        )
-    if distributed is None:
-        return ok and dist.get_world_size(process_group) > 1
-    return ok
-
-
-# --------------------------------------------------------------------------------------------
 # the optimizer
 # --------------------------------------------------------------------------------------------
 
@@ -472,7 +441,8 @@ class AGC(Optimizer):
     def stale_positions(self, p: Tensor) -> Tensor | None:
         """Where ``p``'s full gradient is stale: positions pruned at the last refresh (a sparse
         layer zeroed their snapshot and ``mu``) that may have regrown since. The correction is
-        dropped there (``v = g``) until the next refresh. ``None`` before the first refresh."""
+        dropped there (``v = g``) until the next refresh (``docs/agc.md``, "Sparse training and
+        regrown positions"). ``None`` before the first refresh."""
         st = self.state.get(p, {})
         return _stale(st) if "snapshot" in st and "full_grad" in st else None
 
@@ -577,10 +547,12 @@ class AGC(Optimizer):
                 return p.device
         return torch.device("cpu")
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
+        """Warn once per optimizer and ``key``; ``stacklevel`` as seen from the caller's caller
+        (the default points at the user's call of the public method that called this)."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
         logger.debug(message)
 
     def _named_params(self, model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -641,17 +613,17 @@ class AGC(Optimizer):
         if not named:
             return None
         leaves = [self.state[p]["snapshot"].detach().requires_grad_(True) for _, p in named]
-        tensors = _cloned_buffers(model)
+        tensors = cloned_buffers(model)
         tensors.update({n: leaf for (n, _), leaf in zip(named, leaves)})
         with torch.enable_grad():
-            loss = closure(_FunctionalView(model, tensors))
+            loss = closure(FunctionalView(model, tensors))
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError(f"Invalid closure value: must return a scalar loss, got {loss!r}")
             target = loss if loss_scale is None else loss * loss_scale
             grads = torch.autograd.grad(target, leaves, allow_unused=True, materialize_grads=True)
-        if _dist_active(distributed, process_group):
+        if dist_active(distributed, process_group):
             world = dist.get_world_size(process_group)
-            _all_reduce_flat(list(grads), process_group)
+            all_reduce_flat(list(grads), process_group)
             for g in grads:
                 g.div_(world)
         if loss_scale is not None:
@@ -781,7 +753,8 @@ class AGC(Optimizer):
         Weights, ``p.grad`` and the model's buffers (BatchNorm running statistics) are unchanged:
         every pass uses ``functional_call`` with cloned buffers, in the model's current mode. Which
         data ``batches`` holds (clean, adversarial, a random fraction) is the caller's choice;
-        record it (``docs/agc.md``, defect 2: adversarial batches match ``g_B(ws)``'s data).
+        record it (``docs/agc.md``, "Refreshes and the full gradient": adversarial batches match
+        ``g_B(ws)``'s data).
 
         Args:
             model: the module whose parameters this optimizer updates.
@@ -811,138 +784,158 @@ class AGC(Optimizer):
             prev = [self.state[p].get("snapshot") for p in params]
             had_snapshot = bool(params) and all(s is not None for s in prev)
             use_b = estimator == "loss-slope" and had_snapshot
-
-            buffers = _cloned_buffers(model)
-            current_view = _FunctionalView(model, buffers)
-            snap_view = None
-            if use_b:
-                snap_tensors = dict(buffers)
-                snap_tensors.update({n: cast(Tensor, s) for (n, _), s in zip(named, prev)})
-                snap_view = _FunctionalView(model, snap_tensors)
-
-            acc = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
-            a_list: list[Tensor] = []
-            b_list: list[Tensor] = []
-            examples = 0
-            num_batches = 0
-            for batch in batches:
-                if isinstance(batch, Tensor):
-                    batch = (batch,)
-                n_i = int(batch[0].shape[0]) if batch[0].dim() > 0 else 1
-                with torch.enable_grad():
-                    a_i = loss_fn(current_view, *batch)
-                    if not isinstance(a_i, Tensor) or a_i.numel() != 1:
-                        raise ValueError(
-                            f"Invalid loss_fn value: must return a scalar loss, got {a_i!r}"
-                        )
-                    if loss_scale is None:
-                        g_i = torch.autograd.grad(
-                            a_i, params, allow_unused=True, materialize_grads=True
-                        )
-                    else:
-                        g_i = _scaled_grad(a_i, params, loss_scale)
-                torch._foreach_add_(acc, list(g_i), alpha=n_i)
-                a_list.append(a_i.detach().reshape(()))
-                if snap_view is not None:
-                    b_list.append(loss_fn(snap_view, *batch).detach().reshape(()))
-                examples += n_i
-                num_batches += 1
-
-            a = torch.stack(a_list).double() if a_list else torch.zeros(0, dtype=torch.float64)
-            b = torch.stack(b_list).double() if b_list else torch.zeros(0, dtype=torch.float64)
-            total = torch.tensor(float(examples), dtype=torch.float64)
-            online = {k: v.clone() for k, v in self._online.items()}
-            online_count = int(self._scalars["online_count"])
-            if _dist_active(distributed, process_group):
-                a, b, acc, total, online, online_count = _dist_reduce(
-                    a, b, acc, total, online, online_count, process_group
-                )
-            if float(total) <= 0:
-                raise ValueError("Invalid batches value: the refresh received no examples")
-            mu = [t.div_(float(total)) for t in acc]
-
-            # tau_now
-            tau_now = math.nan
+            current_view, snap_view = _refresh_views(model, named, prev, use_b)
+            gp = full_gradient_pass(current_view, snap_view, params, batches, loss_fn, loss_scale)
+            red = self._reduce_over_ranks(gp, distributed, process_group)
             if estimator == "loss-slope":
-                if not had_snapshot:
-                    logger.info("AGC refresh: no previous snapshot, tau kept at %g", self.tau)
-                elif a.numel() < 2:
-                    self._warn_once(
-                        "few",
-                        f"AGC refresh with {a.numel()} batch(es): tau_now needs >= 2, tau kept",
-                    )
-                else:
-                    bc = b - b.mean()
-                    var_b = float((bc * bc).sum()) / (b.numel() - 1)
-                    cov_ab = float(((a - a.mean()) * bc).sum()) / (b.numel() - 1)
-                    # Below this the b_i differ only by float rounding (e.g. a previous snapshot whose
-                    # loss is the same constant on every batch, as a zero-initialised head gives) and the
-                    # slope cov/var is rounding noise divided by rounding noise: no estimate.
-                    resolution = (_VAR_RESOLUTION * float(b.abs().mean())) ** 2
-                    if var_b > resolution and math.isfinite(var_b) and math.isfinite(cov_ab):
-                        tau_now = cov_ab / var_b
-                    else:
-                        self._warn_once(
-                            "var0",
-                            f"AGC refresh: var(b) = {var_b:.3g} is at float resolution (the previous "
-                            "snapshot's loss is constant over batches): tau kept",
-                        )
+                tau_now = self._loss_slope_tau(red.a, red.b, had_snapshot)
             else:
-                if online_count > 0 and online:
-                    sq = float(online["sq"])
-                    if sq > 0 and math.isfinite(sq):
-                        tau_now = float(online["dot"]) / sq
-                    else:
-                        self._warn_once(
-                            "var0", f"AGC refresh: mean ||g_snap - mu||^2 = {sq}, tau kept"
-                        )
-                elif had_snapshot and any(g["coef"] == "adaptive" for g in self.param_groups):
-                    self._warn_once(  # (fixed / ramp coefficients do not use tau: nothing is lost)
-                        "nostep",
-                        "AGC refresh: no step with a snapshot gradient since the last refresh",
-                    )
-            updated = math.isfinite(tau_now)
-            if updated:
-                alpha = float(self.param_groups[0]["alpha"])
-                self._scalars["tau_now"] = torch.tensor(tau_now, dtype=torch.float64)
-                self._scalars["tau"] = (1 - alpha) * self._scalars["tau"] + alpha * tau_now
+                tau_now = self._grad_online_tau(red.online, red.online_count, had_snapshot)
+            updated = self._update_tau(tau_now)
+            self._move_snapshot(params, red.mu)
+            self._refresh_losses = (red.a.cpu(), red.b.cpu())
+            return self._refresh_report(tau_now, updated, gp, use_b, t0)
 
-            # new snapshot and mu
-            for p, m in zip(params, mu):
-                state = self.state[p]
-                state["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
-                state["full_grad"] = m
-                state.pop("snap_grad", None)
-            self._snap_grad_fresh = False
-            self._scalars["refreshes"] += 1
-            for v in self._online.values():
-                v.zero_()
-            self._scalars["online_count"].zero_()
-            self._refresh_losses = (a.cpu(), b.cpu())
-
-            out = {
-                "agc_tau_now": tau_now,
-                "agc_tau": self.tau,
-                "agc_coef": self.coefficient,
-                "agc_tau_updated": float(updated),
-                "refresh_batches": float(num_batches),
-                "refresh_examples": float(examples),
-                "refresh_grad_evals": float(examples),
-                "refresh_forwards": float(examples if use_b else 0),
-                "refresh_time_s": time.perf_counter() - t0,
-            }
-            self._last_refresh = {k: v for k, v in out.items() if k.startswith("refresh_")}
-            logger.info(
-                "AGC refresh %d: tau_now=%.4g tau=%.4g c=%.4g (%d batches, %d examples, %.2fs)",
-                self.num_refreshes,
-                tau_now,
-                self.tau,
-                self.coefficient,
-                num_batches,
-                examples,
-                out["refresh_time_s"],
+    def _reduce_over_ranks(
+        self, gp: GradientPass, distributed: bool | None, process_group: Any
+    ) -> _Reduced:
+        """The refresh statistics over all ranks (when distributed) and ``mu`` from their sums."""
+        a, b, acc = gp.a, gp.b, gp.grad_sum
+        total = torch.tensor(float(gp.examples), dtype=torch.float64)
+        online = {k: v.clone() for k, v in self._online.items()}
+        online_count = int(self._scalars["online_count"])
+        if dist_active(distributed, process_group):
+            a, b, acc, total, online, online_count = dist_reduce(
+                a, b, acc, total, online, online_count, process_group
             )
-            return out
+        if float(total) <= 0:
+            raise ValueError("Invalid batches value: the refresh received no examples")
+        mu = [t.div_(float(total)) for t in acc]
+        return _Reduced(mu, a, b, online, online_count)
+
+    def _loss_slope_tau(self, a: Tensor, b: Tensor, had_snapshot: bool) -> float:
+        """``tau_now = cov(a, b) / var(b)`` (ddof=1) of the per-batch losses; NaN when undefined."""
+        if not had_snapshot:
+            logger.info("AGC refresh: no previous snapshot, tau kept at %g", self.tau)
+            return math.nan
+        if a.numel() < 2:
+            self._warn_once(
+                "few",
+                f"AGC refresh with {a.numel()} batch(es): tau_now needs >= 2, tau kept",
+                stacklevel=4,
+            )
+            return math.nan
+        bc = b - b.mean()
+        var_b = float((bc * bc).sum()) / (b.numel() - 1)
+        cov_ab = float(((a - a.mean()) * bc).sum()) / (b.numel() - 1)
+        # Below this the b_i differ only by float rounding (e.g. a previous snapshot whose loss is
+        # the same constant on every batch, as a zero-initialised head gives) and the slope cov/var
+        # is rounding noise divided by rounding noise: no estimate.
+        resolution = (_VAR_RESOLUTION * float(b.abs().mean())) ** 2
+        if var_b > resolution and math.isfinite(var_b) and math.isfinite(cov_ab):
+            return cov_ab / var_b
+        self._warn_once(
+            "var0",
+            f"AGC refresh: var(b) = {var_b:.3g} is at float resolution (the previous "
+            "snapshot's loss is constant over batches): tau kept",
+            stacklevel=4,
+        )
+        return math.nan
+
+    def _grad_online_tau(
+        self, online: dict[str, Tensor], online_count: int, had_snapshot: bool
+    ) -> float:
+        """``tau_now`` = ratio of the online sums ``dot / sq`` since the last refresh; NaN when
+        undefined."""
+        if online_count > 0 and online:
+            sq = float(online["sq"])
+            if sq > 0 and math.isfinite(sq):
+                return float(online["dot"]) / sq
+            self._warn_once(
+                "var0", f"AGC refresh: mean ||g_snap - mu||^2 = {sq}, tau kept", stacklevel=4
+            )
+        elif had_snapshot and any(g["coef"] == "adaptive" for g in self.param_groups):
+            self._warn_once(  # (fixed / ramp coefficients do not use tau: nothing is lost)
+                "nostep",
+                "AGC refresh: no step with a snapshot gradient since the last refresh",
+                stacklevel=4,
+            )
+        return math.nan
+
+    def _update_tau(self, tau_now: float) -> bool:
+        """``tau = (1 - alpha) tau + alpha tau_now`` when ``tau_now`` is finite; whether it was."""
+        updated = math.isfinite(tau_now)
+        if updated:
+            alpha = float(self.param_groups[0]["alpha"])
+            self._scalars["tau_now"] = torch.tensor(tau_now, dtype=torch.float64)
+            self._scalars["tau"] = (1 - alpha) * self._scalars["tau"] + alpha * tau_now
+        return updated
+
+    def _move_snapshot(self, params: list[Tensor], mu: list[Tensor]) -> None:
+        """``snapshot := w``, ``full_grad := mu``; the step's snapshot gradients and the online
+        sums restart."""
+        for p, m in zip(params, mu):
+            state = self.state[p]
+            state["snapshot"] = p.detach().clone(memory_format=torch.preserve_format)
+            state["full_grad"] = m
+            state.pop("snap_grad", None)
+        self._snap_grad_fresh = False
+        self._scalars["refreshes"] += 1
+        for v in self._online.values():
+            v.zero_()
+        self._scalars["online_count"].zero_()
+
+    def _refresh_report(
+        self, tau_now: float, updated: bool, gp: GradientPass, use_b: bool, t0: float
+    ) -> dict[str, float]:
+        """The refresh's telemetry (kept for :meth:`telemetry`) and its log line."""
+        out = {
+            "agc_tau_now": tau_now,
+            "agc_tau": self.tau,
+            "agc_coef": self.coefficient,
+            "agc_tau_updated": float(updated),
+            "refresh_batches": float(gp.num_batches),
+            "refresh_examples": float(gp.examples),
+            "refresh_grad_evals": float(gp.examples),
+            "refresh_forwards": float(gp.examples if use_b else 0),
+            "refresh_time_s": time.perf_counter() - t0,
+        }
+        self._last_refresh = {k: v for k, v in out.items() if k.startswith("refresh_")}
+        logger.info(
+            "AGC refresh %d: tau_now=%.4g tau=%.4g c=%.4g (%d batches, %d examples, %.2fs)",
+            self.num_refreshes,
+            tau_now,
+            self.tau,
+            self.coefficient,
+            gp.num_batches,
+            gp.examples,
+            out["refresh_time_s"],
+        )
+        return out
+
+
+class _Reduced(NamedTuple):
+    """The refresh statistics after the reduction over ranks: ``mu`` and what ``tau_now`` needs."""
+
+    mu: list[Tensor]
+    a: Tensor
+    b: Tensor
+    online: dict[str, Tensor]
+    online_count: int
+
+
+def _refresh_views(
+    model: nn.Module, named: list[tuple[str, Tensor]], prev: list[Tensor | None], use_b: bool
+) -> tuple[FunctionalView, FunctionalView | None]:
+    """The refresh's views of ``model``: at the current weights, and (``use_b``) at the previous
+    snapshot ``prev``; both share one set of cloned buffers."""
+    buffers = cloned_buffers(model)
+    current_view = FunctionalView(model, buffers)
+    if not use_b:
+        return current_view, None
+    snap_tensors = dict(buffers)
+    snap_tensors.update({n: cast(Tensor, s) for (n, _), s in zip(named, prev)})
+    return current_view, FunctionalView(model, snap_tensors)
 
 
 #: Relative spread of the previous-snapshot losses below which ``var(b)`` counts as zero.
@@ -953,83 +946,6 @@ def _stale(st: dict[str, Any]) -> Tensor:
     """The regrown-position rule, from the state itself: an active position has ``mu != 0``, so a
     zero snapshot with a zero ``mu`` marks one pruned at the last refresh."""
     return (st["snapshot"] == 0) & (st["full_grad"] == 0)
-
-
-def _scaled_grad(loss: Tensor, params: list[Tensor], scale: float | Tensor) -> list[Tensor]:
-    """Gradient of ``loss`` with loss scaling: ``grad(loss * s) / s``, halving ``s`` (down to 1)
-    while the result is not finite and ``loss`` is (synchronises with the device per try)."""
-    s = scale
-    loss_finite = bool(torch.isfinite(loss.detach()))
-    while True:
-        last = not loss_finite or float(s) <= 1.0
-        grads = torch.autograd.grad(
-            loss * s, params, retain_graph=not last, allow_unused=True, materialize_grads=True
-        )
-        grads = [g.div_(s) for g in grads]
-        if last or _all_finite(grads):
-            return grads
-        logger.info("AGC refresh: gradient overflow at loss scale %g, retrying at half", float(s))
-        s = s / 2
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one device synchronisation)."""
-    if not tensors:
-        return True
-    # amax propagates NaN, and the largest magnitude is inf exactly when an element is
-    return bool(torch.isfinite(torch.stack([t.detach().abs().amax() for t in tensors])).all())
-
-
-def _all_reduce_flat(tensors: list[Tensor], group: Any) -> None:
-    """Sum ``tensors`` in place over ``group`` with one all-reduce per (device, dtype): the tensors
-    are copied into one flat buffer (elementwise sums, so the result equals per-tensor calls)."""
-    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        by_kind.setdefault((t.device, t.dtype), []).append(t)
-    for ts in by_kind.values():
-        if len(ts) == 1:
-            dist.all_reduce(ts[0], group=group)
-            continue
-        flat = torch.cat([t.reshape(-1) for t in ts])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for t in ts:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
-
-
-def _dist_reduce(
-    a: Tensor,
-    b: Tensor,
-    acc: list[Tensor],
-    total: Tensor,
-    online: dict[str, Tensor],
-    online_count: int,
-    group: Any,
-) -> tuple[Tensor, Tensor, list[Tensor], Tensor, dict[str, Tensor], int]:
-    """All-reduce the refresh statistics (sum of example-weighted gradients, counts, online sums)
-    and all-gather the per-batch losses over ``group``."""
-    device = acc[0].device if acc else a.device
-    _all_reduce_flat(acc, group)
-    total_d = total.to(device)
-    dist.all_reduce(total_d, group=group)
-    gathered: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (a.cpu().tolist(), b.cpu().tolist()), group=group)
-    if len({len(ga) for ga, _ in gathered}) == 1:
-        # Data parallel: batch i of every rank is a shard of the same global batch (equal shards,
-        # robust_agc.data.Batches), so the global batch's mean loss is the mean over ranks; this keeps
-        # the loss-slope statistic the one a single process computes on the global batches.
-        a = torch.tensor([ga for ga, _ in gathered], dtype=torch.float64).mean(0)
-        b = torch.tensor([gb for _, gb in gathered], dtype=torch.float64).mean(0)
-    else:  # unequal batch counts: no pairing across ranks, pool the per-rank batches
-        a = torch.tensor([x for ga, _ in gathered for x in ga], dtype=torch.float64)
-        b = torch.tensor([x for _, gb in gathered for x in gb], dtype=torch.float64)
-    if online:
-        _all_reduce_flat(list(online.values()), group)
-    count = torch.tensor(online_count, dtype=torch.int64, device=device)
-    dist.all_reduce(count, group=group)
-    return a, b, acc, total_d.cpu(), online, int(count)
 
 
 def _validate_group(group: dict[str, Any]) -> None:

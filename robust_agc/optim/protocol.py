@@ -27,6 +27,11 @@ class CorrectedOptimizer(Protocol):
         """Refreshes done so far (a new snapshot and full gradient each)."""
         ...
 
+    @property
+    def coefficient(self) -> float:
+        """The control-variate coefficient ``c`` the next step uses (first param group)."""
+        ...
+
     def snapshot_backward(
         self, model: nn.Module, closure: Callable[[nn.Module], Tensor], **kwargs: Any
     ) -> Tensor | None:
