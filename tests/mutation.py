@@ -54,6 +54,7 @@ GROUPS: dict[str, Group] = {
             "test_optim_passes.py",
             "test_probe.py",
             "test_utils.py",
+            "test_optim_state.py",
             "test_sparse_export.py",
             "test_sparse_bsr.py",
         ),

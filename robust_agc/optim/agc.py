@@ -663,6 +663,7 @@ class AGC(Optimizer):
                     "stale",
                     "AGC.step() without AGC.snapshot_backward() since the last step: the correction "
                     "is skipped for this step (v = g)",
+                    stacklevel=4,  # step is called through torch's Optimizer.step wrapper
                 )
 
             per_group = []

@@ -1,0 +1,164 @@
+"""AGC's state across save/load, its warnings and its loss-scale retries: behaviours that
+mutation testing (tests/MUTATION.md) showed no other test pinned."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from robust_agc.optim import AGC
+
+
+def _ce(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(m(x), y)
+
+
+def _setup(seed: int = 0, **kw: object) -> tuple[nn.Module, AGC, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Linear(5, 3)
+    opt = AGC(model.parameters(), lr=0.1, **kw)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    return model, opt, x, y
+
+
+def _corrected_step(model: nn.Module, opt: AGC, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    _ce(model, x, y).backward()
+    opt.snapshot_backward(model, lambda m: _ce(m, x, y))
+    opt.step()
+
+
+def test_a_state_dict_without_maximize_and_foreach_loads_with_their_defaults() -> None:
+    """Param groups saved before ``maximize``/``foreach`` existed get ``False``/``None`` and then
+    step exactly like a fresh optimizer's."""
+    model, opt, x, y = _setup()
+    opt.refresh(model, [(x, y)], _ce)
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["maximize"], g["foreach"]
+    twin = nn.Linear(5, 3)
+    twin.load_state_dict(model.state_dict())
+    loaded = AGC(twin.parameters(), lr=0.1)
+    loaded.load_state_dict(sd)
+    assert all(g["maximize"] is False and g["foreach"] is None for g in loaded.param_groups)
+    _corrected_step(model, opt, x, y)
+    _corrected_step(twin, loaded, x, y)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_after_loading_the_first_step_needs_a_new_snapshot_gradient() -> None:
+    """A loaded optimizer has no snapshot gradient for the coming step, even if the saved state
+    holds one: a step without ``snapshot_backward`` is the plain SGD step (and warns)."""
+    model, opt, x, y = _setup(momentum=0.0, nesterov=False)
+    opt.refresh(model, [(x, y)], _ce)
+    _corrected_step(model, opt, x, y)  # moves the weights away from the snapshot
+    opt.zero_grad()
+    _ce(model, x, y).backward()
+    opt.snapshot_backward(model, lambda m: _ce(m, x, y))  # saved with a snapshot gradient
+    sd = opt.state_dict()
+    loaded = AGC(model.parameters(), lr=0.1, momentum=0.0, nesterov=False)
+    loaded.load_state_dict(sd)
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="without AGC.snapshot_backward"):
+        loaded.step()
+    for p, w, g in zip(model.parameters(), before, grads):
+        assert torch.equal(p.detach(), w.add(g, alpha=-0.1))  # v = g: the plain SGD update
+
+
+def test_loading_a_foreign_state_dict_names_the_missing_entry() -> None:
+    model, opt, _, _ = _setup()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError) as err:
+        opt.load_state_dict(sgd.state_dict())
+    assert str(err.value) == (
+        "Invalid state_dict value: no 'agc' entry (not a state dict of robust_agc.optim.AGC)"
+    )
+
+
+def test_an_optimizer_with_only_empty_groups_saves_and_loads() -> None:
+    opt = AGC([{"params": []}], lr=0.1)
+    other = AGC([{"params": []}], lr=0.1)
+    other.load_state_dict(opt.state_dict())
+    assert other.num_refreshes == 0
+
+
+def test_a_missing_snapshot_gradient_warns_once_at_the_callers_line() -> None:
+    model, opt, x, y = _setup()
+    opt.refresh(model, [(x, y)], _ce)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad()
+            _ce(model, x, y).backward()
+            opt.step()
+    ours = [r for r in rec if "snapshot_backward" in str(r.message)]
+    assert len(ours) == 1
+    assert ours[0].filename == __file__  # points at the user's call, not into torch or AGC
+
+
+def test_the_online_estimate_after_one_step_and_when_the_control_variate_is_zero() -> None:
+    """``agc_online_estimate`` is dot/sq after the first corrected step, and NaN when the control
+    variate is exactly zero (a linear loss: the snapshot gradient equals ``mu`` everywhere)."""
+    model, opt, x, y = _setup(estimator="grad-online")
+    x2, y2 = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    opt.refresh(model, [(x, y), (x2, y2)], _ce)  # mu: the mean over two batches
+    opt.zero_grad()
+    _ce(model, x, y).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    opt.snapshot_backward(model, lambda m: _ce(m, x, y))
+    d = [
+        opt.snapshot_gradients()[i] - opt.full_gradient_of(p)
+        for i, p in enumerate(model.parameters())
+    ]
+    opt.step()
+    dot = sum(float(torch.sum(gi * di, dtype=torch.float64)) for gi, di in zip(g, d))
+    sq = sum(float(torch.sum(di * di, dtype=torch.float64)) for di in d)
+    assert opt.telemetry()["agc_online_estimate"] == pytest.approx(dot / sq, rel=1e-12)
+
+    torch.manual_seed(1)
+    lin = nn.Linear(4, 1, bias=False)
+    opt2 = AGC(lin.parameters(), lr=0.1, estimator="grad-online")
+    xs = torch.ones(8, 4)
+
+    def loss(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        return m(xb).mean()
+
+    opt2.refresh(lin, [(xs,)], loss)
+    opt2.zero_grad()
+    loss(lin, xs).backward()
+    opt2.snapshot_backward(lin, lambda m: loss(m, xs))
+    opt2.step()
+    assert math.isnan(opt2.telemetry()["agc_online_estimate"])
+
+
+class _Sqrt(nn.Module):
+    """A finite loss whose gradient is infinite at every loss scale (d sqrt(w)/dw at w = 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(self.w).sum() + 0 * x.sum()
+
+
+def test_an_overflowing_refresh_halves_the_scale_down_to_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Scale 4: tries at 4, 2 and 1, and stops there (two retries logged, at 4 and 2)."""
+    model = _Sqrt()
+    opt = AGC(model.parameters(), lr=0.1)
+    with caplog.at_level(logging.INFO, logger="robust_agc.optim"):
+        opt.refresh(model, [(torch.zeros(4, 1),)], lambda m, xb: m(xb), loss_scale=4.0)
+    retries = [r.getMessage() for r in caplog.records if "retrying at half" in r.getMessage()]
+    assert retries == [
+        "AGC refresh: gradient overflow at loss scale 4, retrying at half",
+        "AGC refresh: gradient overflow at loss scale 2, retrying at half",
+    ]
