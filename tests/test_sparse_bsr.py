@@ -306,7 +306,8 @@ def test_history_report_and_last_update():
     ) == pytest.approx(sched.budget)
     assert rep["rewired_per_step"] == pytest.approx(rep["reactivated_total"] / 12)
     assert sched.last_update["step"] == 12 and sched.num_updates == 12
-    assert masks.scheduler is sched and masks.report()["last_update"] is sched.last_update
+    assert masks.report(scheduler=sched)["last_update"] is sched.last_update
+    assert masks.report()["last_update"] is None  # the masks hold no back-pointer
 
 
 def test_create_bsr_from_model_and_from_masks():

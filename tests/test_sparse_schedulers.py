@@ -38,7 +38,7 @@ def _setup(method: str, *, opt: str = "sgd", seed: int = 0, sparsity: float = 0.
 
 # --------------------------------------------------------------------- registry and schedule
 def test_registry_and_defaults() -> None:
-    assert list_sparse_methods() == ["static", "set", "rigl", "itop-set", "itop-rigl"]
+    assert list_sparse_methods() == ["static", "set", "rigl", "itop-set", "itop-rigl", "bsr"]
     masks = apply_masks(TinyNet(), sparsity=0.5, generator=0)
     s = create_scheduler("itop-set", masks, total_steps=10_000)
     assert (s.update_interval, s.drop_fraction, s.update_end) == (1500, 0.5, 1.0)
