@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from robust_agc.models import create_model  # noqa: E402
 from robust_agc.sparse import apply_masks  # noqa: E402
-from robust_agc.train import cpu_model, mask_buffer_names  # noqa: E402
+from robust_agc.train import mask_buffer_names  # noqa: E402
+from robust_agc.utils import cpu_model  # noqa: E402
 
 #: (name, in_channels, input_size, training set size) of the projected models.
 PROJECTED = (

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from robust_agc.config import TrainConfig
 from robust_agc.data import make_splits
 from robust_agc.models import create_model
-from robust_agc.train import Trainer, cpu_model
+from robust_agc.train import Trainer
+from robust_agc.utils import cpu_model
 
 
 def plain_epoch(model, opt, x, y, *, batch_size, eps, alpha, steps, seed):

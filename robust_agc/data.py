@@ -36,6 +36,7 @@ __all__ = [
     "load_dataset",
     "make_splits",
     "augment_batch",
+    "epoch_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -313,6 +314,12 @@ def augment_batch(x: Tensor, mode: str, generator: torch.Generator, padding: int
     return out.contiguous()
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s permutation and augmentation draws for base seed ``seed``
+    (the data-order stream; the trainer's other streams are in :mod:`robust_agc.train.seeds`)."""
+    return seed * 1_000_003 + epoch
+
+
 class Batches:
     """Seeded minibatches over in-memory tensors (much faster than a DataLoader for small images).
 
@@ -369,7 +376,7 @@ class Batches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = self.x.shape[0]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         local = self.batch_size // self.num_replicas
         for b in range(len(self)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import pytest
@@ -216,3 +217,82 @@ def test_a_read_error_without_a_message_is_named_by_its_type(tmp_path, monkeypat
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(tmp_path / "c.pt")
     assert str(err.value) == f"cannot read checkpoint {tmp_path / 'c.pt'}: EOFError"
+
+
+# ------------------------------------------------------------- checkpoints of older versions
+OLD_RUN = pathlib.Path(__file__).parent / "data" / "old-agc-rigl-epoch1"
+"""A run written by commit 5030c62 and interrupted after epoch 1 of 2 (tests/data/README.md)."""
+
+OLD_RUN_ARGS = [
+    "--dataset", "fashion-mnist", "--model", "small-cnn", "--train-subset", "256",
+    "--val-size", "32", "--batch-size", "64", "--epochs", "2", "--eval-subset", "16",
+    "--eval-steps", "2", "--attack-steps", "2", "--threads", "1", "--seed", "5",
+    "--optimizer", "agc", "--sparse-method", "rigl", "--sparsity", "0.9",
+    "--update-interval", "3", "--no-progress",
+]  # fmt: skip
+
+_VOLATILE = {"version", "wall_time_s", "train_time_s", "cpu_time_s", "epoch_time_s"}
+_VOLATILE |= {"images_per_s", "refresh_time_s", "resume", "out", "progress"}  # run-folder keys
+
+
+def _assert_identical(a: object, b: object, where: str = "") -> None:
+    """Bit-for-bit equality of nested checkpoint contents (timing and version fields aside)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) - _VOLATILE == set(b) - _VOLATILE, where
+        for k in set(a) - _VOLATILE:
+            _assert_identical(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b) or (a.is_floating_point() and a.view(-1).view(torch.uint8)
+                                     .equal(b.view(-1).view(torch.uint8))), where  # fmt: skip
+    elif isinstance(a, float) and a != a:
+        assert isinstance(b, float) and b != b, where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def _old_run_copy(dest: pathlib.Path) -> pathlib.Path:
+    """The committed old run, copied to ``dest`` (``last.pt`` decompressed; tests/data is never
+    written)."""
+    import lzma
+    import shutil
+
+    dest.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copyfile(OLD_RUN / name, dest / name)
+    (dest / "last.pt").write_bytes(lzma.decompress((OLD_RUN / "last.pt.xz").read_bytes()))
+    return dest
+
+
+def test_a_checkpoint_of_the_old_code_resumes_bit_identically(tmp_path):
+    """A run folder written before the trainer became a package resumes with this code, trains
+    its second epoch, and ends exactly where an uninterrupted run of this code ends."""
+    from robust_agc.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        old = _old_run_copy(tmp_path / "old")
+        saved = load_checkpoint(old / "last.pt")
+        assert saved["format"] == "robust_agc.train/1" and saved["epoch"] == 1
+        assert main(["train", *OLD_RUN_ARGS, "--out", str(old), "--resume"]) == 0
+        fresh = tmp_path / "fresh"
+        assert main(["train", *OLD_RUN_ARGS, "--out", str(fresh)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    resumed, ref = load_checkpoint(old / "last.pt"), load_checkpoint(fresh / "last.pt")
+    assert resumed["epoch"] == ref["epoch"] == 2 and resumed["step"] == ref["step"] == 8
+    assert not torch.equal(
+        resumed["model"]["features.0.weight"], saved["model"]["features.0.weight"]
+    )
+    _assert_identical(resumed, ref, "last.pt")
+    lines = [json.loads(s) for s in (old / "metrics.jsonl").read_text().splitlines()]
+    ref_lines = [json.loads(s) for s in (fresh / "metrics.jsonl").read_text().splitlines()]
+    _assert_identical(lines, ref_lines, "metrics.jsonl")
+    summary = json.loads((old / "summary.json").read_text())
+    assert summary["epochs"] == 2 and {"cpu", "cpu_capability", "threads"} <= set(
+        summary["machine"]
+    )

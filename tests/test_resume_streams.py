@@ -1,6 +1,7 @@
 """Resume restores every random stream the trainer owns.
 
-The streams of a :class:`~robust_agc.train.Trainer` (see ``robust_agc/train.py``):
+The streams of a :class:`~robust_agc.train.Trainer` (named and defined in
+``robust_agc/train/seeds.py``):
 
 - torch's global RNG: the training attack's random starts (``PGD``/``TRADES`` built with
   ``seed=None``); checkpointed as ``rng["torch"]`` (``rng["torch_per_rank"]`` under DDP, reseeded
@@ -205,3 +206,26 @@ def test_resume_on_another_world_size_reseeds_the_global_rng_and_restores_the_re
     assert got.keys() == expected.keys()
     for path, g in expected.items():
         assert torch.equal(got[path].get_state(), g.get_state()), path
+
+
+def test_named_streams_keep_the_seeds_of_the_original_offsets():
+    """One definition per stream, with exactly the values the trainer always used."""
+    from robust_agc.data import epoch_seed
+    from robust_agc.train import seeds
+
+    assert {n: seeds.stream_seed(100, n) for n in seeds.STREAM_OFFSETS} == {
+        "global": 100,
+        "eval_attack": 101,
+        "masks": 107,
+        "topology": 111,
+        "agc_refresh": 117,
+    }
+    assert seeds.rank_seed(100, 2) == 100 + 2 * 1_000_003
+    assert seeds.reseeded_rank_seed(100, 3, 2) == 100 + 3 * 7919 + 2 * 1_000_003
+    assert epoch_seed(100, 4) == 100 * 1_000_003 + 4
+    g = seeds.stream_generator(100, "masks")
+    assert torch.equal(
+        torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(107))
+    )
+    with pytest.raises(ValueError, match="Invalid name value: 'data'"):
+        seeds.stream_seed(100, "data")

@@ -306,7 +306,8 @@ def test_history_report_and_last_update():
     ) == pytest.approx(sched.budget)
     assert rep["rewired_per_step"] == pytest.approx(rep["reactivated_total"] / 12)
     assert sched.last_update["step"] == 12 and sched.num_updates == 12
-    assert masks.scheduler is sched and masks.report()["last_update"] is sched.last_update
+    assert masks.report(scheduler=sched)["last_update"] is sched.last_update
+    assert masks.report()["last_update"] is None  # the masks hold no back-pointer
 
 
 def test_create_bsr_from_model_and_from_masks():
@@ -406,3 +407,31 @@ def test_channels_last_layout_gives_the_same_sampling():
         runs.append(([w.detach().clone() for w in masks.weights()], sched.total_reactivated))
     assert runs[0][1] == runs[1][1] > 0
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+
+
+def test_bsr_is_a_registered_sparse_method():
+    """create_scheduler("bsr", ...) builds the same scheduler as the class, and the old import
+    path robust_agc.sparse.bsr still works."""
+    from robust_agc.sparse import bsr as shim
+    from robust_agc.sparse import create_scheduler, list_sparse_methods
+    from robust_agc.sparse.schedulers import bsr as home
+
+    assert "bsr" in list_sparse_methods() and shim.BSRScheduler is home.BSRScheduler
+    x, y = _data()
+    runs = []
+    for registry in (False, True):
+        model = _model()
+        masks = apply_masks(model, sparsity=0.8, distribution="uniform", generator=0)
+        opt = AGC(model.parameters(), lr=0.1, momentum=0.9, estimator="grad-online")
+        masks.attach(opt)
+        kw = dict(total_steps=100, n_train=64, generator=1, noise=2.0, weight_decay=1e-3)
+        if registry:
+            sched = create_scheduler("bsr", masks, optimizer=opt, **kw)
+        else:
+            sched = BSRScheduler(masks, optimizer=opt, **kw)
+        assert sched.method == "bsr"
+        opt.refresh(model, [(x, x, y)], lambda m, x, xa, y: F.cross_entropy(m(xa), y))
+        for _ in range(5):
+            _train_step(model, opt, sched, x, y)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -419,8 +419,8 @@ def test_report_keys_and_values() -> None:
     assert rep["density"] == pytest.approx(0.1, abs=1e-4)
     assert rep["exploration_rate"] == pytest.approx(rep["density"])
     assert rep["method"] is None and rep["last_update"] is None
-    create_scheduler("rigl", masks, total_steps=1000)
-    rep = masks.report((1, 28, 28))
+    sched = create_scheduler("rigl", masks, total_steps=1000)
+    rep = masks.report((1, 28, 28), scheduler=sched)
     assert set(rep) >= {
         "density",
         "layer_densities",

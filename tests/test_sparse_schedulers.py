@@ -17,6 +17,7 @@ from robust_agc.sparse import (
     apply_masks,
     create_scheduler,
     list_sparse_methods,
+    register_sparse_method,
 )
 from tests.test_sparse_helpers import TinyNet, _one_thread, make_data, train_steps  # noqa: F401
 
@@ -38,7 +39,7 @@ def _setup(method: str, *, opt: str = "sgd", seed: int = 0, sparsity: float = 0.
 
 # --------------------------------------------------------------------- registry and schedule
 def test_registry_and_defaults() -> None:
-    assert list_sparse_methods() == ["static", "set", "rigl", "itop-set", "itop-rigl"]
+    assert list_sparse_methods() == ["static", "set", "rigl", "itop-set", "itop-rigl", "bsr"]
     masks = apply_masks(TinyNet(), sparsity=0.5, generator=0)
     s = create_scheduler("itop-set", masks, total_steps=10_000)
     assert (s.update_interval, s.drop_fraction, s.update_end) == (1500, 0.5, 1.0)
@@ -431,3 +432,19 @@ def test_broadcast_and_equality_across_two_ranks(tmp_path) -> None:
         assert all(torch.equal(m, m1) for m, m1 in zip(r["from_rank_1"], from_rank_1)), rank
     # the ranks' weights differed too: the masked-weights check above is no identity
     assert not torch.equal(res[0]["weights_before"][0], res[1]["weights_before"][0])
+
+
+def test_register_sparse_method_refuses_a_taken_name_and_the_helpers_are_public() -> None:
+    from robust_agc.sparse.masks import check_generator, fill_state
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_sparse_method("rigl", lambda masks, **kw: None)  # type: ignore[arg-type,return-value]
+    g = torch.Generator().manual_seed(3)
+    assert check_generator(g) is g
+    assert torch.equal(
+        torch.rand(2, generator=check_generator(5)),
+        torch.rand(2, generator=torch.Generator().manual_seed(5)),
+    )
+    state = {"a": torch.ones(2, 2), "b": torch.ones(3), "step": 4}
+    fill_state(state, torch.Size([2, 2]), torch.tensor([[True, False], [False, True]]))
+    assert state["a"].tolist() == [[0.0, 1.0], [1.0, 0.0]] and state["b"].tolist() == [1.0] * 3

@@ -50,8 +50,8 @@ def create_model(
         input_size: image side (28 or 32).
         mean, std: per-channel normalization applied inside the model (inputs stay in [0, 1]);
             ``None`` means no normalization.
-        init: ``"he"`` (He-normal fan-in for conv/linear, zero bias; see protocols.md section 3) or
-            ``"default"`` (PyTorch's).
+        init: ``"he"`` (He-normal fan-in for conv/linear, zero bias; see ``docs/protocols.md``
+            section 3) or ``"default"`` (PyTorch's).
     """
     if name not in _REGISTRY:
         raise UserError(f"Invalid model value: {name!r} (choose from {', '.join(list_models())})")

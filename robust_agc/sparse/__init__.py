@@ -1,5 +1,6 @@
 """Sparse training: masks (uniform/ER/ERK), optimizer-hook enforcement, topology schedulers
-(static, SET, RigL, ITOP), FLOPs reports and export.
+(static, SET, RigL, ITOP, BSR-Net; all built by :func:`create_scheduler`), FLOPs reports and
+export.
 
 Typical use::
 
@@ -7,10 +8,10 @@ Typical use::
     masks.attach(optimizer)
     scheduler = create_scheduler("rigl", masks, total_steps=steps, optimizer=optimizer)
     ...  # loss.backward(); optimizer.step(); scheduler.step()
+    report = masks.report(input_shape=(3, 32, 32), scheduler=scheduler)
     dense_model = fold_masks(model)
 """
 
-from .bsr import NOISE_FORMS, SIGN_BUFFER, BSRScheduler, create_bsr
 from .distributions import DISTRIBUTIONS, layer_counts, layer_densities
 from .export import densify_state_dict, fold_masks, state_dict_nbytes, to_sparse_state_dict
 from .masks import (
@@ -23,13 +24,18 @@ from .masks import (
     training_flops_ratio,
 )
 from .schedulers import (
+    NOISE_FORMS,
+    SIGN_BUFFER,
     SPARSE_METHOD_DEFAULTS,
+    BSRScheduler,
     RigLScheduler,
     SETScheduler,
     StaticScheduler,
     TopologyScheduler,
+    create_bsr,
     create_scheduler,
     list_sparse_methods,
+    register_sparse_method,
 )
 
 __all__ = [
@@ -54,6 +60,7 @@ __all__ = [
     "layer_counts",
     "layer_densities",
     "list_sparse_methods",
+    "register_sparse_method",
     "maskable_modules",
     "state_dict_nbytes",
     "to_sparse_state_dict",

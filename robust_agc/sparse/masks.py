@@ -1,6 +1,6 @@
 """Sparsity masks as bool buffers on the modules that own the weights, and their enforcement.
 
-Conventions (protocols.md section 3, style rule 3):
+Conventions (``docs/protocols.md``, section 3):
 
 - Masked weights: the ``weight`` of every ``nn.Conv1d/2d/3d`` and ``nn.Linear`` (subclasses
   included); never biases or normalization layers. Each owner module gets a persistent bool buffer
@@ -27,7 +27,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,15 +35,15 @@ from torch.utils.hooks import RemovableHandle
 
 from .distributions import DISTRIBUTIONS, layer_counts
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .schedulers import TopologyScheduler
-
 __all__ = [
     "MASK_BUFFER",
     "EVER_BUFFER",
     "MASKABLE_TYPES",
+    "SchedulerView",
     "SparseMasks",
     "apply_masks",
+    "check_generator",
+    "fill_state",
     "maskable_modules",
     "training_flops_ratio",
 ]
@@ -103,7 +103,22 @@ def training_flops_ratio(
     return cost / (3.0 * dense_flops)
 
 
-def _check_generator(generator: object) -> torch.Generator:
+class SchedulerView(Protocol):
+    """What :meth:`SparseMasks.report` reads of a topology scheduler."""
+
+    method: str
+    update_interval: int
+
+    @property
+    def last_update(self) -> dict[str, Any] | None: ...
+
+    @property
+    def num_updates(self) -> int: ...
+
+
+def check_generator(generator: object) -> torch.Generator:
+    """A CPU generator from ``generator``: itself (CPU only), seeded from an int, or (``None``)
+    seeded from torch's global RNG; ``TypeError``/``ValueError`` otherwise."""
     if generator is None:
         # Seed from torch's global RNG, so torch.manual_seed governs it (never the clock).
         seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -164,7 +179,6 @@ class SparseMasks:
         self.modules: list[nn.Module] = [m for _, m in layers]
         self.distribution = distribution
         self.target_density = target_density
-        self.scheduler: TopologyScheduler | None = None
         self._dense_grad_request: Callable[[], bool] | None = None
         self._dense_grads: list[Tensor | None] | None = None
         self._optimizers: list[weakref.ref[torch.optim.Optimizer]] = []
@@ -271,7 +285,7 @@ class SparseMasks:
                 if not state:
                     continue
                 zero_at = torch.logical_not(getattr(m, MASK_BUFFER)) if where is None else where[i]
-                _fill_state(state, m.weight.shape, zero_at)
+                fill_state(state, m.weight.shape, zero_at)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
         """Enforce the masks on ``optimizer`` with step pre/post hooks; returns the two handles.
@@ -421,8 +435,13 @@ class SparseMasks:
                 )
             return {"dense": f_d, "sparse": f_s, "ratio": f_s / f_d, "per_layer": per_layer}
 
-    def report(self, input_shape: Sequence[int] | None = None) -> dict[str, Any]:
-        """Summary statistics of the masks (and of the attached scheduler, if any).
+    def report(
+        self,
+        input_shape: Sequence[int] | None = None,
+        *,
+        scheduler: SchedulerView | None = None,
+    ) -> dict[str, Any]:
+        """Summary statistics of the masks (and of their topology ``scheduler``, if given).
 
         Keys: ``density`` (global over masked weights), ``num_active``, ``num_maskable``,
         ``layer_densities``, ``exploration_rate``, ``method``, ``last_update`` (the scheduler's last
@@ -430,7 +449,7 @@ class SparseMasks:
         ``input_shape`` also ``flops_dense``, ``flops_sparse``, ``flops_ratio`` (inference) and
         ``train_flops_ratio`` (RigL's formulas, relative to dense training).
         """
-        sched = self.scheduler
+        sched = scheduler
         out: dict[str, Any] = {
             "density": self.density,
             "num_active": self.num_active,
@@ -484,7 +503,9 @@ class SparseMasks:
         )
 
 
-def _fill_state(state: dict[str, Any], shape: torch.Size, zero_at: Tensor) -> None:
+def fill_state(state: dict[str, Any], shape: torch.Size, zero_at: Tensor) -> None:
+    """Zero every tensor of one parameter's optimizer ``state`` shaped ``shape`` where ``zero_at``
+    is True (any optimizer: momentum, AGC's snapshot and full gradient, Adam's moments...)."""
     for v in state.values():
         if isinstance(v, Tensor) and v.shape == shape:
             v.masked_fill_(zero_at, 0)
@@ -511,7 +532,7 @@ def apply_masks(
         skip_last: leave the last conv/linear layer (registration order) unmasked.
             Unmasked layers are excluded from the budget: ``sparsity`` applies to the masked ones.
         rescale_init: multiply surviving weights by ``1 / sqrt(layer density)`` (the sparse layer's
-            effective fan-in, protocols.md section 3); the base init (He-normal) is the model's.
+            effective fan-in, ``docs/protocols.md`` section 3); the base init (He-normal) is the model's.
         generator: CPU ``torch.Generator`` or int seed for the random scores; ``None`` draws a seed
             from torch's global RNG.
 
@@ -530,7 +551,7 @@ def apply_masks(
         raise ValueError(
             f"Invalid distribution value: {distribution!r} (choose from {', '.join(DISTRIBUTIONS)})"
         )
-    gen = _check_generator(generator)
+    gen = check_generator(generator)
     layers = maskable_modules(model)
     for name, m in layers:
         if hasattr(m, MASK_BUFFER):

@@ -1,21 +1,22 @@
-"""Topology schedulers: static, SET, RigL and their ITOP variants.
+"""The topology scheduler interface, its shared drop-and-grow mechanics, and the method registry.
 
-A scheduler is a small object with ``step()``, ``state_dict()`` and ``load_state_dict()``
-(style rule 3). The trainer calls ``scheduler.step()`` right after ``optimizer.step()`` on every
-training step; the optimizer step itself is never skipped. On an update step ``t`` (every
-``update_interval`` steps, ``0 < t < update_end * total_steps``) each masked layer:
+A scheduler is a small object with ``step()``, ``state_dict()`` and ``load_state_dict()``. The
+trainer calls ``scheduler.step()`` right after ``optimizer.step()`` on every training step; the
+optimizer step itself is never skipped. On an update step ``t`` (every ``update_interval`` steps,
+``0 < t < update_end * total_steps``) each masked layer:
 
 1. drops ``k = floor(f_t * n_active)`` active weights of smallest ``|w|``, with the cosine-decayed
    fraction ``f_t = drop_fraction / 2 * (1 + cos(pi * t / (update_end * total_steps)))``;
-2. regrows ``k`` positions among those inactive after the drop (just-dropped ones included):
-   SET at random (seeded CPU generator whose state is in ``state_dict``), RigL where the **dense**
-   gradient of the training loss at this step has the largest magnitude;
+2. regrows ``k`` positions among those inactive after the drop (just-dropped ones included), where
+   the subclass's ``_grow_scores`` are largest (:mod:`~robust_agc.sparse.schedulers.dst`);
 3. sets the weights and every same-shaped optimizer-state tensor to zero at all positions
    inactive after the drop, so regrown weights start at zero with zero state.
 
-Layers that are fully dense (density 1, e.g. ERK's small layers) are left alone. RigL's dense
-gradient comes from the masks' optimizer pre-hook, which stashes ``p.grad`` *before* masking it
-on the steps this scheduler will update (so ``SparseMasks.attach(optimizer)`` is required).
+Layers that are fully dense (density 1, e.g. ERK's small layers) are left alone.
+
+Methods register a builder with :func:`register_sparse_method`; :func:`create_scheduler` builds
+any registered method by name (``static``, ``set``, ``rigl``, ``itop-set``, ``itop-rigl``,
+``bsr``).
 """
 
 from __future__ import annotations
@@ -23,21 +24,22 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .masks import SparseMasks, _check_generator, _fill_state
+from ...utils.validation import check_int
+from ..masks import SparseMasks, check_generator, fill_state
 
 __all__ = [
     "SPARSE_METHOD_DEFAULTS",
+    "SchedulerBuilder",
     "TopologyScheduler",
-    "StaticScheduler",
-    "SETScheduler",
-    "RigLScheduler",
     "create_scheduler",
     "list_sparse_methods",
+    "register_sparse_method",
 ]
 
 logger = logging.getLogger(__name__)
@@ -55,11 +57,6 @@ SPARSE_METHOD_DEFAULTS: dict[str, dict[str, float | int]] = {
     "itop-set": {"update_interval": 1500, "drop_fraction": 0.5, "update_end": 1.0},
     "itop-rigl": {"update_interval": 4000, "drop_fraction": 0.5, "update_end": 1.0},
 }
-
-
-def list_sparse_methods() -> list[str]:
-    """Names accepted by :func:`create_scheduler`."""
-    return list(SPARSE_METHOD_DEFAULTS)
 
 
 class TopologyScheduler:
@@ -86,8 +83,8 @@ class TopologyScheduler:
     ) -> None:
         if not isinstance(masks, SparseMasks):
             raise TypeError(f"Invalid masks value: {type(masks).__name__} (expected SparseMasks)")
-        _check_int("total_steps", total_steps)
-        _check_int("update_interval", update_interval)
+        check_int("total_steps", total_steps, minimum=1, type_error=True)
+        check_int("update_interval", update_interval, minimum=1, type_error=True)
         if isinstance(drop_fraction, bool) or not 0.0 < float(drop_fraction) <= 1.0:
             raise ValueError(f"Invalid drop_fraction value: {drop_fraction}")
         if isinstance(update_end, bool) or not 0.0 < float(update_end) <= 1.0:
@@ -108,7 +105,7 @@ class TopologyScheduler:
             # Salt int seeds: the same seed given to apply_masks would otherwise replay the very
             # scores that chose the initial masks, and SET would regrow exactly what it dropped.
             generator = (generator * _SEED_MIX + _SEED_SALT) % 2**63
-        self.generator = _check_generator(generator)
+        self.generator = check_generator(generator)
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         if self.dynamic and self.update_interval >= self.update_end * self.total_steps:
@@ -117,9 +114,6 @@ class TopologyScheduler:
                 f"({self.update_end * self.total_steps:g}): the topology never changes",
                 stacklevel=3,
             )
-        if masks.scheduler is not None and masks.scheduler is not self:
-            logger.info("replacing the masks' previous scheduler (%s)", masks.scheduler.method)
-        masks.scheduler = self
         masks.request_dense_grads(
             (lambda: self.is_update_step(self.step_count + 1)) if self.needs_dense_grad else None
         )
@@ -203,7 +197,7 @@ class TopologyScheduler:
             for opt in optimizers:
                 state = opt.state.get(w)
                 if state:
-                    _fill_state(state, w.shape, zero_at)
+                    fill_state(state, w.shape, zero_at)
             changed = int((new & ~flat).sum())
             mask.copy_(new.view(mask.shape))
             ever = self.masks.modules[i].weight_mask_ever
@@ -283,65 +277,22 @@ class TopologyScheduler:
         )
 
 
-class StaticScheduler(TopologyScheduler):
-    """Fixed topology: ``step()`` only counts steps."""
+SchedulerBuilder = Callable[..., TopologyScheduler]
+"""``builder(masks, *, method, total_steps, generator, optimizer, **options)`` -> scheduler."""
 
-    dynamic = False
-
-
-class SETScheduler(TopologyScheduler):
-    """SET (Mocanu et al. 2018): drop smallest ``|w|``, regrow uniformly at random."""
-
-    uses_random = True
-
-    def _grow_scores(self, index: int, weight: Tensor, data: Any) -> Tensor:
-        return torch.rand(weight.numel(), generator=self.generator)
+_REGISTRY: dict[str, SchedulerBuilder] = {}
 
 
-class RigLScheduler(TopologyScheduler):
-    """RigL (Evci et al. 2020): drop smallest ``|w|``, regrow at the largest dense ``|grad|``."""
-
-    needs_dense_grad = True
-
-    def _prepare_scores(self) -> list[Tensor | None]:
-        grads = self.masks.pop_dense_grads()
-        if grads is None:
-            if self.masks.optimizers:
-                raise RuntimeError(
-                    "RigL found no dense gradient for this update step: the masks' optimizer "
-                    "pre-hook stashes it during optimizer.step(); call scheduler.step() right "
-                    "after optimizer.step() on every training step"
-                )
-            # Not attached: nothing masked p.grad, so it is still the dense gradient.
-            grads = [None if w.grad is None else w.grad.detach() for w in self.masks.weights()]
-        if any(g is None for g in grads):
-            warnings.warn(
-                "RigL: some masked weights have no gradient; growth there is arbitrary",
-                stacklevel=3,
-            )
-        return grads
-
-    def _grow_scores(self, index: int, weight: Tensor, data: Any) -> Tensor:
-        g = data[index]
-        if g is None:
-            return torch.zeros(weight.numel(), device=weight.device)
-        return g.abs().reshape(-1)
+def register_sparse_method(name: str, builder: SchedulerBuilder) -> None:
+    """Make ``name`` a sparse method of :func:`create_scheduler`, built by ``builder``."""
+    if name in _REGISTRY:
+        raise ValueError(f"Invalid name value: sparse method {name!r} is already registered")
+    _REGISTRY[name] = builder
 
 
-_CLASSES: dict[str, type[TopologyScheduler]] = {
-    "static": StaticScheduler,
-    "set": SETScheduler,
-    "rigl": RigLScheduler,
-    "itop-set": SETScheduler,
-    "itop-rigl": RigLScheduler,
-}
-
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Invalid {name} value: {value!r} (expected an int)")
-    if value <= 0:
-        raise ValueError(f"Invalid {name} value: {value}")
+def list_sparse_methods() -> list[str]:
+    """Names accepted by :func:`create_scheduler`, in registration order."""
+    return list(_REGISTRY)
 
 
 def create_scheduler(
@@ -349,46 +300,38 @@ def create_scheduler(
     masks: SparseMasks,
     *,
     total_steps: int,
-    update_interval: int | None = None,
-    drop_fraction: float | None = None,
-    update_end: float | None = None,
     generator: torch.Generator | int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    **options: Any,
 ) -> TopologyScheduler:
     """Build the topology scheduler ``method`` for ``masks``.
 
     Args:
         method: one of :func:`list_sparse_methods`: ``static``, ``set``, ``rigl``, ``itop-set``,
-            ``itop-rigl``.
+            ``itop-rigl``, ``bsr``.
         masks: from :func:`~robust_agc.sparse.apply_masks` (attach it to the optimizer first).
         total_steps: the number of training (optimizer) steps of the run.
-        update_interval, drop_fraction, update_end: ``None`` takes the method's default from
-            :data:`SPARSE_METHOD_DEFAULTS` (100 / 0.3 / 0.75 for SET and RigL; ITOP 1500 or 4000 /
-            0.5 / 1.0).
-        generator: CPU generator or int seed for SET's random growth (its state is checkpointed);
-            an int seed is salted, so reusing apply_masks' seed is safe; ``None`` draws a seed
-            from torch's global RNG.
+        generator: CPU generator or int seed for the method's random draws (its state is
+            checkpointed); an int seed is salted, so reusing apply_masks' seed is safe; ``None``
+            draws a seed from torch's global RNG.
         optimizer: whose same-shaped state is zeroed at dropped/regrown positions (the masks'
-            attached optimizers are always included).
+            attached optimizers are always included); required by ``bsr``.
+        **options: the method's own options. Drop-and-grow methods: ``update_interval``,
+            ``drop_fraction``, ``update_end`` (``None`` or absent takes the method's default from
+            :data:`SPARSE_METHOD_DEFAULTS`: 100 / 0.3 / 0.75 for SET and RigL; ITOP 1500 or 4000
+            / 0.5 / 1.0). ``bsr``: ``n_train`` (required), ``noise``, ``noise_form``,
+            ``noise_milestone``, ``noise_factor``, ``weight_decay``, ``init_theta``,
+            ``history_interval`` (see :class:`~robust_agc.sparse.BSRScheduler`).
     """
-    if method not in _CLASSES:
+    if method not in _REGISTRY:
         raise ValueError(
             f"Invalid method value: {method!r} (choose from {', '.join(list_sparse_methods())})"
         )
-    defaults = SPARSE_METHOD_DEFAULTS[method]
-    if method.startswith("itop") and getattr(masks, "distribution", None) not in (None, "erk"):
-        warnings.warn(
-            f"{method} is defined with ERK masks, these are {masks.distribution!r}", stacklevel=2
-        )
-    return _CLASSES[method](
+    return _REGISTRY[method](
         masks,
         method=method,
         total_steps=total_steps,
-        update_interval=int(defaults["update_interval"])
-        if update_interval is None
-        else update_interval,
-        drop_fraction=float(defaults["drop_fraction"]) if drop_fraction is None else drop_fraction,
-        update_end=float(defaults["update_end"]) if update_end is None else update_end,
         generator=generator,
         optimizer=optimizer,
+        **options,
     )
