@@ -23,7 +23,7 @@ from ..data import Batches, DatasetInfo, DataSplits, make_splits
 from ..errors import UserError
 from ..losses import Objective, get_objective
 from ..models import create_model
-from ..optim import create_optimizer
+from ..optim.registry import create_optimizer, optimizer_kwargs
 from ..sparse import (
     EVER_BUFFER,
     MASK_BUFFER,
@@ -107,20 +107,6 @@ def build_masks(cfg: TrainConfig, model: nn.Module) -> SparseMasks | None:
     )
 
 
-def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.optimizer == "agc":
-        return dict(
-            gamma=cfg.agc_gamma,
-            alpha=cfg.agc_alpha,
-            tau_init=cfg.agc_tau_init,
-            estimator=cfg.agc_estimator,
-        )
-    if cfg.optimizer == "svrg":
-        coef = "ramp" if cfg.svrg_schedule == "ramp" else "fixed"
-        return dict(coef=coef, fixed_coef=cfg.svrg_coef)
-    return {}
-
-
 def build_optimizer(
     cfg: TrainConfig, model: nn.Module, masks: SparseMasks | None
 ) -> torch.optim.Optimizer:
@@ -136,15 +122,7 @@ def build_optimizer(
             {"params": masks.weights(), "weight_decay": 0.0},
             {"params": rest, "weight_decay": cfg.weight_decay},
         ]
-    optimizer = create_optimizer(
-        cfg.optimizer,
-        params,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        **_optimizer_kwargs(cfg),
-    )
+    optimizer = create_optimizer(cfg.optimizer, params, **optimizer_kwargs(cfg))
     if masks is not None:
         masks.attach(optimizer)
     return optimizer
