@@ -15,7 +15,9 @@ __all__ = ["add_train_command", "run_train"]
 def add_train_command(sub: Any) -> argparse.ArgumentParser:
     """Add the ``train`` sub-parser to ``sub`` (from ``add_subparsers``) and return it."""
     parser = sub.add_parser(
-        "train", help="adversarial (sparse) training", description="Train a model; see README.md."
+        "train",
+        help="adversarial (sparse) training",
+        description="Train a model; see docs/usage.md.",
     )
     add_train_arguments(parser)
     return parser
