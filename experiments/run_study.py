@@ -29,8 +29,9 @@ remains. One run at a time, in-process, through the library's ``train`` and ``ro
 
 An extra evaluation needs the checkpoint, which lives in the git-ignored run folder and is gone on
 a fresh machine. A stored run whose extra evaluation is missing and whose checkpoint is gone is
-``rebuild``: it is trained again from its seed (a CPU run is bit-for-bit reproducible on the CPU
-model that recorded it; on another model the driver refuses before training), the rebuilt
+``rebuild``: it is trained again from its seed (a CPU run is bit-for-bit reproducible on a CPU
+of the same capability as the one that recorded it, ``torch.backends.cpu.get_cpu_capability()``
+and its kernel flags, see :func:`same_cpu_kind`; on another the driver refuses before training), the rebuilt
 run's metrics must equal the stored ones in every field but the timings (else the driver stops
 with an error and the stored results are kept), and only the missing extra evaluation files are
 added to the stored results: their config, metrics, summary and final evaluation stay as they were.
@@ -42,24 +43,32 @@ added to the stored results: their config, metrics, summary and final evaluation
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fnmatch
-import itertools
 import json
 import logging
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from robust_agc.config import TrainConfig
+from robust_agc.config import EXECUTION_KEYS
 from robust_agc.errors import UserError
-from robust_agc.train import TIMING_FIELDS, cpu_model
+from robust_agc.reporting import studies
+from robust_agc.reporting.studies import (
+    DEFAULT_THREADS,
+    EVAL_DEFAULTS,
+    STUDY_KEYS,
+    TARGET_METRICS,
+    RunSpec,
+    Study,
+    extra_eval_file,
+)
+from robust_agc.train import TIMING_FIELDS
+from robust_agc.utils.machine import machine_info
 
 # ------------------------------------------------------------------------------ hyperparameters
 EXPERIMENTS = Path(__file__).resolve().parent
@@ -69,28 +78,8 @@ RESULT_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "eval.json")
 EVAL_FILE = "eval.json"  # robust-agc report attaches eval*.json found in a run folder
 EVAL_STATE_FILE = "state_final_eval.json"  # must not match eval*.json
 CONFIGS_ROOT = EXPERIMENTS / "configs"  # where ``reuse`` finds the other studies' files
-DEFAULT_THREADS = 1
 # keys that may differ between a stored result and the study file without making it stale
-UNCOMPARED_KEYS = frozenset(
-    {"out", "threads", "progress", "resume", "overwrite", "device", "data_dir"}
-)
-TARGET_METRICS = ("val_robust_acc", "val_clean_acc")  # what the baseline's target is set on
-EVAL_DEFAULTS: dict[str, Any] = {
-    "checkpoint": "best.pt",
-    "attacks": "clean,pgd",
-    "n_examples": 500,
-    "eps": None,  # None: the checkpoint's training eps
-    "pgd_steps": 50,
-    "pgd_restarts": 1,
-    "batch_size": 250,
-    "seed": 0,
-    "version": "standard",  # AutoAttack version, used when attacks has autoattack
-}
-STUDY_KEYS = frozenset(
-    {"study", "description", "base", "grid", "seeds", "eval", "baseline", "exclude"}
-    | {"extra_evals", "reuse"}
-)
-
+UNCOMPARED_KEYS = EXECUTION_KEYS
 logger = logging.getLogger("run_study")
 
 __all__ = [
@@ -103,262 +92,54 @@ __all__ = [
     "execute",
     "eval_argv",
     "main",
+    "same_cpu_kind",
+    "DEFAULT_THREADS",
+    "EVAL_DEFAULTS",
+    "STUDY_KEYS",
+    "TARGET_METRICS",
+    "extra_eval_file",
 ]
-
-_TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-
-
-@dataclass(frozen=True)
-class Study:
-    """A parsed study file."""
-
-    name: str
-    base: dict[str, Any]
-    axes: dict[str, list[tuple[str, dict[str, Any]]]]  # axis -> [(label, settings)]
-    seeds: list[int]
-    eval: dict[str, Any] | None
-    baseline: dict[str, str] | None  # {"axis": ..., "value": label, "metric": ...}
-    description: str = ""
-    exclude: tuple[dict[str, frozenset[str]], ...] = ()
-    extra_evals: tuple[dict[str, Any], ...] = ()  # each: name, seeds (None: all), eval options
-    reuse: tuple[str, ...] = ()
-
-    def extra_evals_for(self, seed: int) -> list[dict[str, Any]]:
-        """The extra evaluations that apply to runs of this seed."""
-        return [e for e in self.extra_evals if e["seeds"] is None or seed in e["seeds"]]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One run of a study: its cell, seed, full settings and folders."""
-
-    study: str
-    cell: str
-    labels: dict[str, str]  # axis -> label of this cell
-    seed: int
-    settings: dict[str, Any]  # TrainConfig keyword arguments (without out/threads/...)
-    run_dir: Path
-    result_dir: Path
-
-    def config(self, threads: int | None = DEFAULT_THREADS, **extra: Any) -> TrainConfig:
-        """The validated TrainConfig of this run (``out`` = the run folder)."""
-        cfg = TrainConfig(
-            **{**self.settings, "out": str(self.run_dir), "threads": threads, **extra}
-        )
-        cfg.validate()
-        return cfg
-
-
-def _check_keys(settings: dict[str, Any], where: str) -> dict[str, Any]:
-    out = {}
-    for k, v in settings.items():
-        key = str(k).replace("-", "_")
-        if key not in _TRAIN_KEYS:
-            raise UserError(f"unknown setting {k!r} in {where}")
-        if key in UNCOMPARED_KEYS or key == "seed":
-            raise UserError(f"setting {k!r} in {where} is chosen by the driver, not the study")
-        out[key] = v
-    return out
 
 
 def load_study(
     path: str | Path, *, runs_root: Path = RUNS_ROOT, results_root: Path = RESULTS_ROOT
 ) -> Study:
-    """Parse and validate a study YAML file (see the module docstring)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping")
-    unknown = set(data) - STUDY_KEYS
-    if unknown:
-        raise UserError(f"unknown key(s) {sorted(unknown)} in {path}")
-    name = str(data.get("study") or path.stem)
-    base = _check_keys(data.get("base") or {}, f"{path}: base")
-    axes: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    grid = data.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise UserError(f"Invalid grid value: {grid!r} (a mapping axis -> list of values)")
-    for axis, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"Invalid grid value: axis {axis!r} needs a non-empty list")
-        entries: list[tuple[str, dict[str, Any]]] = []
-        for v in values:
-            if isinstance(v, dict):
-                if "name" not in v:
-                    raise UserError(f"Invalid grid value: {v!r} in axis {axis!r} has no name")
-                label = str(v["name"])
-                settings = _check_keys(
-                    {k: x for k, x in v.items() if k != "name"}, f"{path}: grid.{axis}"
-                )
-            else:
-                label = f"{axis}{v}"
-                settings = _check_keys({axis: v}, f"{path}: grid.{axis}")
-            if any(c in label for c in "/\\ ") or label in ("", ".", ".."):
-                raise UserError(f"Invalid grid value: label {label!r} is not a folder name")
-            entries.append((label, settings))
-        labels = [lab for lab, _ in entries]
-        if len(set(labels)) != len(labels):
-            raise UserError(f"Invalid grid value: duplicate labels in axis {axis!r}: {labels}")
-        axes[str(axis)] = entries
-    seeds = data.get("seeds", [0])
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-        or len(set(seeds)) != len(seeds)
-    ):
-        raise UserError(f"Invalid seeds value: {seeds!r} (a list of distinct integers)")
-    ev = data.get("eval")
-    if ev is not None:
-        if not isinstance(ev, dict) or set(ev) - set(EVAL_DEFAULTS):
-            raise UserError(f"Invalid eval value: {ev!r} (keys: {', '.join(EVAL_DEFAULTS)})")
-        ev = {**EVAL_DEFAULTS, **ev}
-    bl = data.get("baseline")
-    if bl is not None:
-        if (
-            not isinstance(bl, dict)
-            or not {"axis", "value"} <= set(bl) <= {"axis", "value", "metric"}
-            or bl.get("metric", "val_robust_acc") not in TARGET_METRICS
-            or bl["axis"] not in axes
-            or str(bl["value"]) not in [lab for lab, _ in axes[bl["axis"]]]
-            and f"{bl['axis']}{bl['value']}" not in [lab for lab, _ in axes[bl["axis"]]]
-        ):
-            raise UserError(
-                f"Invalid baseline value: {bl!r} (axis: a grid axis, value: one of its labels, "
-                f"optional metric: {', '.join(TARGET_METRICS)})"
-            )
-        value = str(bl["value"])
-        if value not in [lab for lab, _ in axes[bl["axis"]]]:
-            value = f"{bl['axis']}{bl['value']}"
-        bl = {
-            "axis": str(bl["axis"]),
-            "value": value,
-            "metric": str(bl.get("metric", "val_robust_acc")),
-        }
-    exclude = _parse_exclude(data.get("exclude"), axes)
-    extra = _parse_extra_evals(data.get("extra_evals"), ev)
-    reuse = data.get("reuse") or []
-    if not isinstance(reuse, list) or not all(isinstance(r, str) and r for r in reuse):
-        raise UserError(f"Invalid reuse value: {reuse!r} (a list of study names)")
-    if reuse and extra:
-        raise UserError(
-            "a study with reuse cannot have extra_evals (reused runs have no checkpoint)"
-        )
-    study = Study(
-        name=name,
-        base=base,
-        axes=axes,
-        seeds=list(seeds),
-        eval=ev,
-        baseline=bl,
-        description=str(data.get("description") or ""),
-        exclude=exclude,
-        extra_evals=extra,
-        reuse=tuple(reuse),
-    )
-    # validate every cell's configuration now, not hours later
-    for spec in expand(study, runs_root=runs_root, results_root=results_root):
-        spec.config()
-    return study
-
-
-def _parse_exclude(
-    rules: Any, axes: dict[str, list[tuple[str, dict[str, Any]]]]
-) -> tuple[dict[str, frozenset[str]], ...]:
-    if rules is None:
-        return ()
-    if not isinstance(rules, list):
-        raise UserError(f"Invalid exclude value: {rules!r} (a list of {{axis: labels}} rules)")
-    out = []
-    for rule in rules:
-        if not isinstance(rule, dict) or not rule:
-            raise UserError(f"Invalid exclude value: {rule!r} (a mapping axis -> labels)")
-        parsed: dict[str, frozenset[str]] = {}
-        for axis, labels in rule.items():
-            labels = labels if isinstance(labels, list) else [labels]
-            known = [lab for lab, _ in axes.get(str(axis), [])]
-            bad = [str(x) for x in labels if str(x) not in known]
-            if str(axis) not in axes or bad or not labels:
-                raise UserError(
-                    f"Invalid exclude value: {rule!r} (axis {axis!r} has labels {known})"
-                )
-            parsed[str(axis)] = frozenset(str(x) for x in labels)
-        out.append(parsed)
-    return tuple(out)
-
-
-def _parse_extra_evals(entries: Any, ev: dict[str, Any] | None) -> tuple[dict[str, Any], ...]:
-    if entries is None:
-        return ()
-    if not isinstance(entries, list) or ev is None:
-        raise UserError(
-            f"Invalid extra_evals value: {entries!r} (a list of evaluations; needs an eval)"
-        )
-    out, names = [], set()
-    for e in entries:
-        allowed = set(EVAL_DEFAULTS) | {"name", "seeds"}
-        if not isinstance(e, dict) or set(e) - allowed or "name" not in e:
-            raise UserError(
-                f"Invalid extra_evals value: {e!r} (keys: name, seeds, {', '.join(EVAL_DEFAULTS)})"
-            )
-        name = str(e["name"])
-        if not name.replace("-", "").replace("_", "").isalnum() or name in names:
-            raise UserError(f"Invalid extra_evals value: name {name!r} (unique, [A-Za-z0-9_-])")
-        names.add(name)
-        seeds = e.get("seeds")
-        if seeds is not None and (
-            not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds)
-        ):
-            raise UserError(f"Invalid extra_evals value: seeds {seeds!r} (a list of integers)")
-        out.append({**ev, **{k: v for k, v in e.items() if k != "name"}, "name": name})
-    return tuple(out)
-
-
-def extra_eval_file(extra: dict[str, Any]) -> str:
-    """The file name of an extra evaluation's result (``eval_<name>.json``)."""
-    return f"eval_{extra['name']}.json"
-
-
-def _excluded(study: Study, labels: dict[str, str]) -> bool:
-    return any(all(labels[a] in labs for a, labs in rule.items()) for rule in study.exclude)
+    """Parse and validate a study YAML file (:func:`robust_agc.reporting.studies.load_study`,
+    with this folder's roots as defaults)."""
+    return studies.load_study(path, runs_root=runs_root, results_root=results_root)
 
 
 def expand(
     study: Study, *, runs_root: Path = RUNS_ROOT, results_root: Path = RESULTS_ROOT
 ) -> list[RunSpec]:
-    """All runs of the study, seed-major (every cell's seed 0 first, then seed 1, ...)."""
-    axis_names = list(study.axes)
-    cells: list[tuple[str, dict[str, str], dict[str, Any]]] = []
-    for combo in itertools.product(*(study.axes[a] for a in axis_names)):
-        settings = dict(study.base)
-        labels: dict[str, str] = {}
-        for axis, (label, s) in zip(axis_names, combo):
-            settings.update(s)
-            labels[axis] = label
-        if _excluded(study, labels):
-            continue
-        cell = "_".join(labels.values()) or "base"
-        cells.append((cell, labels, settings))
-    specs = []
-    for seed in study.seeds:
-        for cell, labels, settings in cells:
-            specs.append(
-                RunSpec(
-                    study=study.name,
-                    cell=cell,
-                    labels=labels,
-                    seed=seed,
-                    settings={**settings, "seed": seed},
-                    run_dir=runs_root / study.name / cell / f"s{seed}",
-                    result_dir=results_root / study.name / cell / f"s{seed}",
-                )
-            )
-    return specs
+    """All runs of the study, seed-major (:func:`robust_agc.reporting.studies.expand`, with this
+    folder's roots as defaults)."""
+    return studies.expand(study, runs_root=runs_root, results_root=results_root)
+
+
+def same_cpu_kind(stored: dict[str, Any], here: dict[str, Any]) -> tuple[bool, str, str]:
+    """Whether a run recorded on the machine ``stored`` (a summary's ``machine`` block) can be
+    reproduced bit for bit on ``here`` (:func:`robust_agc.utils.machine_info`), and how each is
+    described.
+
+    torch picks its CPU kernels by capability (``AVX512``, ``AVX2``...), not by model name: two
+    records agree when their ``cpu_capability`` is equal, and their ``cpu_flags`` too when both
+    have them. Records written before those fields existed are compared by their model name
+    (``cpu``). A record without any of them is taken as reproducible (nothing to compare)."""
+    if stored.get("cpu_capability"):
+        same = stored["cpu_capability"] == here.get("cpu_capability")
+        if "cpu_flags" in stored and "cpu_flags" in here:
+            same = same and sorted(stored["cpu_flags"]) == sorted(here["cpu_flags"])
+            return same, _kind(stored), _kind(here)
+        return same, repr(stored["cpu_capability"]), repr(here.get("cpu_capability"))
+    if stored.get("cpu"):
+        return stored["cpu"] == here.get("cpu"), repr(stored["cpu"]), repr(here.get("cpu"))
+    return True, "an unrecorded CPU", _kind(here)
+
+
+def _kind(machine: dict[str, Any]) -> str:
+    flags = " ".join(machine.get("cpu_flags") or []) or "none"
+    return f"{machine.get('cpu_capability')!r} (flags: {flags})"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -584,11 +365,11 @@ def execute(
     stored = _training_stored(spec, study)
     if status == "rebuild":
         summary = json.loads((spec.result_dir / "summary.json").read_text(encoding="utf-8"))
-        recorded = (summary.get("machine") or {}).get("cpu")
-        if recorded and recorded != cpu_model():
+        same, was, now = same_cpu_kind(summary.get("machine") or {}, machine_info())
+        if not same:
             raise UserError(
-                f"{spec.study}/{spec.cell}/s{spec.seed}: stored on a {recorded!r} CPU, this is a "
-                f"{cpu_model()!r}: a rebuild would not reproduce it bit for bit (its extra "
+                f"{spec.study}/{spec.cell}/s{spec.seed}: stored on a {was} CPU, this is a "
+                f"{now}: a rebuild would not reproduce it bit for bit (its extra "
                 "evaluation needs a machine of the stored kind, or a seed trained on this one)"
             )
     if status in ("new", "restart", "resume", "rebuild"):

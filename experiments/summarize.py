@@ -42,10 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from run_study import RESULTS_ROOT, RUNS_ROOT, RunSpec, Study, expand, extra_eval_file, load_study
-
 from robust_agc.errors import UserError
-from robust_agc.report import Run, load_run, mean_std
+from robust_agc.reporting import Run, load_run, mean_ci, mean_std
+from robust_agc.reporting.studies import RunSpec, Study, expand, extra_eval_file, load_study
+
+EXPERIMENTS = Path(__file__).resolve().parent
+RESULTS_ROOT = EXPERIMENTS / "results"  # committed results (what run_study.py stores)
+RUNS_ROOT = EXPERIMENTS / "runs"  # not read here: the run folders of the expanded specs
 
 __all__ = [
     "CellRuns",
@@ -122,10 +125,6 @@ def _best_val(run: Run) -> dict[str, Any]:
         if not best or row.get("val_robust_acc", -math.inf) > best.get("val_robust_acc", -math.inf):
             best = row
     return best
-
-
-def _fmt(values: Sequence[float | None], *, pct: bool = False, digits: int = ACC_DIGITS) -> str:
-    return mean_std(values, pct=pct, digits=digits)
 
 
 def _final(run: Run, key: str) -> float | None:
@@ -457,30 +456,12 @@ def format_paired(rows: list[dict[str, Any]], clock: str) -> str:
     )
     lines = [
         f"| {r['cell']} | {r['reference']} | {_pair_count(r)} | "
-        f"{_fmt(r['d_eval_robust'], pct=True)} | {_fmt(r['d_eval_clean'], pct=True)} | "
-        f"{_fmt(r['d_val'], pct=True)} | {_fmt(r['d_test_at_time'], pct=True)} | "
-        f"{_fmt(r['time_ratio'], digits=2)} |"
+        f"{mean_std(r['d_eval_robust'], pct=True)} | {mean_std(r['d_eval_clean'], pct=True)} | "
+        f"{mean_std(r['d_val'], pct=True)} | {mean_std(r['d_test_at_time'], pct=True)} | "
+        f"{mean_std(r['time_ratio'], digits=2)} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"
-
-
-def mean_ci(values: Sequence[float | None], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the two ends of its Student-t confidence interval at ``level`` (None skipped).
-
-    With one value the interval is unbounded (``-inf, +inf``): one pair says nothing about the
-    spread. Raises ValueError when no value is present."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        raise ValueError("no values")
-    m = statistics.fmean(vals)
-    if len(vals) < 2:
-        return m, -math.inf, math.inf
-    from scipy.stats import t as student_t
-
-    half = float(student_t.ppf(0.5 + level / 2, len(vals) - 1)) * statistics.stdev(vals)
-    half /= math.sqrt(len(vals))
-    return m, m - half, m + half
 
 
 def _verdict(lo: float, hi: float) -> str:
@@ -554,7 +535,7 @@ def headline(
             lines.append(f"- `{value}`: no paired {what} result yet.")
             continue
         ref = r["reference"].removeprefix("all ")
-        ratio = _fmt(r["time_ratio"], digits=2)
+        ratio = mean_std(r["time_ratio"], digits=2)
         cross = sum(r["cross_machine"])
         left_out = (
             f" ({cross} pair{'s' * (cross != 1)} recorded on two CPU models left out of the time "
@@ -606,16 +587,16 @@ def format_table(
         rs = c.runs
         best = [_best_val(r) for r in rs]
         lines.append(
-            f"| {c.cell} | {len(rs)} | {_fmt([_final(r, 'epoch') for r in rs], digits=0)} | "
-            + " | ".join(_fmt([_final(r, k) for r in rs], pct=True) for k in FINAL_KEYS)
-            + f" | {_fmt([b.get('epoch') for b in best], digits=1)}"
-            + f" | {_fmt([b.get('test_clean_acc') for b in best], pct=True)}"
-            + f" | {_fmt([b.get('test_robust_acc') for b in best], pct=True)}"
-            + f" | {_fmt([_eval_acc(r, 'clean_acc') for r in rs], pct=True)}"
-            + f" | {_fmt([_eval_acc(r, 'robust_acc') for r in rs], pct=True)}"
+            f"| {c.cell} | {len(rs)} | {mean_std([_final(r, 'epoch') for r in rs], digits=0)} | "
+            + " | ".join(mean_std([_final(r, k) for r in rs], pct=True) for k in FINAL_KEYS)
+            + f" | {mean_std([b.get('epoch') for b in best], digits=1)}"
+            + f" | {mean_std([b.get('test_clean_acc') for b in best], pct=True)}"
+            + f" | {mean_std([b.get('test_robust_acc') for b in best], pct=True)}"
+            + f" | {mean_std([_eval_acc(r, 'clean_acc') for r in rs], pct=True)}"
+            + f" | {mean_std([_eval_acc(r, 'robust_acc') for r in rs], pct=True)}"
             + "".join(_extra_cells(rs, name) for name in extra_evals)
-            + f" | {_fmt([_final(r, clock) for r in rs], digits=0)}"
-            + f" | {_fmt([_final(r, 'grad_evals') for r in rs], digits=0)} |"
+            + f" | {mean_std([_final(r, clock) for r in rs], digits=0)}"
+            + f" | {mean_std([_final(r, 'grad_evals') for r in rs], digits=0)} |"
         )
     out = (
         "Accuracies in %, mean ± std over seeds (sample std); val/test = per-epoch evaluation "
@@ -641,11 +622,11 @@ def format_table(
         bt = "-" if r["baseline_time_s"] is None else f"{r['baseline_time_s']:.0f}"
         lines2.append(
             f"| {r['cell']} | {tgt} | {r['reached']}/{r['n']} | "
-            f"{_fmt(r['epochs_to_target'], digits=1)} | {_fmt(r['time_to_target_s'], digits=0)} | "
-            f"{_fmt(r['grad_evals_to_target'], digits=0)} | {bt} | "
-            f"{_fmt(r['epoch_at_time'], digits=1)} | "
-            f"{_fmt(r['val_at_time'], pct=True)} | "
-            f"{_fmt(r['test_at_time'], pct=True)} |"
+            f"{mean_std(r['epochs_to_target'], digits=1)} | {mean_std(r['time_to_target_s'], digits=0)} | "
+            f"{mean_std(r['grad_evals_to_target'], digits=0)} | {bt} | "
+            f"{mean_std(r['epoch_at_time'], digits=1)} | "
+            f"{mean_std(r['val_at_time'], pct=True)} | "
+            f"{mean_std(r['test_at_time'], pct=True)} |"
         )
     return out + head2 + "\n".join(lines2) + "\n"
 
@@ -655,7 +636,7 @@ def _extra_cells(runs: Sequence[Run], name: str) -> str:
     clean = [_eval_acc(r, "clean_acc", file) for r in runs]
     robust = [_eval_acc(r, "robust_acc", file) for r in runs]
     k = sum(v is not None for v in robust)
-    return f" | {_fmt(clean, pct=True)} | {_fmt(robust, pct=True)} ({k})"
+    return f" | {mean_std(clean, pct=True)} | {mean_std(robust, pct=True)} ({k})"
 
 
 def flagged_runs(cells: list[CellRuns], file: str = "eval.json") -> list[str]:
@@ -719,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
-        study = load_study(args.study, results_root=Path(args.results))
+        study = load_study(args.study, runs_root=RUNS_ROOT, results_root=Path(args.results))
         cells = collect_cells(study, Path(args.results))
         if args.extra is not None:
             names = [e["name"] for e in study.extra_evals]

@@ -7,7 +7,11 @@ The pieces, each usable on its own:
 - :mod:`robust_agc.losses`: PGD-AT, TRADES and MART objectives (attacks live in the ``attacks`` package);
 - :mod:`robust_agc.models`, :mod:`robust_agc.data`: architectures and datasets;
 - :func:`robust_agc.train.train` / :class:`robust_agc.train.Trainer`: the training loop;
-- :func:`robust_agc.eval.benchmark` / :func:`robust_agc.eval.load_model`: RobustBench-style evaluation.
+- :func:`robust_agc.eval.benchmark` / :func:`robust_agc.eval.load_model`: RobustBench-style evaluation;
+- :mod:`robust_agc.reporting`: tables and plots over seeds from run folders and results;
+- :mod:`robust_agc.cli`: the ``robust-agc`` program.
+
+The method: ``docs/agc.md``; the layout: ``docs/architecture.md``.
 """
 
 __version__ = "0.1.0"

@@ -4,6 +4,15 @@ Every field of :class:`TrainConfig` is a flag of ``robust-agc train`` (``agc_gam
 ``--agc-gamma``), grouped by concern. Precedence: dataclass defaults < ``--config FILE.yaml`` <
 command line. The resolved configuration is saved as ``config.yaml`` in the run folder and inside
 every checkpoint.
+
+A run folder's ``config.yaml`` is accepted back by ``--config``, so rerunning a run is one command
+(``robust-agc train --config RUN/config.yaml --out NEW``): the keys the trainer adds there
+(:data:`DERIVED_KEYS`) are dropped on input.
+
+Every ``choices`` comes from a registry (:func:`robust_agc.models.list_models`,
+:func:`robust_agc.optim.list_optimizers`, :func:`robust_agc.losses.list_objectives`,
+:func:`robust_agc.sparse.list_sparse_methods`, :func:`robust_agc.data.list_datasets`), looked up
+when a parser is built or a config validated, so a name registered later is accepted.
 """
 
 from __future__ import annotations
@@ -18,9 +27,85 @@ from typing import Any
 
 import yaml
 
+from .data import list_datasets
 from .errors import UserError
+from .losses import list_objectives
+from .models import list_models
+from .optim import ESTIMATORS, list_optimizers
+from .sparse import DISTRIBUTIONS, NOISE_FORMS, list_sparse_methods
 
-__all__ = ["TrainConfig", "add_train_arguments", "config_from_args", "load_yaml", "parse_refresh"]
+__all__ = [
+    "DERIVED_KEYS",
+    "EXECUTION_KEYS",
+    "TrainConfig",
+    "add_train_arguments",
+    "config_from_args",
+    "field_choices",
+    "load_yaml",
+    "parse_refresh",
+    "trainable_optimizers",
+    "sparse_method_choices",
+]
+
+EXECUTION_KEYS: frozenset[str] = frozenset(
+    {"out", "threads", "progress", "resume", "overwrite", "device", "data_dir"}
+)
+"""Settings that say where and how a run executes, not what it computes. The one list of keys
+that may differ between two runs of "the same" configuration: ``--resume`` and the study driver
+do not compare them, and ``robust-agc report`` does not group by them."""
+
+DERIVED_KEYS: frozenset[str] = frozenset(
+    {"num_classes", "in_channels", "input_size", "eps_resolved", "attack_step_size_resolved"}
+)
+"""Keys the trainer adds to a run folder's ``config.yaml`` next to the settings (the dataset's
+shape and the resolved attack radius and step size). Not settings: :func:`load_yaml` accepts and
+drops them. They are not checked against what the settings derive: the settings are the source
+of truth, and "rerun this run with another radius" (``--config RUN/config.yaml --eps 0.2``, or an
+edited copy) must not be refused because the stale derived value disagrees."""
+
+
+def trainable_optimizers() -> list[str]:
+    """The optimizers the Trainer trains with: every name of
+    :func:`robust_agc.optim.list_optimizers`. The one place to filter out a registered optimizer
+    the Trainer cannot drive (none today: the Trainer passes ``lr``, ``momentum``, ``nesterov``
+    and ``weight_decay`` to :func:`~robust_agc.optim.create_optimizer`, which maps them onto Adam
+    and AdamW too, and the masks zero every same-shaped optimizer state tensor)."""
+    return list_optimizers()
+
+
+def sparse_method_choices() -> list[str]:
+    """``dense`` and the registered sparse methods, ``bsr`` included.
+
+    ``bsr`` is added explicitly while :func:`robust_agc.sparse.list_sparse_methods` does not list
+    it (the Trainer builds it with :func:`robust_agc.sparse.create_bsr`); drop the special case once
+    the registry lists it."""
+    methods = ["dense", *list_sparse_methods()]
+    return methods if "bsr" in methods else [*methods, "bsr"]
+
+
+_REGISTRIES = {
+    "dataset": list_datasets,
+    "model": list_models,
+    "optimizer": trainable_optimizers,
+    "objective": list_objectives,
+    "sparse_method": sparse_method_choices,
+}
+
+
+# fields whose names are checked by TrainConfig.validate() rather than by argparse: a dataset's
+# error names the datasets (argparse's would too, but the message predates this list), and a model
+# registered after the parser was built must still be accepted
+_VALIDATED_ONLY = frozenset({"dataset", "model"})
+
+
+def field_choices(name: str) -> tuple[str, ...] | None:
+    """The accepted values of the :class:`TrainConfig` field ``name`` (None: any value), read from
+    its registry now for the registered names (dataset, model, optimizer, objective,
+    sparse_method)."""
+    if name in _REGISTRIES:
+        return tuple(_REGISTRIES[name]())
+    meta = {f.name: f.metadata for f in dataclasses.fields(TrainConfig)}[name]
+    return meta.get("choices")
 
 
 def _f(default: Any, group: str, help: str, **kw: Any) -> Any:
@@ -38,8 +123,7 @@ class TrainConfig:
     dataset: str = _f(
         "fashion-mnist",
         "data",
-        "dataset name",
-        choices=("fashion-mnist", "mnist", "cifar10", "cifar100", "svhn"),
+        "dataset name (robust_agc.data.list_datasets())",
     )
     data_dir: str | None = _f(
         None, "data", "folder holding the data (torchvision layout or raw idx files)"
@@ -62,8 +146,8 @@ class TrainConfig:
     optimizer: str = _f(
         "sgd",
         "optimization",
-        "sgd (plain baseline), agc (adaptive correction), svrg (fixed-coefficient ablation)",
-        choices=("sgd", "agc", "svrg"),
+        "sgd (plain baseline), agc (adaptive correction), svrg (fixed-coefficient ablation), "
+        "adam, adamw (robust_agc.optim.list_optimizers())",
     )
     epochs: int = _f(10, "optimization", "training epochs")
     batch_size: int = _f(128, "optimization", "global minibatch size")
@@ -91,7 +175,7 @@ class TrainConfig:
         "agc",
         "coefficient estimator: grad-online (default: from the steps' own gradients, no extra pass) "
         "or loss-slope (the release's; one extra forward per refresh batch)",
-        choices=("loss-slope", "grad-online"),
+        choices=ESTIMATORS,
     )
     agc_full_grad: str = _f(
         "clean",
@@ -117,8 +201,7 @@ class TrainConfig:
     objective: str = _f(
         "pgd-at",
         "adversarial",
-        "training objective",
-        choices=("natural", "pgd-at", "trades", "mart"),
+        "training objective (robust_agc.losses.list_objectives())",
     )
     beta: float = _f(6.0, "adversarial", "TRADES / MART trade-off beta")
     eps: float | None = _f(
@@ -148,13 +231,10 @@ class TrainConfig:
     sparse_method: str = _f(
         "dense",
         "sparse",
-        "sparse-training method",
-        choices=("dense", "static", "set", "rigl", "itop-set", "itop-rigl", "bsr"),
+        "sparse-training method: dense or one of robust_agc.sparse.list_sparse_methods()",
     )
     sparsity: float = _f(0.9, "sparse", "fraction of maskable weights that are zero")
-    sparse_init: str = _f(
-        "erk", "sparse", "initial per-layer density", choices=("uniform", "er", "erk")
-    )
+    sparse_init: str = _f("erk", "sparse", "initial per-layer density", choices=DISTRIBUTIONS)
     update_interval: int | None = _f(
         None, "sparse", "steps between topology updates (method default)"
     )
@@ -172,7 +252,7 @@ class TrainConfig:
         "langevin",
         "sparse",
         "bsr: noise form (release = lr * sigma * sqrt(T), the TF code's)",
-        choices=("langevin", "release"),
+        choices=NOISE_FORMS,
     )
     bsr_noise_milestone: float | None = _f(
         None, "sparse", "bsr: fraction of training after which the temperature T is multiplied"
@@ -262,7 +342,7 @@ class TrainConfig:
                 f"Invalid lr_milestones value: {self.lr_milestones} (fractions in (0, 1))"
             )
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
+            choices = field_choices(f.name)
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise UserError(
@@ -288,7 +368,10 @@ def parse_refresh(spec: str) -> tuple[str, int]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config (safe loader); keys may use dashes or underscores."""
+    """Read a YAML config (safe loader); keys may use dashes or underscores.
+
+    A run folder's ``config.yaml`` is accepted: its :data:`DERIVED_KEYS` are dropped. Any other
+    key that is not a :class:`TrainConfig` field raises UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -302,6 +385,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     out = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
+        if key in DERIVED_KEYS:
+            continue
         if key not in known:
             raise UserError(f"unknown setting {k!r} in {path}")
         out[key] = v
@@ -339,8 +424,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         elif base == "list[float]":
             kw["type"] = float
             kw["nargs"] = "+"
-        if "choices" in f.metadata and f.name != "dataset":
-            kw["choices"] = f.metadata["choices"]
+        choices = field_choices(f.name)
+        if choices and f.name not in _VALIDATED_ONLY:
+            kw["choices"] = choices
         group.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 

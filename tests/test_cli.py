@@ -263,3 +263,41 @@ def test_without_validation_points_best_follows_the_last_epoch(tmp_path):
     best = torch.load(out / "best.pt", weights_only=True)
     last = torch.load(out / "last.pt", weights_only=True)
     assert best["epoch"] == last["epoch"] == 1
+
+
+def test_a_run_folders_config_yaml_reruns_the_run(tmp_path):
+    """`--config RUN/config.yaml` is accepted (its derived keys dropped) and reproduces the run."""
+    import yaml
+
+    from robust_agc.config import DERIVED_KEYS
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    argv = [*SMALL, "--epochs", "2", *SPARSE_AGC]
+    assert run_cli("train", *argv, "--out", str(first)) == 0
+    assert set(yaml.safe_load((first / "config.yaml").read_text())) >= DERIVED_KEYS
+    assert run_cli("train", "--config", str(first / "config.yaml"), "--out", str(second)) == 0
+    assert _metrics(second) == _metrics(first)
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    again = yaml.safe_load((second / "config.yaml").read_text())
+    assert {k: v for k, v in again.items() if k != "out"} == {
+        k: v for k, v in saved.items() if k != "out"
+    }
+
+
+def test_choices_come_from_the_registries(capsys):
+    from robust_agc.cli import build_parser
+    from robust_agc.config import TrainConfig, field_choices
+    from robust_agc.losses import list_objectives
+    from robust_agc.models import list_models
+    from robust_agc.optim import list_optimizers
+    from robust_agc.sparse import list_sparse_methods
+
+    assert set(field_choices("optimizer")) == set(list_optimizers())
+    assert set(field_choices("objective")) == set(list_objectives())
+    assert set(field_choices("model")) == set(list_models())
+    assert {"dense", "bsr", *list_sparse_methods()} == set(field_choices("sparse_method"))
+    build_parser().parse_args(["train", "--optimizer", "adamw", "--sparse-method", "bsr"])
+    with pytest.raises(Exception, match="Invalid model value"):
+        TrainConfig(model="no-such-net").validate()
+    assert run_cli("train", "--optimizer", "lion") == 2
+    assert "invalid choice" in capsys.readouterr().err

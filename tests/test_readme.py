@@ -61,3 +61,54 @@ def test_headline_sentence_matches_the_generated_lines():
             quoted = sentence.group(f"{prefix}_{name}")
             # the lines print two decimals; the sentence rounds those to one (half away from 0)
             assert abs(float(quoted) - float(value)) <= 0.05 + 1e-9, (prefix, name, quoted, value)
+
+
+ROOT = README.parent
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
+def test_readme_and_docs_links_resolve():
+    """Every relative markdown link of the README and of docs/ names a file of the repository."""
+    for page in [README, *DOCS]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+    text = README.read_text()
+    for doc in ("usage", "agc", "protocols", "architecture"):
+        assert f"(docs/{doc}.md)" in text, doc
+
+
+def test_doc_citations_name_existing_sections():
+    """`docs/protocols.md section N` (or the older bare `protocols.md section N`) in the code names a
+    numbered section that exists."""
+    sections = {page.name: set(re.findall(r"^## (\d+)\.", page.read_text(), re.M)) for page in DOCS}
+    cited = 0
+    for folder in ("robust_agc", "attacks", "experiments", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for doc, number in re.findall(
+                r"(?:docs/)?(\w+\.md)`*,? section (\d+)", path.read_text()
+            ):
+                cited += 1
+                assert number in sections.get(doc, set()), f"{path}: {doc} section {number}"
+    assert {"1", "2", "3"} <= sections["protocols.md"] and len(sections["agc.md"]) == 8
+    assert cited >= 1  # eval.py and sparse/masks.py cite sections 1 and 3
+
+
+def test_readme_commands_parse():
+    """The README's set-up targets exist and its `robust-agc` commands are accepted by the parser."""
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("demo", "test"):
+        assert re.search(rf"^{target}:", makefile, re.M), target
+    from robust_agc.cli import build_parser
+
+    block = README.read_text().split("## Train, evaluate, report", 1)[1].split("```bash\n", 1)[1]
+    commands = block.split("```", 1)[0].replace("\\\n", " ").splitlines()
+    parser = build_parser()
+    parsed = 0
+    for line in commands:
+        argv = line.split("#", 1)[0].split()
+        if argv and argv[0].endswith("robust-agc"):
+            parser.parse_args(argv[1:])
+            parsed += 1
+    assert parsed == 4

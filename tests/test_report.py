@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from robust_agc import report as rp
+from robust_agc import reporting as rp
+from robust_agc.cli.report import add_report_arguments, run_report
 from robust_agc.errors import UserError
 
 
@@ -57,7 +58,7 @@ def runs(tmp_path):
 def test_probe_curve_mean_and_std_over_seeds(runs):
     groups = rp.group_runs(rp.collect([runs])[0])
     (agc,) = [g for g in groups.values() if g[0].config["optimizer"] == "agc"]
-    xs, ms, ss = rp._probe_curve(agc, "var_corrected")
+    xs, ms, ss = rp.probe_curve(agc, "var_corrected")
     assert xs == [10.0, 20.0, 30.0]
     assert ms == [1.5, 1.5, 1.5] and ss == pytest.approx([statistics.stdev([1.0, 2.0])] * 3)
 
@@ -109,7 +110,7 @@ def test_build_report_writes_markdown_and_plots(runs, tmp_path):
         paths=[str(runs), str(tmp_path / "e0.json"), str(tmp_path / "e1.json")]
     )
     args.out = str(out)
-    assert rp.run_report(args) == 0
+    assert run_report(args) == 0
     md = (out / "report.md").read_text()
     assert "## Training runs" in md and "## Evaluations" in md
     assert "81.00 ± 1.41" in md  # two eval seeds grouped: clean 80 and 82
@@ -123,10 +124,10 @@ def test_build_report_writes_markdown_and_plots(runs, tmp_path):
 
 def test_parser_and_user_errors(tmp_path):
     p = argparse.ArgumentParser()
-    rp.add_report_arguments(p)
+    add_report_arguments(p)
     args = p.parse_args([str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     with pytest.raises(UserError, match="no such file"):
-        rp.run_report(args)
+        run_report(args)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no run folder"):
         rp.build_report([tmp_path / "empty"], tmp_path / "o")
@@ -167,25 +168,25 @@ def _grid(root: Path) -> Path:
 
 def test_labels_are_study_cells_in_run_study_layout(tmp_path, runs):
     groups = rp.group_runs(rp.collect([_grid(tmp_path / "study")])[0])
-    assert sorted(rp._labels(groups).values()) == ["r90_agc", "r90_sgd", "r99_agc", "r99_sgd"]
+    assert sorted(rp.group_labels(groups).values()) == ["r90_agc", "r90_sgd", "r99_agc", "r99_sgd"]
     # other layouts: the differing config keys
     flat = rp.group_runs(rp.collect([runs])[0])
-    assert sorted(rp._labels(flat).values()) == ["optimizer=agc", "optimizer=sgd"]
+    assert sorted(rp.group_labels(flat).values()) == ["optimizer=agc", "optimizer=sgd"]
 
 
 def test_facets_split_plots_into_rows(tmp_path):
     import matplotlib.pyplot as plt
 
     groups = rp.group_runs(rp.collect([_grid(tmp_path / "study")])[0])
-    facets = rp._facets(groups, ["sparsity"])
+    facets = rp.facet_groups(groups, ["sparsity"])
     assert [t for t, _ in facets] == ["sparsity=0.9", "sparsity=0.99"]
-    assert [sorted(rp._labels(g)[k] for k in g) for _, g in facets] == [
+    assert [sorted(rp.group_labels(g)[k] for k in g) for _, g in facets] == [
         ["r90_agc", "r90_sgd"],
         ["r99_agc", "r99_sgd"],
     ]
-    assert rp._facets(groups, []) == [("", groups)]
+    assert rp.facet_groups(groups, []) == [("", groups)]
     with pytest.raises(UserError, match="no config key 'sparse_method'"):
-        rp._facets(groups, ["sparse_method"])
+        rp.facet_groups(groups, ["sparse_method"])
     plain = rp.make_plots(groups, tmp_path / "plain")
     split = rp.make_plots(groups, tmp_path / "split", facet=["sparsity"])
     assert [p.name for p in plain] == [p.name for p in split]
@@ -195,5 +196,39 @@ def test_facets_split_plots_into_rows(tmp_path):
     args = argparse.Namespace(
         paths=[str(tmp_path / "study")], out=str(tmp_path / "cli"), facet="sparsity"
     )
-    assert rp.run_report(args) == 0
+    assert run_report(args) == 0
     assert plt.imread(tmp_path / "cli" / "accuracy_vs_epoch.png").shape[0] == 2 * h_plain
+
+
+def test_old_import_path_reexports_the_public_names():
+    from robust_agc import report
+
+    for name in report.__all__:
+        assert getattr(report, name) is not None, name
+    assert report.mean_std is rp.mean_std and report.Run is rp.Run
+    assert report.run_report.__module__ == "robust_agc.cli.report"
+
+
+def test_eval_robust_acc_is_the_worst_case_over_every_stage():
+    # a square stage after AutoAttack broke one more point: robust_acc, not autoattack_acc
+    assert rp.eval_robust_acc({"autoattack_acc": 0.5, "robust_acc": 0.4}) == 0.4
+    assert rp.eval_robust_acc({"autoattack_acc": 0.5}) == 0.5  # another tool's record
+    assert rp.eval_robust_acc({"robust_acc": True}) is None
+    assert rp.eval_robust_acc({}) is None
+
+
+def test_grouping_ignores_execution_keys_but_not_settings():
+    from robust_agc.config import EXECUTION_KEYS
+
+    base = {"lr": 0.1, "seed": 0}
+    key = rp.config_group_key(base)
+    for k in EXECUTION_KEYS:
+        assert rp.config_group_key({**base, k: "x", "seed": 3}) == key, k
+    assert rp.config_group_key({**base, "lr": 0.2}) != key
+    assert rp.config_group_key({**base, "nested.out": "y"}) == key  # dotted keys: last part
+
+
+def test_mean_std_and_as_percent():
+    assert rp.as_percent(0.5) == 50.0 and rp.as_percent(42.0) == 42.0
+    assert rp.mean_std([0.5, None, 0.7], pct=True) == "60.00 ± 14.14"
+    assert rp.mean_std([3.0], digits=1) == "3.0" and rp.mean_std([None]) == "-"

@@ -17,6 +17,7 @@ from run_study import (
     load_study,
     main,
     run_status,
+    same_cpu_kind,
 )
 
 import robust_agc.train as train_mod
@@ -78,7 +79,7 @@ def _load(tmp_path: Path, data: dict):
             r"Invalid baseline",
         ),
         ({"grid": {"lr": [0.1, -1.0]}}, r"Invalid lr value: -1.0"),
-        ({"base": {"optimizer": "adam"}}, r"Invalid optimizer value"),
+        ({"base": {"optimizer": "lion"}}, r"Invalid optimizer value"),
         ({"grid": {"lr": [0.1]}, "exclude": {"lr": 0.1}}, r"Invalid exclude value"),
         ({"grid": {"lr": [0.1]}, "exclude": [{"lr": "lr0.2"}]}, r"Invalid exclude value"),
         ({"grid": {"lr": [0.1]}, "exclude": [{"opt": "lr0.1"}]}, r"Invalid exclude value"),
@@ -463,3 +464,20 @@ def test_rebuild_adds_only_the_missing_extra_evaluation(tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert "differs from the stored one from epoch 2 on" in err and "stored results kept" in err
     assert {p.name: p.read_bytes() for p in spec.result_dir.iterdir()} == tampered
+
+
+def test_same_cpu_kind_compares_capability_then_flags_then_the_model_name() -> None:
+    here = {"cpu": "AMD EPYC 9654", "cpu_capability": "AVX512", "cpu_flags": ["avx2", "avx512f"]}
+    # another model name with the same kernels: reproducible
+    same = {**here, "cpu": "AMD EPYC 7B13"}
+    assert same_cpu_kind(same, here)[0]
+    # another capability, or the same capability with other kernel flags: not
+    assert not same_cpu_kind({**here, "cpu_capability": "AVX2"}, here)[0]
+    ok, was, now = same_cpu_kind({**here, "cpu_flags": ["avx2"]}, here)
+    assert not ok and "avx512f" in now and "avx512f" not in was
+    # flags compared only when both records have them
+    assert same_cpu_kind({"cpu": "x", "cpu_capability": "AVX512"}, here)[0]
+    # records older than the capability field: the model name decides
+    assert same_cpu_kind({"cpu": "AMD EPYC 9654"}, here)[0]
+    assert same_cpu_kind({"cpu": "Intel Xeon"}, here) == (False, "'Intel Xeon'", "'AMD EPYC 9654'")
+    assert same_cpu_kind({}, here)[0]  # nothing recorded: nothing to compare

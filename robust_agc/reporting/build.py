@@ -1,0 +1,50 @@
+"""``report.md`` and its plots from run folders and evaluation results (``robust-agc report``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import UserError
+from .groups import group_runs
+from .plots import make_plots
+from .runs import collect
+from .tables import eval_table, run_table
+
+__all__ = ["build_report"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_report(
+    paths: Sequence[str | Path], out_dir: str | Path, facet: Sequence[str] = ()
+) -> Path:
+    """Write ``report.md`` and the plots into ``out_dir``; return the markdown file's path.
+
+    ``facet``: config keys whose values split the accuracy and coefficient plots into rows of
+    panels (see :func:`~robust_agc.reporting.plots.make_plots`)."""
+    runs, evals = collect(paths)
+    if not runs and not evals:
+        raise UserError("nothing to report: give run folders or evaluation result files")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = ["# robust_agc report\n"]
+    plots: list[Path] = []
+    if runs:
+        groups = group_runs(runs)
+        parts.append(
+            f"## Training runs\n\n{len(runs)} runs in {len(groups)} groups (config without seed); "
+            "mean ± std over seeds, final epoch.\n\n"
+        )
+        parts.append(run_table(groups))
+        plots = make_plots(groups, out_dir, facet)
+    if evals:
+        parts.append(f"\n## Evaluations\n\n{len(evals)} result files; mean ± std over seeds.\n\n")
+        parts.append(eval_table(evals))
+    if plots:
+        parts.append("\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
+    md = out_dir / "report.md"
+    md.write_text("\n".join(parts), encoding="utf-8")
+    logger.info("wrote %s and %d plots", md, len(plots))
+    return md

@@ -1,0 +1,336 @@
+"""Study files: a grid of training configurations x seeds, parsed into :class:`Study` and
+expanded into one :class:`RunSpec` per run.
+
+Shared by the study driver (``experiments/run_study.py``, which trains and evaluates the runs) and
+the study tables (``experiments/summarize.py``); the file format is described in the driver's
+docstring and in ``experiments/README.md``. Where runs and results live is the caller's choice
+(``runs_root``, ``results_root``): a run of cell ``c`` and seed ``s`` of study ``n`` is
+``<root>/<n>/<c>/s<s>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import EXECUTION_KEYS, TrainConfig
+from ..errors import UserError
+
+__all__ = [
+    "DEFAULT_THREADS",
+    "EVAL_DEFAULTS",
+    "STUDY_KEYS",
+    "TARGET_METRICS",
+    "RunSpec",
+    "Study",
+    "expand",
+    "extra_eval_file",
+    "load_study",
+]
+
+DEFAULT_THREADS = 1
+TARGET_METRICS = ("val_robust_acc", "val_clean_acc")  # what the baseline's target is set on
+EVAL_DEFAULTS: dict[str, Any] = {
+    "checkpoint": "best.pt",
+    "attacks": "clean,pgd",
+    "n_examples": 500,
+    "eps": None,  # None: the checkpoint's training eps
+    "pgd_steps": 50,
+    "pgd_restarts": 1,
+    "batch_size": 250,
+    "seed": 0,
+    "version": "standard",  # AutoAttack version, used when attacks has autoattack
+}
+STUDY_KEYS = frozenset(
+    {"study", "description", "base", "grid", "seeds", "eval", "baseline", "exclude"}
+    | {"extra_evals", "reuse"}
+)
+
+_TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+Axes = dict[str, list[tuple[str, dict[str, Any]]]]  # axis -> [(label, settings)]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed study file."""
+
+    name: str
+    base: dict[str, Any]
+    axes: Axes
+    seeds: list[int]
+    eval: dict[str, Any] | None
+    baseline: dict[str, str] | None  # {"axis": ..., "value": label, "metric": ...}
+    description: str = ""
+    exclude: tuple[dict[str, frozenset[str]], ...] = ()
+    extra_evals: tuple[dict[str, Any], ...] = ()  # each: name, seeds (None: all), eval options
+    reuse: tuple[str, ...] = ()
+
+    def extra_evals_for(self, seed: int) -> list[dict[str, Any]]:
+        """The extra evaluations that apply to runs of this seed."""
+        return [e for e in self.extra_evals if e["seeds"] is None or seed in e["seeds"]]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a study: its cell, seed, full settings and folders."""
+
+    study: str
+    cell: str
+    labels: dict[str, str]  # axis -> label of this cell
+    seed: int
+    settings: dict[str, Any]  # TrainConfig keyword arguments (without out/threads/...)
+    run_dir: Path
+    result_dir: Path
+
+    def config(self, threads: int | None = DEFAULT_THREADS, **extra: Any) -> TrainConfig:
+        """The validated TrainConfig of this run (``out`` = the run folder)."""
+        cfg = TrainConfig(
+            **{**self.settings, "out": str(self.run_dir), "threads": threads, **extra}
+        )
+        cfg.validate()
+        return cfg
+
+
+def _check_keys(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """Study settings -> TrainConfig keys; execution keys and the seed belong to the driver."""
+    out = {}
+    for k, v in settings.items():
+        key = str(k).replace("-", "_")
+        if key not in _TRAIN_KEYS:
+            raise UserError(f"unknown setting {k!r} in {where}")
+        if key in EXECUTION_KEYS or key == "seed":
+            raise UserError(f"setting {k!r} in {where} is chosen by the driver, not the study")
+        out[key] = v
+    return out
+
+
+def _parse_axis(axis: Any, values: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """One grid axis -> ``[(label, settings)]`` (labels are folder names, unique)."""
+    if not isinstance(values, list) or not values:
+        raise UserError(f"Invalid grid value: axis {axis!r} needs a non-empty list")
+    entries: list[tuple[str, dict[str, Any]]] = []
+    for v in values:
+        if isinstance(v, dict):
+            if "name" not in v:
+                raise UserError(f"Invalid grid value: {v!r} in axis {axis!r} has no name")
+            label = str(v["name"])
+            settings = _check_keys(
+                {k: x for k, x in v.items() if k != "name"}, f"{where}: grid.{axis}"
+            )
+        else:
+            label = f"{axis}{v}"
+            settings = _check_keys({axis: v}, f"{where}: grid.{axis}")
+        if any(c in label for c in "/\\ ") or label in ("", ".", ".."):
+            raise UserError(f"Invalid grid value: label {label!r} is not a folder name")
+        entries.append((label, settings))
+    labels = [lab for lab, _ in entries]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"Invalid grid value: duplicate labels in axis {axis!r}: {labels}")
+    return entries
+
+
+def _parse_grid(grid: Any, where: str) -> Axes:
+    if not isinstance(grid, dict):
+        raise UserError(f"Invalid grid value: {grid!r} (a mapping axis -> list of values)")
+    return {str(axis): _parse_axis(axis, values, where) for axis, values in grid.items()}
+
+
+def _parse_seeds(seeds: Any) -> list[int]:
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise UserError(f"Invalid seeds value: {seeds!r} (a list of distinct integers)")
+    return list(seeds)
+
+
+def _parse_eval(ev: Any) -> dict[str, Any] | None:
+    if ev is None:
+        return None
+    if not isinstance(ev, dict) or set(ev) - set(EVAL_DEFAULTS):
+        raise UserError(f"Invalid eval value: {ev!r} (keys: {', '.join(EVAL_DEFAULTS)})")
+    return {**EVAL_DEFAULTS, **ev}
+
+
+def _parse_baseline(bl: Any, axes: Axes) -> dict[str, str] | None:
+    """``{axis, value, metric}`` with ``value`` one of the axis' labels (a scalar axis value
+    ``v`` may be given for its label ``<axis><v>``)."""
+    if bl is None:
+        return None
+    if (
+        not isinstance(bl, dict)
+        or not {"axis", "value"} <= set(bl) <= {"axis", "value", "metric"}
+        or bl.get("metric", "val_robust_acc") not in TARGET_METRICS
+        or bl["axis"] not in axes
+        or str(bl["value"]) not in [lab for lab, _ in axes[bl["axis"]]]
+        and f"{bl['axis']}{bl['value']}" not in [lab for lab, _ in axes[bl["axis"]]]
+    ):
+        raise UserError(
+            f"Invalid baseline value: {bl!r} (axis: a grid axis, value: one of its labels, "
+            f"optional metric: {', '.join(TARGET_METRICS)})"
+        )
+    value = str(bl["value"])
+    if value not in [lab for lab, _ in axes[bl["axis"]]]:
+        value = f"{bl['axis']}{bl['value']}"
+    return {
+        "axis": str(bl["axis"]),
+        "value": value,
+        "metric": str(bl.get("metric", "val_robust_acc")),
+    }
+
+
+def _parse_exclude(rules: Any, axes: Axes) -> tuple[dict[str, frozenset[str]], ...]:
+    if rules is None:
+        return ()
+    if not isinstance(rules, list):
+        raise UserError(f"Invalid exclude value: {rules!r} (a list of {{axis: labels}} rules)")
+    out = []
+    for rule in rules:
+        if not isinstance(rule, dict) or not rule:
+            raise UserError(f"Invalid exclude value: {rule!r} (a mapping axis -> labels)")
+        parsed: dict[str, frozenset[str]] = {}
+        for axis, labels in rule.items():
+            labels = labels if isinstance(labels, list) else [labels]
+            known = [lab for lab, _ in axes.get(str(axis), [])]
+            bad = [str(x) for x in labels if str(x) not in known]
+            if str(axis) not in axes or bad or not labels:
+                raise UserError(
+                    f"Invalid exclude value: {rule!r} (axis {axis!r} has labels {known})"
+                )
+            parsed[str(axis)] = frozenset(str(x) for x in labels)
+        out.append(parsed)
+    return tuple(out)
+
+
+def _parse_extra_evals(entries: Any, ev: dict[str, Any] | None) -> tuple[dict[str, Any], ...]:
+    if entries is None:
+        return ()
+    if not isinstance(entries, list) or ev is None:
+        raise UserError(
+            f"Invalid extra_evals value: {entries!r} (a list of evaluations; needs an eval)"
+        )
+    out, names = [], set()
+    for e in entries:
+        allowed = set(EVAL_DEFAULTS) | {"name", "seeds"}
+        if not isinstance(e, dict) or set(e) - allowed or "name" not in e:
+            raise UserError(
+                f"Invalid extra_evals value: {e!r} (keys: name, seeds, {', '.join(EVAL_DEFAULTS)})"
+            )
+        name = str(e["name"])
+        if not name.replace("-", "").replace("_", "").isalnum() or name in names:
+            raise UserError(f"Invalid extra_evals value: name {name!r} (unique, [A-Za-z0-9_-])")
+        names.add(name)
+        seeds = e.get("seeds")
+        if seeds is not None and (
+            not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds)
+        ):
+            raise UserError(f"Invalid extra_evals value: seeds {seeds!r} (a list of integers)")
+        out.append({**ev, **{k: v for k, v in e.items() if k != "name"}, "name": name})
+    return tuple(out)
+
+
+def _parse_reuse(reuse: Any, extra: tuple[dict[str, Any], ...]) -> tuple[str, ...]:
+    reuse = reuse or []
+    if not isinstance(reuse, list) or not all(isinstance(r, str) and r for r in reuse):
+        raise UserError(f"Invalid reuse value: {reuse!r} (a list of study names)")
+    if reuse and extra:
+        raise UserError(
+            "a study with reuse cannot have extra_evals (reused runs have no checkpoint)"
+        )
+    return tuple(reuse)
+
+
+def _read_study_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"study file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a mapping")
+    unknown = set(data) - STUDY_KEYS
+    if unknown:
+        raise UserError(f"unknown key(s) {sorted(unknown)} in {path}")
+    return data
+
+
+def load_study(path: str | Path, *, runs_root: Path, results_root: Path) -> Study:
+    """Parse and validate a study YAML file; every run's configuration is validated now (not
+    hours later), which is why the roots are needed."""
+    path = Path(path)
+    data = _read_study_file(path)
+    name = str(data.get("study") or path.stem)
+    base = _check_keys(data.get("base") or {}, f"{path}: base")
+    axes = _parse_grid(data.get("grid") or {}, str(path))
+    seeds = _parse_seeds(data.get("seeds", [0]))
+    ev = _parse_eval(data.get("eval"))
+    baseline = _parse_baseline(data.get("baseline"), axes)
+    exclude = _parse_exclude(data.get("exclude"), axes)
+    extra = _parse_extra_evals(data.get("extra_evals"), ev)
+    reuse = _parse_reuse(data.get("reuse"), extra)
+    study = Study(
+        name=name,
+        base=base,
+        axes=axes,
+        seeds=seeds,
+        eval=ev,
+        baseline=baseline,
+        description=str(data.get("description") or ""),
+        exclude=exclude,
+        extra_evals=extra,
+        reuse=reuse,
+    )
+    for spec in expand(study, runs_root=runs_root, results_root=results_root):
+        spec.config()
+    return study
+
+
+def extra_eval_file(extra: dict[str, Any]) -> str:
+    """The file name of an extra evaluation's result (``eval_<name>.json``)."""
+    return f"eval_{extra['name']}.json"
+
+
+def _excluded(study: Study, labels: dict[str, str]) -> bool:
+    return any(all(labels[a] in labs for a, labs in rule.items()) for rule in study.exclude)
+
+
+def _cells(study: Study) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
+    """``(cell name, labels, settings)`` of every cell not excluded, in grid order."""
+    axis_names = list(study.axes)
+    cells: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+    for combo in itertools.product(*(study.axes[a] for a in axis_names)):
+        settings = dict(study.base)
+        labels: dict[str, str] = {}
+        for axis, (label, s) in zip(axis_names, combo):
+            settings.update(s)
+            labels[axis] = label
+        if _excluded(study, labels):
+            continue
+        cells.append(("_".join(labels.values()) or "base", labels, settings))
+    return cells
+
+
+def expand(study: Study, *, runs_root: Path, results_root: Path) -> list[RunSpec]:
+    """All runs of the study, seed-major (every cell's seed 0 first, then seed 1, ...)."""
+    cells = _cells(study)
+    return [
+        RunSpec(
+            study=study.name,
+            cell=cell,
+            labels=labels,
+            seed=seed,
+            settings={**settings, "seed": seed},
+            run_dir=runs_root / study.name / cell / f"s{seed}",
+            result_dir=results_root / study.name / cell / f"s{seed}",
+        )
+        for seed in study.seeds
+        for cell, labels, settings in cells
+    ]
