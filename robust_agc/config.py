@@ -74,13 +74,9 @@ def trainable_optimizers() -> list[str]:
 
 
 def sparse_method_choices() -> list[str]:
-    """``dense`` and the registered sparse methods, ``bsr`` included.
-
-    ``bsr`` is added explicitly while :func:`robust_agc.sparse.list_sparse_methods` does not list
-    it (the Trainer builds it with :func:`robust_agc.sparse.create_bsr`); drop the special case once
-    the registry lists it."""
-    methods = ["dense", *list_sparse_methods()]
-    return methods if "bsr" in methods else [*methods, "bsr"]
+    """``dense`` and the registered sparse methods (:func:`robust_agc.sparse.list_sparse_methods`,
+    BSR-Net's ``bsr`` included)."""
+    return ["dense", *list_sparse_methods()]
 
 
 _REGISTRIES = {

@@ -1,4 +1,5 @@
-"""robust_agc.eval_cli and robust_agc.eval.load_model: checkpoints, state dicts, RobustBench path."""
+"""robust-agc eval (robust_agc.cli.eval) and robust_agc.eval.load_model: checkpoints, state dicts,
+RobustBench path."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 
 from robust_agc import eval as ev
 from robust_agc.checkpoint import save_checkpoint
+from robust_agc.cli.eval import add_eval_arguments, run_eval
 from robust_agc.errors import CheckpointError, UserError
-from robust_agc.eval_cli import add_eval_arguments, run_eval
 from robust_agc.models import create_model
 
 CFG = {

@@ -360,10 +360,12 @@ def test_create_scheduler_invalid_arguments(kwargs, error, message) -> None:
 
 def test_scheduler_warnings() -> None:
     masks = apply_masks(TinyNet(), sparsity=0.5, distribution="uniform", generator=0)
-    with pytest.warns(UserWarning, match="topology never changes"):
+    with pytest.warns(UserWarning, match="topology never changes") as rec:
         create_scheduler("set", masks, total_steps=100, update_interval=100)
-    with pytest.warns(UserWarning, match="defined with ERK masks"):
+    with pytest.warns(UserWarning, match="defined with ERK masks") as rec2:
         create_scheduler("itop-set", masks, total_steps=100_000)
+    for r in (*rec, *rec2):  # each points at the line that called create_scheduler
+        assert r.filename == __file__, (str(r.message), r.filename)
 
 
 def test_distributed_helpers_without_a_process_group() -> None:

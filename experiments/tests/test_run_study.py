@@ -442,15 +442,16 @@ def test_rebuild_adds_only_the_missing_extra_evaluation(tmp_path: Path, capsys) 
     strong = json.loads(after["eval_strong.json"])
     assert strong["n_examples"] == 6 and 0.0 <= strong["robust_acc"] <= strong["clean_acc"] <= 1.0
 
-    # stored on another CPU model: refused before any training, nothing overwritten
+    # stored on another CPU capability: refused before any training, nothing overwritten
     shutil.rmtree(runs)
     (spec.result_dir / "eval_strong.json").unlink()
     other = json.loads(stored["summary.json"])
     other["machine"]["cpu"] = "Some Other CPU"
+    other["machine"]["cpu_capability"] = "SOME_OTHER_ISA"
     (spec.result_dir / "summary.json").write_text(json.dumps(other))
     before = {p.name: p.read_bytes() for p in spec.result_dir.iterdir()}
     assert main([str(path), "--threads", "1", *roots]) == 2
-    assert "stored on a 'Some Other CPU' CPU" in capsys.readouterr().err
+    assert "stored on a 'SOME_OTHER_ISA' (flags: " in capsys.readouterr().err
     assert not runs.exists()
     assert {p.name: p.read_bytes() for p in spec.result_dir.iterdir()} == before
     (spec.result_dir / "summary.json").write_bytes(stored["summary.json"])

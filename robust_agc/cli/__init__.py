@@ -7,7 +7,7 @@ Each sub-command lives in its own module and offers two public functions, one th
 arguments to a parser and one that runs it from the parsed namespace and returns the exit status:
 
 - ``train``: :mod:`robust_agc.cli.train` (``add_train_command``, ``run_train``);
-- ``eval``: :mod:`robust_agc.eval_cli` (``add_eval_arguments``, ``run_eval``);
+- ``eval``: :mod:`robust_agc.cli.eval` (``add_eval_arguments``, ``run_eval``);
 - ``report``: :mod:`robust_agc.cli.report` (``add_report_command``, ``run_report``).
 """
 
@@ -20,19 +20,13 @@ from collections.abc import Callable, Sequence
 
 from .. import __version__
 from ..errors import UserError
-from ..eval_cli import add_eval_arguments, run_eval
-from ..utils.dist import init_distributed
+from .eval import add_eval_arguments, run_eval
 from .report import add_report_command, run_report
 from .train import add_train_command, run_train
 
 __all__ = ["main", "build_parser", "OneLineParser"]
 
 logger = logging.getLogger("robust_agc")
-
-# Transitional alias: robust_agc/eval_cli.py (owned by the evaluation code) still imports this
-# name from here; it moves to robust_agc.utils.dist.init_distributed. Remove once eval_cli
-# imports that instead.
-_init_distributed = init_distributed
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError)
 """Exceptions that are the user's doing: one line on stderr, exit status 2."""

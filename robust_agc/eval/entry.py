@@ -71,8 +71,6 @@ def benchmark(
         ValueError: invalid arguments (torch wording: ``Invalid <name> value: ...``).
         UserError: a state file from another evaluation, or unavailable data.
         RuntimeError: distributed ranks called with different points, model or attacks.
-
-    Example: ``benchmark(model, dataset="fashion-mnist", eps=0.1, n_examples=1000).robust_acc``
     """
     plan = make_plan(
         eps=eps,

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..checkpoint import atomic_write_bytes
-from ..config import TrainConfig
+from ..config import EXECUTION_KEYS, TrainConfig
 from ..errors import UserError
 
 __all__ = [
@@ -60,10 +60,9 @@ TIMING_FIELDS = (
 )
 """Fields that measure time and therefore differ between otherwise identical runs."""
 
-RESUME_IGNORED_KEYS = frozenset(
-    {"resume", "overwrite", "progress", "device", "threads", "out", "data_dir"}
-)
-"""Config keys that may differ between a run and its resumption."""
+RESUME_IGNORED_KEYS = EXECUTION_KEYS
+"""Config keys that may differ between a run and its resumption (where and how it executes:
+:data:`robust_agc.config.EXECUTION_KEYS`)."""
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:

@@ -23,15 +23,18 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ...utils.validation import check_int
+from ...utils.warn import warn_at_caller
 from ..masks import SparseMasks, check_generator, fill_state
+
+_SPARSE_DIR = str(Path(__file__).resolve().parents[1])  # robust_agc/sparse: warnings point past it
 
 __all__ = [
     "SPARSE_METHOD_DEFAULTS",
@@ -109,10 +112,10 @@ class TopologyScheduler:
         self.step_count = 0
         self.history: list[dict[str, Any]] = []
         if self.dynamic and self.update_interval >= self.update_end * self.total_steps:
-            warnings.warn(
+            warn_at_caller(
                 f"{method}: update_interval {self.update_interval} >= update_end * total_steps "
                 f"({self.update_end * self.total_steps:g}): the topology never changes",
-                stacklevel=3,
+                inside=_SPARSE_DIR,
             )
         masks.request_dense_grads(
             (lambda: self.is_update_step(self.step_count + 1)) if self.needs_dense_grad else None

@@ -1,0 +1,210 @@
+"""``robust-agc eval``: argument definitions and the command body (called by ``robust_agc.cli``).
+
+Examples::
+
+    robust-agc eval runs/agc/best.pt --n-examples 1000 --out eval.json
+    robust-agc eval --state-dict w.pt --arch small-cnn --dataset fashion-mnist --eps 0.1
+    robust-agc eval ckpt.pt --attacks clean,pgd,autoattack --version apgd-ce,apgd-t --state st.json
+    torchrun --nproc-per-node 2 -m robust_agc eval ckpt.pt --batch-size 32 --out eval.json
+
+Under ``torchrun`` (WORLD_SIZE > 1) the processes share the chunks of every stage (gloo on CPU,
+nccl with ``--device cuda``, one GPU per process); the result equals a single process's with the
+same ``--batch-size``. Only rank 0 prints, writes ``--out`` and the ``--state`` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+__all__ = ["add_eval_arguments", "run_eval"]
+
+logger = logging.getLogger(__name__)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``eval`` subcommand's arguments to ``parser``."""
+    src = parser.add_argument_group("model")
+    src.add_argument(
+        "checkpoint", nargs="?", default=None, help="a robust_agc checkpoint (.pt) to evaluate"
+    )
+    src.add_argument(
+        "--state-dict", default=None, help="a plain state dict (needs --arch, --dataset)"
+    )
+    src.add_argument("--arch", default=None, help="registered architecture of --state-dict")
+    src.add_argument(
+        "--robustbench", default=None, metavar="NAME", help="a RobustBench zoo model (optional dep)"
+    )
+    src.add_argument("--model-dir", default=None, help="RobustBench model folder")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
+    data.add_argument("--data-dir", default=None, help="where to find the dataset")
+    data.add_argument(
+        "--n-examples", type=int, default=None, help="first N test points (default: all)"
+    )
+    tm = parser.add_argument_group("threat model and attacks")
+    tm.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="radius; defaults to the checkpoint config's eps only when recorded there",
+    )
+    tm.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model")
+    tm.add_argument(
+        "--attacks", default="clean,autoattack", help="stages in order: clean,pgd,autoattack,square"
+    )
+    tm.add_argument(
+        "--version",
+        default="standard",
+        help="AutoAttack version (standard, plus, rand) or components, e.g. apgd-ce,apgd-t",
+    )
+    tm.add_argument("--pgd-steps", type=int, default=50)
+    tm.add_argument("--pgd-restarts", type=int, default=10)
+    tm.add_argument("--pgd-step-size", type=float, default=None, help="default 2.5*eps/steps")
+    tm.add_argument("--seed", type=int, default=0)
+    tm.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
+    run = parser.add_argument_group("run")
+    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--out", default=None, help="result JSON (stdout when not given)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    run.add_argument("--state", default=None, help="resumable per-point state (JSON)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from ..eval import load_model_and_info
+
+    sources = [s for s in (args.checkpoint, args.state_dict, args.robustbench) if s is not None]
+    if len(sources) != 1:
+        raise UserError("give exactly one of CHECKPOINT, --state-dict or --robustbench")
+    if args.checkpoint is not None:
+        if args.arch is not None:
+            raise UserError("--arch goes with --state-dict, not with a checkpoint")
+        return load_model_and_info(args.checkpoint, source="checkpoint")
+    if args.state_dict is not None:
+        return load_model_and_info(
+            args.state_dict, source="state_dict", arch=args.arch, dataset=args.dataset
+        )
+    return load_model_and_info(
+        args.robustbench,
+        source="robustbench",
+        dataset=args.dataset,
+        threat_model=args.norm,
+        model_dir=args.model_dir,
+    )
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``robust-agc eval``; returns the exit status (0). User errors raise UserError.
+
+    Under ``torchrun`` (WORLD_SIZE > 1) it joins the process group for the evaluation and leaves it
+    afterwards; only rank 0 writes files and prints.
+    """
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    import torch.distributed as dist
+
+    from ..utils import init_distributed
+
+    joined = dist.is_available() and dist.is_initialized()  # a caller's group stays up
+    rank, local_rank, world = init_distributed(args.device)
+    try:
+        if world > 1:
+            if args.device.startswith("cuda"):
+                import torch
+
+                args.device = f"cuda:{local_rank}"
+                torch.cuda.set_device(local_rank)  # the device nccl's object collectives use
+            if rank > 0:
+                logging.getLogger().setLevel(logging.WARNING)
+                args.no_progress = True
+        return _run_eval(args, out, rank=rank, world=world)
+    finally:
+        if world > 1 and not joined and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: int) -> int:
+    from ..eval import benchmark, make_plan
+
+    model, info = _load(args)
+    cfg = info.get("config") or {}
+    dataset = args.dataset or info.get("dataset")
+    if dataset is None:
+        raise UserError("no dataset: pass --dataset")
+    notes = []
+    eps = args.eps
+    eps_source = "--eps"
+    if eps is None:
+        if cfg.get("eps") is None:
+            raise UserError("--eps is required (the checkpoint config records no eps)")
+        eps = float(cfg["eps"])
+        eps_source = "checkpoint config"
+        notes.append(f"eps={eps} taken from the checkpoint config (no --eps given)")
+        if args.norm != "Linf":
+            notes.append("the checkpoint's eps was recorded for its training threat model")
+    version: Any = args.version
+    if version not in ("standard", "plus", "rand"):
+        version = [c.strip() for c in version.split(",") if c.strip()]
+    kwargs: dict[str, Any] = {
+        "eps": eps,
+        "threat_model": args.norm,
+        "n_examples": args.n_examples,
+        "attacks": args.attacks,
+        "version": version,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "pgd_steps": args.pgd_steps,
+        "pgd_restarts": args.pgd_restarts,
+        "pgd_step_size": args.pgd_step_size,
+    }
+    try:
+        make_plan(**kwargs)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model_info = {k: v for k, v in info.items() if k != "config"}
+    if cfg:
+        model_info["config"] = cfg
+        for k in ("sparse_method", "sparsity", "optimizer", "objective"):
+            if k in cfg:
+                model_info[k] = cfg[k]
+    model_info["eps_source"] = eps_source
+    result = benchmark(
+        model,
+        dataset=dataset,
+        data_dir=args.data_dir,
+        device=args.device,
+        state_file=args.state,
+        progress=not args.no_progress,
+        run_checks=not args.no_checks,
+        model_info=model_info,
+        architecture=info.get("architecture"),
+        notes=notes,
+        **kwargs,
+    )
+    result.attack_config["eps_source"] = eps_source
+    if rank > 0:
+        return 0
+    if out is None:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+    else:
+        result.save(out, overwrite=args.overwrite)
+        stages = ", ".join(
+            f"{st['name']} {st['robust_acc']:.2%}" for st in result.to_dict()["stages"]
+        )
+        fired = [k for k, v in result.flags.items() if v]
+        procs = f" ({world} processes)" if world > 1 else ""
+        print(
+            f"first {result.n_examples} test points, {result.threat_model} eps {result.eps:g}: "
+            f"{stages} (worst case over stages; gradient-masking flags: "
+            f"{', '.join(fired) if fired else 'none'}); result in {out}{procs}"
+        )
+    return 0
