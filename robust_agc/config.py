@@ -27,10 +27,12 @@ from typing import Any
 
 import yaml
 
-from .data import list_datasets
+from attacks import BN_MODES
+
+from .data import AUGMENTATIONS, list_datasets
 from .errors import UserError
 from .losses import list_objectives
-from .models import list_models
+from .models import INITS, list_models
 from .optim import ESTIMATORS, list_optimizers
 from .sparse import DISTRIBUTIONS, NOISE_FORMS, list_sparse_methods
 
@@ -133,11 +135,11 @@ class TrainConfig:
         None,
         "data",
         "augmentation (default: the dataset's standard one)",
-        choices=("none", "crop", "crop-flip"),
+        choices=AUGMENTATIONS,
     )
     # model
     model: str = _f("small-cnn", "model", "architecture name (robust_agc.models.list_models())")
-    init: str = _f("he", "model", "weight initialisation", choices=("he", "default"))
+    init: str = _f("he", "model", "weight initialisation", choices=INITS)
     # optimisation
     optimizer: str = _f(
         "sgd",
@@ -213,7 +215,7 @@ class TrainConfig:
         "eval",
         "adversarial",
         "BatchNorm mode while crafting training attacks",
-        choices=("eval", "train"),
+        choices=BN_MODES,
     )
     train_attack: str | None = _f(
         None,

@@ -28,6 +28,7 @@ from torch import Tensor
 from .errors import DataUnavailableError, UserError
 
 __all__ = [
+    "AUGMENTATIONS",
     "DATASET_INFO",
     "DatasetInfo",
     "DataSplits",
@@ -38,6 +39,9 @@ __all__ = [
     "augment_batch",
     "epoch_seed",
 ]
+
+AUGMENTATIONS: tuple[str, ...] = ("none", "crop", "crop-flip")
+"""Training augmentations: none, random crop (4-pixel zero padding), random crop and horizontal flip."""
 
 logger = logging.getLogger(__name__)
 

@@ -73,8 +73,9 @@ def test_no_module_imports_a_private_name_of_another() -> None:
     bad = []
     for module in MODULES:
         for target, name, line in _imports(module):
-            private = (name or target.rsplit(".", 1)[-1]).startswith("_")
-            if target.split(".")[0] in PACKAGES and private and name != "__version__":
+            last = name or target.rsplit(".", 1)[-1]
+            private = last.startswith("_") and not (last.startswith("__") and last.endswith("__"))
+            if target.split(".")[0] in PACKAGES and private:
                 bad.append(f"{module}:{line} imports {target}{'.' + name if name else ''}")
     assert not bad, "private names imported across modules:\n" + "\n".join(bad)
 

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from attacks import NORMS
+
 from ..errors import UserError
 
 __all__ = ["add_eval_arguments", "run_eval"]
@@ -55,7 +57,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="radius; defaults to the checkpoint config's eps only when recorded there",
     )
-    tm.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="threat model")
+    tm.add_argument("--norm", default="Linf", choices=list(NORMS), help="threat model")
     tm.add_argument(
         "--attacks", default="clean,autoattack", help="stages in order: clean,pgd,autoattack,square"
     )

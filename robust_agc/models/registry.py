@@ -9,7 +9,10 @@ from torch import nn
 from ..errors import UserError
 from .layers import init_weights
 
-__all__ = ["register_model", "create_model", "list_models"]
+__all__ = ["INITS", "register_model", "create_model", "list_models"]
+
+INITS: tuple[str, ...] = ("he", "default")
+"""Weight initialisations of :func:`create_model`: He-normal fan-in, or each layer's own."""
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -61,7 +64,7 @@ def create_model(
         raise UserError(f"Invalid in_channels value: {in_channels}")
     if input_size < 8:
         raise UserError(f"Invalid input_size value: {input_size}")
-    if init not in ("he", "default"):
+    if init not in INITS:
         raise UserError(f"Invalid init value: {init!r} (choose he or default)")
     if mean is None:
         mean = (0.0,) * in_channels
