@@ -1,5 +1,6 @@
 """The attack behind each unit: PGD from the project's ``attacks`` package, AutoAttack's
-components and the stand-alone Square stage from pyautoattack (:mod:`robust_agc.eval.autoattack`).
+components and the stand-alone Square stage from pyautoattack (:mod:`robust_agc.eval.autoattack`),
+and the minimum-norm FMN stage from adv-lib (:mod:`robust_agc.eval.fmn`).
 
 :func:`build_attackers` builds them once for a plan; :meth:`Attackers.attack` runs one unit on one
 chunk. A fresh PGD is built for every chunk, seeded with the plan's seed (AutoAttack style), so a
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .autoattack import AutoAttackRunner
+from .fmn import fmn_attack, fmn_config
 from .plan import EvalPlan, ThreatModel
 
 __all__ = ["Attackers", "build_attackers", "make_pgd"]
@@ -88,7 +90,12 @@ class Attackers:
         )
 
     def attack(self, unit: str, x: Tensor, y: Tensor) -> Tensor:
-        """Run ``unit`` (``"pgd"``, ``"square"`` or ``"autoattack/<name>"``) on one chunk."""
+        """Run ``unit`` (``"pgd"``, ``"square"``, ``"fmn"`` or ``"autoattack/<name>"``) on one
+        chunk (FMN re-seeded with the plan's seed per chunk, though it draws no random numbers)."""
+        if unit == "fmn":
+            p = self.plan
+            torch.manual_seed(p.seed)
+            return fmn_attack(self.model, x, y, threat=p.threat, steps=p.fmn_steps)
         if unit == "pgd":
             return self.pgd()(x, y)
         if unit == "square":
@@ -122,6 +129,8 @@ class Attackers:
             cfg["autoattack"] = self.autoattack.config()
         if self.square is not None:
             cfg["square"] = self.square.config()["square"]
+        if "fmn" in p.stages:
+            cfg["fmn"] = fmn_config(p.threat, p.fmn_steps)
         return cfg
 
 
@@ -131,8 +140,8 @@ def build_attackers(
     """Build the attacks of ``plan``'s stages (``n_targets`` caps AutoAttack's target classes).
 
     Raises:
-        RuntimeError: the ``pgd`` stage without the ``attacks`` package, or an unsupported
-            pyautoattack version.
+        RuntimeError: the ``pgd`` stage without the ``attacks`` package, the ``fmn`` stage
+            without adv-lib, or an unsupported pyautoattack version.
     """
 
     def runner(version: str, components: tuple[str, ...]) -> AutoAttackRunner:
@@ -157,4 +166,9 @@ def build_attackers(
     )
     if "pgd" in plan.stages:
         attackers.pgd()  # fail early when the attacks package is missing
+    if "fmn" in plan.stages:
+        try:  # fail early when adv-lib is missing
+            import adv_lib.attacks  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"the 'fmn' stage needs adv-lib (pip install adv-lib): {e}") from e
     return attackers

@@ -35,6 +35,8 @@ def benchmark(
     pgd_steps: int = 50,
     pgd_restarts: int = 10,
     pgd_step_size: float | None = None,
+    fmn_steps: int = 1000,
+    eps_grid: Sequence[float] | None = None,
     state_file: str | Path | None = None,
     progress: bool = True,
     data_dir: str | Path | None = None,
@@ -52,9 +54,10 @@ def benchmark(
             in ``data_dir``); the first ``n_examples`` points, unshuffled. Exclusive with ``x``/``y``.
         x, y: explicit points (floats in [0, 1], NCHW) and labels.
         threat_model, eps, n_examples, attacks, version, batch_size, seed, pgd_steps, pgd_restarts,
-            pgd_step_size, run_checks: the attack settings, documented and checked by
-            :func:`~robust_agc.eval.plan.make_plan` (``eps`` is required; by default ``clean`` then
-            AutoAttack ``"standard"``, chunks of 256 points, seed 0).
+            pgd_step_size, run_checks, fmn_steps, eps_grid: the attack settings, documented and
+            checked by :func:`~robust_agc.eval.plan.make_plan` (``eps`` is required; by default
+            ``clean`` then AutoAttack ``"standard"``, chunks of 256 points, seed 0; the ``fmn``
+            stage gives per-point minimal radii and a security curve over ``eps_grid``).
         device: where to run; the model is moved there and back if needed.
         state_file: JSON of the per-point flags, saved after every chunk (round of chunks when
             distributed; rank 0 only); a rerun resumes from it with any number of processes and
@@ -84,6 +87,8 @@ def benchmark(
         pgd_restarts=pgd_restarts,
         pgd_step_size=pgd_step_size,
         run_checks=run_checks,
+        fmn_steps=fmn_steps,
+        eps_grid=eps_grid,
         stacklevel=2,  # the warning points at benchmark's caller
     )
     if not isinstance(model, nn.Module):

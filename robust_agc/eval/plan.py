@@ -20,11 +20,17 @@ __all__ = [
     "GRADIENT_FREE_UNITS",
     "STAGES",
     "EvalPlan",
+    "FMN_STEPS",
     "ThreatModel",
+    "default_eps_grid",
     "make_plan",
 ]
 
-STAGES: tuple[str, ...] = ("clean", "pgd", "autoattack", "square")
+STAGES: tuple[str, ...] = ("clean", "pgd", "autoattack", "square", "fmn")
+FMN_STEPS = 1000
+"""FMN's default number of steps: the budget of FMN's paper (Pintor et al., 2021) for its reported
+robustness curves; the radius found keeps shrinking slowly with more steps, so fewer steps can only
+overstate the radii (and the curve)."""
 AUTOATTACK_COMPONENTS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 AUTOATTACK_VERSIONS: dict[str, tuple[str, ...]] = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
@@ -68,6 +74,8 @@ class EvalPlan:
         batch_size: points per attack chunk; ``seed`` the seed of every attack.
         pgd_steps, pgd_restarts, pgd_step_size: the ``pgd`` stage (step size None: the default).
         run_checks: run the gradient-masking checks that cost model passes.
+        fmn_steps: the ``fmn`` stage's steps; ``eps_grid`` the radii of the security curve
+            (strictly increasing, from :func:`default_eps_grid` unless given).
     """
 
     threat: ThreatModel
@@ -82,6 +90,8 @@ class EvalPlan:
     pgd_restarts: int
     pgd_step_size: float | None
     run_checks: bool = True
+    fmn_steps: int = FMN_STEPS
+    eps_grid: tuple[float, ...] = ()
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -122,6 +132,8 @@ def make_plan(
     pgd_restarts: int = 10,
     pgd_step_size: float | None = None,
     run_checks: bool = True,
+    fmn_steps: int = FMN_STEPS,
+    eps_grid: Sequence[float] | None = None,
     stacklevel: int = 1,
 ) -> EvalPlan:
     """Check :func:`robust_agc.eval.benchmark`'s scalar arguments and return the plan.
@@ -132,8 +144,10 @@ def make_plan(
             (``stacklevel=1``) or to a frame further up.
         threat_model: ``"Linf"`` or ``"L2"`` (enum or string).
         n_examples: how many of the first points to use (all when None).
-        attacks: stages in order, from ``clean``, ``pgd``, ``autoattack``, ``square`` (a list or a
-            comma-separated string); ``clean`` always runs first.
+        attacks: stages in order, from ``clean``, ``pgd``, ``autoattack``, ``square``, ``fmn`` (a
+            list or a comma-separated string); ``clean`` always runs first and ``fmn`` (the
+            minimum-norm stage, which attacks every clean-correct point) always last, so that every
+            point has the verdicts of both the eps-attacks and FMN.
         version: AutoAttack ``"standard"``, ``"plus"``, ``"rand"``, or a list of components
             (e.g. ``["apgd-ce", "apgd-t"]``), run as pyautoattack's ``version="custom"`` with its
             constructor settings (APGD-CE 5 restarts, 9 targets, Square 5000 queries).
@@ -144,6 +158,10 @@ def make_plan(
             step ``2.5 * eps / steps``).
         run_checks: run the gradient-masking checks (:mod:`robust_agc.eval.checks`); the count
             agreement and Square checks are always recorded.
+        fmn_steps: steps of the ``fmn`` stage (default :data:`FMN_STEPS`, FMN paper's budget).
+        eps_grid: the radii of the security curve (non-empty, strictly increasing, finite,
+            ``>= 0``); default :func:`default_eps_grid` (16 values from 0 to ``3 * eps``). Only
+            used with the ``fmn`` stage.
 
     Raises:
         ValueError: an invalid argument (``Invalid <name> value: ...``).
@@ -153,6 +171,8 @@ def make_plan(
     _check_numbers(n_examples, batch_size, seed, pgd_steps, pgd_restarts, pgd_step_size)
     stages = _parse_attacks(attacks)
     aa_version, components = _parse_version(version)
+    _check_fmn_steps(fmn_steps)
+    grid = default_eps_grid(eps) if eps_grid is None else _check_eps_grid(eps_grid)
     if tm is ThreatModel.Linf and eps >= 1.0:
         warnings.warn(
             f"eps={eps} for Linf on inputs in [0, 1] covers the whole input range "
@@ -173,7 +193,34 @@ def make_plan(
         pgd_restarts=pgd_restarts,
         pgd_step_size=pgd_step_size,
         run_checks=bool(run_checks),
+        fmn_steps=fmn_steps,
+        eps_grid=grid,
     )
+
+
+def default_eps_grid(eps: float) -> tuple[float, ...]:
+    """The default security-curve grid: 16 radii ``eps * i / 5``, ``i = 0..15``, from 0 to
+    ``3 * eps`` (``eps`` itself exactly included, at ``i = 5``)."""
+    return tuple(eps * (i / 5) for i in range(16))
+
+
+def _check_fmn_steps(fmn_steps: int) -> None:
+    if isinstance(fmn_steps, bool) or not isinstance(fmn_steps, int) or fmn_steps < 1:
+        raise ValueError(f"Invalid fmn_steps value: {fmn_steps!r}")
+
+
+def _check_eps_grid(eps_grid: Sequence[float]) -> tuple[float, ...]:
+    if isinstance(eps_grid, str) or not isinstance(eps_grid, Sequence):
+        raise ValueError(f"Invalid eps_grid value: {eps_grid!r} (a list of numbers)")
+    grid = list(eps_grid)
+    if not grid:
+        raise ValueError("Invalid eps_grid value: [] (empty)")
+    for e in grid:
+        if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e) or e < 0:
+            raise ValueError(f"Invalid eps_grid value: {e!r} (finite numbers >= 0)")
+    if any(b <= a for a, b in zip(grid, grid[1:], strict=False)):
+        raise ValueError(f"Invalid eps_grid value: {grid} (must be strictly increasing)")
+    return tuple(float(e) for e in grid)
 
 
 def _check_eps(eps: float | None) -> float:
@@ -227,6 +274,9 @@ def _parse_attacks(attacks: str | Sequence[str]) -> list[str]:
         raise ValueError(f"Invalid attacks value: {attacks!r} (duplicates)")
     if "clean" in attacks:
         attacks.remove("clean")
+    if "fmn" in attacks:  # last: it attacks every clean-correct point, after the eps-attacks
+        attacks.remove("fmn")
+        attacks.append("fmn")
     return ["clean", *attacks]
 
 

@@ -63,6 +63,13 @@ class EvalResult:
             parameters processed, per example given to the model (1 for a plain network).
         world_size: processes that shared the evaluation (``torch.distributed``); the per-point
             results do not depend on it.
+        radii: with the ``fmn`` stage, per point the smallest adversarial perturbation's norm
+            FMN found (0: misclassified clean; ``inf``: none found), else None.
+        eps_grid, security_curve: the grid and ``[(eps, robust_acc), ...]`` over it, from the
+            radii and (for grid radii ``>= eps``) the eps-attacks' verdicts
+            (:func:`robust_agc.eval.fmn.security_curve`).
+        fmn_disagree: per point, ``"eps_attack_only"``, ``"fmn_only"`` or None
+            (:func:`robust_agc.eval.fmn.disagreement`); None when no eps-attack ran.
     """
 
     clean_acc: float
@@ -91,6 +98,10 @@ class EvalResult:
     number_forward_passes: int | float = 1
     world_size: int = 1
     machine: dict[str, Any] = field(default_factory=dict)
+    radii: list[float] | None = None
+    eps_grid: list[float] | None = None
+    security_curve: list[tuple[float, float]] | None = None
+    fmn_disagree: list[str | None] | None = None
 
     @property
     def autoattack_acc(self) -> float | None:
@@ -107,7 +118,10 @@ class EvalResult:
         are fractions in [0, 1] (RobustBench's JSON files store percentages). Our fields:
         ``robust_acc``, ``stages``, ``per_point_robust``, ``per_point_broken_by``, ``flags``,
         ``flag_details``, ``seed``, ``timings``, ``passes``, ``world_size``, ``attack_config``,
-        ``versions``, ``machine``, ``model_info``, ``notes``.
+        ``versions``, ``machine``, ``model_info``, ``notes``; with the ``fmn`` stage, ``fmn``:
+        ``radii`` (per point, ``"inf"`` where none was found), ``security_curve`` (``[[eps,
+        acc], ...]``) and, where an eps-attack ran, ``disagree`` (per point) and
+        ``n_disagree`` (per kind).
         """
         stages = []
         for name, acc in self.stage_acc.items():
@@ -166,7 +180,23 @@ class EvalResult:
                 "notes": list(self.notes),
             }
         )
+        if self.radii is not None:
+            d["fmn"] = self._fmn_record()
         return d
+
+    def _fmn_record(self) -> dict[str, Any]:
+        """The record's ``fmn`` block (see :meth:`to_dict`)."""
+        rec: dict[str, Any] = {
+            "radii": jsonable(list(self.radii or [])),
+            "security_curve": [[e, a] for e, a in (self.security_curve or [])],
+        }
+        if self.fmn_disagree is not None:
+            rec["disagree"] = list(self.fmn_disagree)
+            rec["n_disagree"] = {
+                k: sum(1 for v in self.fmn_disagree if v == k)
+                for k in ("eps_attack_only", "fmn_only")
+            }
+        return rec
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Write :meth:`to_dict` as JSON atomically; refuse to replace a file unless ``overwrite``."""

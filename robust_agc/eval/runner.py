@@ -7,7 +7,10 @@
 3. :func:`state_phase`: build the attacks and the ``attack_config`` record, check that every rank
    evaluates the same thing, open (or resume) the state file and record the clean verdicts;
 4. :func:`unit_phase`, once per unit: attack the points still robust, chunk by chunk from the
-   clean image, and keep each breaking adversarial image;
+   clean image, and keep each breaking adversarial image. The minimum-norm unit ``fmn`` (always
+   last) attacks every clean-correct point instead and records its radius
+   (:mod:`robust_agc.eval.fmn`); it breaks a point at eps when the radius is ``<= eps``, so the
+   robust accuracy stays the per-point worst case over every stage;
 5. :func:`pgd_check_phase`: the PGD convergence check (fewer steps must not break more points);
 6. :func:`recount_phase`: re-predict every point on its adversarial image (the second count), then
    the count-agreement and Square checks, and the warnings of every fired check;
@@ -35,6 +38,7 @@ from ..utils import machine_info
 from . import checks
 from .attackers import Attackers, build_attackers
 from .comm import Comm
+from .fmn import disagreement, has_eps_attacks, perturbation_radii, security_curve
 from .passes import PassCounter, add_passes, predict_measuring_passes
 from .plan import GRADIENT_FREE_UNITS, EvalPlan
 from .result import EvalResult, versions
@@ -283,8 +287,19 @@ def unit_phase(
         with torch.no_grad():
             out = s.model(adv).argmax(1)
         broken = (out != yb).cpu()
+        radii = None
+        if unit == "fmn":  # broken at eps: misclassified within the ball, not broken before
+            radii = perturbation_radii(xb, adv, broken, s.plan.threat)
+            broken = torch.tensor(
+                [
+                    r <= s.plan.eps and state.robust[i]
+                    for i, r in zip(chunks[b], radii, strict=True)
+                ],
+                dtype=torch.bool,
+            )
         return {
             "broken": broken.tolist(),
+            "radii": radii,
             "adv": adv.detach()[broken.to(adv.device)].cpu(),
             "time": time.perf_counter() - t0,
             "passes": s.counter.take(),
@@ -314,12 +329,17 @@ def unit_phase(
 
 def _unit_chunks(s: Session, unit: str, state: EvalState) -> tuple[list[list[int]], int]:
     """The unit's target chunks and how many are done: the saved ones when resuming inside the
-    unit, else the points still robust (and the unit's tallies start)."""
+    unit, else the points still robust, or every clean-correct point for ``fmn`` (and the unit's
+    tallies start)."""
     if state.current is not None and state.current.get("unit") == unit:
         targets = list(state.current["targets"])
         done_batches = int(state.current["batches_done"])
+    elif unit == "fmn":  # every clean-correct point: the radius does not depend on eps
+        targets = [i for i, b in enumerate(state.broken_by) if b != "clean"]
+        state.radii = [0.0 if b == "clean" else float("inf") for b in state.broken_by]
     else:
         targets = [i for i, r in enumerate(state.robust) if r]
+    if state.current is None or state.current.get("unit") != unit:
         done_batches = 0
         state.current = {"unit": unit, "targets": targets, "batches_done": 0}
         state.n_attacked[unit] = len(targets)
@@ -353,6 +373,9 @@ def _record_round(
     assert state.current is not None
     for b, r in enumerate(results, start=start):
         hit = [i for i, br in zip(chunks[b], r["broken"], strict=True) if br]
+        if r.get("radii") is not None and state.radii is not None:
+            for i, radius in zip(chunks[b], r["radii"], strict=True):
+                state.radii[i] = radius
         for i in hit:
             state.robust[i] = False
             state.broken_by[i] = unit
@@ -490,7 +513,25 @@ def assemble_result(
         number_forward_passes=clean.forward_passes,
         world_size=s.comm.world,
         machine=machine_info(world_size=s.comm.world),
+        **_fmn_fields(plan, state),
     )
+
+
+def _fmn_fields(plan: EvalPlan, state: EvalState) -> dict[str, Any]:
+    """The ``fmn`` stage's result fields: radii, security curve (with the eps-attacks' verdicts
+    where they ran) and the per-point disagreement; empty when the stage did not run."""
+    if "fmn" not in plan.stages or state.radii is None:
+        return {}
+    radii = list(state.radii)
+    eps_units = has_eps_attacks(plan.units)
+    return {
+        "radii": radii,
+        "eps_grid": list(plan.eps_grid),
+        "security_curve": security_curve(
+            radii, plan.eps_grid, eps=plan.eps, broken_by=state.broken_by if eps_units else ()
+        ),
+        "fmn_disagree": disagreement(radii, state.broken_by, eps=plan.eps) if eps_units else None,
+    }
 
 
 def _progress_bar(

@@ -40,6 +40,8 @@ class EvalState:
             finished chunks), or None.
         unit_acc, timings, n_attacked, n_broken, passes: per unit, as in :class:`~robust_agc.eval.EvalResult`
             (``passes`` as ``[forward, backward]``).
+        radii: per point, the ``fmn`` stage's radius (0 misclassified clean, ``inf`` none
+            found or not yet attacked), or None before that stage starts.
         resumed: whether :meth:`load` found a state to resume from.
     """
 
@@ -55,6 +57,7 @@ class EvalState:
         self.n_attacked: dict[str, int] = {}
         self.n_broken: dict[str, int] = {}
         self.passes: dict[str, list[int]] = {}
+        self.radii: list[float] | None = None
         self.resumed = False
 
     def load(self) -> None:
@@ -84,7 +87,7 @@ class EvalState:
 
     def snapshot(self) -> dict[str, Any]:
         """The progress as a JSON-friendly dict (what :meth:`save` writes, less the header)."""
-        return {
+        snap: dict[str, Any] = {
             "robust": self.robust,
             "broken_by": self.broken_by,
             "done": self.done,
@@ -95,6 +98,9 @@ class EvalState:
             "n_broken": self.n_broken,
             "passes": self.passes,
         }
+        if self.radii is not None:
+            snap["radii"] = list(self.radii)
+        return snap
 
     def restore(self, d: dict[str, Any]) -> None:
         """Take the progress from a :meth:`snapshot` (or a saved file)."""
@@ -107,6 +113,8 @@ class EvalState:
         self.n_attacked = dict(d.get("n_attacked", {}))
         self.n_broken = dict(d.get("n_broken", {}))
         self.passes = {k: [int(v[0]), int(v[1])] for k, v in d.get("passes", {}).items()}
+        radii = d.get("radii")  # saved through jsonable: inf as "inf"
+        self.radii = None if radii is None else [float(r) for r in radii]
 
     def save(self) -> None:
         """Write the fingerprint and :meth:`snapshot` to :attr:`path` atomically (no-op without)."""
