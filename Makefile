@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP  := $(VENV)/.installed
+# adv-lib needs visdom, built from source with setuptools<81 (pkg_resources): build-constraints.txt.
 DEMO_OUT ?= runs/demo
 # The demo's evaluation runs on DEMO_PROCS processes (torchrun, gloo, one thread each); the result
 # is the one a single process gives with the same --batch-size.
@@ -17,10 +18,10 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): setup.cfg pyproject.toml | $(BIN)/python
+$(STAMP): setup.cfg pyproject.toml build-constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --build-constraint build-constraints.txt -e '.[dev]'
 	touch $@
 
 # The embedded default dataset: Fashion-MNIST from Debian's dataset-fashion-mnist package.

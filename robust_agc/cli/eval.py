@@ -5,6 +5,7 @@ Examples::
     robust-agc eval runs/agc/best.pt --n-examples 1000 --out eval.json
     robust-agc eval --state-dict w.pt --arch small-cnn --dataset fashion-mnist --eps 0.1
     robust-agc eval ckpt.pt --attacks clean,pgd,autoattack --version apgd-ce,apgd-t --state st.json
+    robust-agc eval ckpt.pt --attacks clean,autoattack,fmn --eps-grid 0,0.05,0.1,0.2 --out e.json
     torchrun --nproc-per-node 2 -m robust_agc eval ckpt.pt --batch-size 32 --out eval.json
 
 Under ``torchrun`` (WORLD_SIZE > 1) the processes share the chunks of every stage (gloo on CPU,
@@ -59,7 +60,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     tm.add_argument("--norm", default="Linf", choices=list(NORMS), help="threat model")
     tm.add_argument(
-        "--attacks", default="clean,autoattack", help="stages in order: clean,pgd,autoattack,square"
+        "--attacks",
+        default="clean,autoattack",
+        help="stages in order: clean,pgd,autoattack,square,fmn (fmn: minimal radii, always last)",
     )
     tm.add_argument(
         "--version",
@@ -69,6 +72,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     tm.add_argument("--pgd-steps", type=int, default=50)
     tm.add_argument("--pgd-restarts", type=int, default=10)
     tm.add_argument("--pgd-step-size", type=float, default=None, help="default 2.5*eps/steps")
+    tm.add_argument("--fmn-steps", type=int, default=1000, help="steps of the fmn stage")
+    tm.add_argument(
+        "--eps-grid",
+        default=None,
+        help="security-curve radii, comma-separated, increasing (default 16 from 0 to 3*eps)",
+    )
     tm.add_argument("--seed", type=int, default=0)
     tm.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     run = parser.add_argument_group("run")
@@ -134,6 +143,16 @@ def run_eval(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def _parse_grid(text: str | None) -> list[float] | None:
+    """``--eps-grid``'s comma-separated numbers (checked later by make_plan), or None."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"Invalid eps_grid value: {text!r} (comma-separated numbers)") from None
+
+
 def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: int) -> int:
     from ..eval import benchmark, make_plan
 
@@ -167,6 +186,8 @@ def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: i
         "pgd_steps": args.pgd_steps,
         "pgd_restarts": args.pgd_restarts,
         "pgd_step_size": args.pgd_step_size,
+        "fmn_steps": args.fmn_steps,
+        "eps_grid": _parse_grid(args.eps_grid),
     }
     try:
         make_plan(**kwargs)

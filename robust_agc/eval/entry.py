@@ -48,27 +48,22 @@ def benchmark(
     """Evaluate ``model`` under a threat model, per-point worst case over the given stages.
 
     Args:
-        model: a classifier taking inputs in [0, 1] and returning logits ``(N, C)``. It is put in
-            eval mode for the evaluation and its modes are restored afterwards.
+        model: a classifier of inputs in [0, 1] to logits ``(N, C)``; eval mode while evaluated.
         dataset, data_dir: a dataset name (:func:`robust_agc.data.load_dataset`, test split, found
             in ``data_dir``); the first ``n_examples`` points, unshuffled. Exclusive with ``x``/``y``.
         x, y: explicit points (floats in [0, 1], NCHW) and labels.
         threat_model, eps, n_examples, attacks, version, batch_size, seed, pgd_steps, pgd_restarts,
-            pgd_step_size, run_checks, fmn_steps, eps_grid: the attack settings, documented and
-            checked by :func:`~robust_agc.eval.plan.make_plan` (``eps`` is required; by default
-            ``clean`` then AutoAttack ``"standard"``, chunks of 256 points, seed 0; the ``fmn``
-            stage gives per-point minimal radii and a security curve over ``eps_grid``).
+            pgd_step_size, run_checks, fmn_steps, eps_grid: the attack settings, checked by
+            :func:`~robust_agc.eval.plan.make_plan` (``eps`` required; default ``clean`` then
+            AutoAttack ``"standard"``, 256-point chunks, seed 0; ``fmn``: radii and curve).
         device: where to run; the model is moved there and back if needed.
-        state_file: JSON of the per-point flags, saved after every chunk (round of chunks when
-            distributed; rank 0 only); a rerun resumes from it with any number of processes and
-            refuses (UserError) another evaluation's (other attacks, points or model).
+        state_file: JSON of the per-point flags, saved after every chunk (round when distributed;
+            rank 0); a rerun resumes from it, and refuses (UserError) another evaluation's.
         progress: tqdm bars (stderr) with the points remaining per stage (rank 0 only).
-        model_info, architecture, notes: caller metadata (sparsity, optimizer, config...), the
-            model's name and remarks, stored in the record.
+        model_info, architecture, notes: caller metadata, model name and remarks, recorded.
 
     Returns:
-        An :class:`EvalResult`. Distributed: every rank calls :func:`benchmark` with the same
-        arguments and returns rank 0's result (identical per-point outcomes on every rank).
+        An :class:`EvalResult`; distributed, every rank (same arguments) returns rank 0's.
 
     Raises:
         ValueError: invalid arguments (torch wording: ``Invalid <name> value: ...``).

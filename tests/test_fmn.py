@@ -1,0 +1,308 @@
+"""The ``fmn`` stage (adv-lib's FMN): radii against closed-form minimal radii of a linear model, the
+security curve, the FMN/eps-attack disagreement, resume, plan validation and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robust_agc import eval as ev
+from robust_agc.eval import fmn as fmn_mod
+from robust_agc.eval.attackers import Attackers
+from robust_agc.eval.plan import default_eps_grid
+
+pytest.importorskip("adv_lib")
+
+N, D, C = 40, 20, 3
+EPS = 0.05
+
+
+def _linear() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 3-class linear model on 20 features (inputs 1x4x5) and points in [0.3, 0.7]."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(C, D, generator=g) * 0.5
+    b = torch.randn(C, generator=g) * 0.1
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, C))
+    with torch.no_grad():
+        model[1].weight.copy_(w)
+        model[1].bias.copy_(b)
+    x = 0.3 + 0.4 * torch.rand(N, 1, 4, 5, generator=g)
+    y = torch.randint(0, C, (N,), generator=g)
+    return model.eval(), x, y
+
+
+def _exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, q: float) -> list[float | None]:
+    """Closed-form minimal radius per point (dual norm ``q``): 0 when misclassified; the distance
+    to the nearest decision boundary ``margin / ||w_y - w_j||_q`` when the minimizing
+    perturbation stays in [0, 1]; None when the box would cut it (not checked)."""
+    w = model[1].weight.detach().double()
+    with torch.no_grad():
+        z = model(x).double()
+    out: list[float | None] = []
+    for i in range(x.shape[0]):
+        yi = int(y[i])
+        if int(z[i].argmax()) != yi:
+            out.append(0.0)
+            continue
+        best = None
+        for j in range(C):
+            if j == yi:
+                continue
+            dw = w[yi] - w[j]
+            r = float((z[i, yi] - z[i, j]) / dw.norm(p=q))
+            if best is None or r < best[0]:
+                best = (r, dw)
+        r, dw = best
+        step = -r * (dw.sign() if q == 1 else dw / dw.norm())
+        xi = x[i].flatten().double() + step
+        out.append(r if bool((xi >= 0).all() and (xi <= 1).all()) else None)
+    return out
+
+
+def _run(model, x, y, **kw):
+    kw.setdefault("attacks", "clean,fmn")
+    kw.setdefault("fmn_steps", 300)
+    kw.setdefault("batch_size", 16)
+    return ev.benchmark(model, x=x, y=y, eps=EPS, progress=False, run_checks=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def linear():
+    return _linear()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("threat", "q"), [("Linf", 1), ("L2", 2)])
+def test_radii_match_closed_form_minimum(linear, threat, q):
+    model, x, y = linear
+    res = _run(model, x, y, threat_model=threat)
+    exact = _exact(model, x, y, q)
+    checked = 0
+    for r, e in zip(res.radii, exact, strict=True):
+        if e is None:
+            continue
+        if e == 0.0:
+            assert r == 0.0
+            continue
+        checked += 1
+        assert e - 1e-6 <= r <= e * 1.01 + 1e-6, (r, e)
+    assert checked >= 10
+    n_miss = sum(1 for e in exact if e == 0.0)
+    assert 0 < n_miss < N
+    assert sum(1 for r in res.radii if r == 0.0) == n_miss
+    # eps-robust verdicts: a radius <= eps is broken (by fmn); the rest survive
+    robust = [r > EPS for r in res.radii]
+    assert res.robust_flags.tolist() == robust
+    assert res.robust_acc == sum(robust) / N
+    assert res.n_attacked["fmn"] == N - n_miss
+    assert all(b == "fmn" for r, b in zip(res.radii, res.broken_by, strict=True) if 0 < r <= EPS)
+    assert res.robust_acc_repredicted == res.robust_acc  # fmn's images re-predicted
+    assert res.passes["fmn"]["backward"] > 0
+    assert res.attack_config["fmn"]["steps"] == 300
+    assert res.attack_config["fmn"]["norm"] == threat
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_curve_from_radii_and_record(linear):
+    model, x, y = linear
+    res = _run(model, x, y)
+    grid = [e for e, _ in res.security_curve]
+    accs = [a for _, a in res.security_curve]
+    assert grid == list(default_eps_grid(EPS)) and len(grid) == 16
+    assert accs[0] == res.clean_acc
+    assert all(a >= b for a, b in zip(accs, accs[1:]))
+    assert accs[grid.index(EPS)] == res.robust_acc
+    for e, a in res.security_curve:
+        assert a == sum(1 for r in res.radii if r > e) / N
+    assert res.fmn_disagree is None  # no eps-attack ran
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["fmn"]["security_curve"] == [list(p) for p in res.security_curve]
+    assert [float(r) for r in d["fmn"]["radii"]] == res.radii
+    assert "disagree" not in d["fmn"]
+    assert [s["name"] for s in d["stages"]] == ["clean", "fmn"]
+
+
+def test_security_curve_and_disagreement_functions():
+    radii = [0.0, 0.02, 0.1, math.inf, 0.3]
+    broken_by = ["clean", "fmn", "autoattack/apgd-ce", None, None]
+    curve = fmn_mod.security_curve(
+        radii, [0.0, 0.01, 0.05, 0.2, 0.5], eps=0.05, broken_by=broken_by
+    )
+    # point 2: radius 0.1 but broken at eps 0.05 by AutoAttack -> broken at every e >= 0.05
+    assert curve == [(0.0, 0.8), (0.01, 0.8), (0.05, 0.4), (0.2, 0.4), (0.5, 0.2)]
+    assert fmn_mod.security_curve(radii, [0.05], eps=0.05)[0] == (0.05, 0.6)  # FMN alone
+    assert fmn_mod.disagreement(radii, broken_by, eps=0.05) == [
+        None,
+        "fmn_only",
+        "eps_attack_only",
+        None,
+        None,
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_autoattack_fmn_disagreement_in_record(linear, monkeypatch):
+    """A fake AutoAttack that breaks only the point with the largest finite radius (with a huge
+    perturbation): it disagrees with FMN there (eps_attack_only) and on every point FMN broke
+    within eps (fmn_only); the curve counts the AutoAttack break from eps on."""
+    model, x, y = linear
+    ref = _run(model, x, y)
+    target = max(
+        (i for i, r in enumerate(ref.radii) if math.isfinite(r)), key=ref.radii.__getitem__
+    )
+    assert ref.radii[target] > EPS
+    real = Attackers.attack
+    w = model[1].weight.detach()
+
+    def fake(self, unit, xb, yb):
+        if unit == "fmn":
+            return real(self, unit, xb, yb)
+        adv = xb.clone()
+        for k in range(xb.shape[0]):
+            if torch.equal(xb[k], x[target]):
+                yi = int(yb[k])
+                j = (yi + 1) % C
+                adv[k] = (xb[k].flatten() - 10 * (w[yi] - w[j])).clamp(0, 1).view_as(xb[k])
+        return adv
+
+    monkeypatch.setattr(Attackers, "attack", fake)
+    res = _run(model, x, y, attacks="clean,fmn,autoattack", version=["apgd-ce"])
+    assert res.broken_by[target] == "autoattack/apgd-ce"
+    assert res.radii == ref.radii  # fmn attacks every clean-correct point whatever broke it
+    fmn_broken = [i for i, r in enumerate(ref.radii) if 0 < r <= EPS]
+    assert fmn_broken
+    assert res.fmn_disagree[target] == "eps_attack_only"
+    assert all(res.fmn_disagree[i] == "fmn_only" for i in fmn_broken)
+    assert sum(v is not None for v in res.fmn_disagree) == len(fmn_broken) + 1
+    assert res.robust_acc == ref.robust_acc - 1 / N
+    curve_ref, curve = dict(ref.security_curve), dict(res.security_curve)
+    assert any(e >= ref.radii[target] for e in curve)  # the grid reaches past the radius
+    for e in curve:
+        lost = 1 if EPS <= e < ref.radii[target] else 0  # broken by AutoAttack, not yet by FMN
+        assert round(curve[e] * N) == round(curve_ref[e] * N) - lost
+    rec = res.to_dict()["fmn"]
+    assert rec["n_disagree"] == {"eps_attack_only": 1, "fmn_only": len(fmn_broken)}
+    assert rec["disagree"][target] == "eps_attack_only"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_gives_identical_radii(linear, tmp_path, monkeypatch):
+    """Interrupted inside the fmn stage after one chunk, a rerun resumes there (the first chunk
+    is not attacked again) and gives the uninterrupted run's radii and curve."""
+    model, x, y = linear
+    ref = _run(model, x, y, batch_size=8)
+    st = tmp_path / "state.json"
+    real = Attackers.attack
+    calls = []
+
+    def dying(self, unit, xb, yb):
+        calls.append(unit)
+        if unit == "fmn" and calls.count("fmn") == 2:
+            raise KeyboardInterrupt
+        return real(self, unit, xb, yb)
+
+    monkeypatch.setattr(Attackers, "attack", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, x, y, batch_size=8, state_file=st)
+    saved = json.loads(st.read_text())
+    assert saved["current"]["unit"] == "fmn" and saved["current"]["batches_done"] == 1
+    assert len(saved["radii"]) == N
+    calls.clear()
+    res = _run(model, x, y, batch_size=8, state_file=st)
+    n_chunks = math.ceil(ref.n_attacked["fmn"] / 8)
+    assert calls.count("fmn") == n_chunks - 1
+    assert res.radii == ref.radii
+    assert res.security_curve == ref.security_curve
+    assert res.robust_flags.tolist() == ref.robust_flags.tolist()
+    assert res.passes["fmn"] == ref.passes["fmn"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"attacks": "clean,fmm"}, "Invalid attacks value"),
+        ({"fmn_steps": 0}, "Invalid fmn_steps value"),
+        ({"fmn_steps": 2.5}, "Invalid fmn_steps value"),
+        ({"eps_grid": []}, "Invalid eps_grid value"),
+        ({"eps_grid": [0.1, 0.05]}, "strictly increasing"),
+        ({"eps_grid": [0.0, 0.1, 0.1]}, "strictly increasing"),
+        ({"eps_grid": [-0.1, 0.1]}, "Invalid eps_grid value"),
+        ({"eps_grid": [0.0, math.inf]}, "Invalid eps_grid value"),
+        ({"eps_grid": "0,0.1"}, "Invalid eps_grid value"),
+    ],
+)
+def test_plan_rejects_bad_fmn_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ev.make_plan(eps=EPS, **kwargs)
+
+
+def test_plan_fmn_last_and_defaults():
+    plan = ev.make_plan(eps=0.1, attacks="fmn,autoattack")
+    assert plan.stages == ("clean", "autoattack", "fmn") and plan.units[-1] == "fmn"
+    assert plan.fmn_steps == 1000
+    assert plan.eps_grid[0] == 0.0 and plan.eps_grid[5] == 0.1 and len(plan.eps_grid) == 16
+    assert plan.eps_grid[-1] == pytest.approx(0.3)
+    assert ev.make_plan(eps=0.1, eps_grid=[0, 0.2]).eps_grid == (0.0, 0.2)
+
+
+def _cnn_state_dict(tmp_path):
+    """An untrained, seeded small-cnn's state dict (the CLI does not need a trained model)."""
+    from robust_agc.models import create_model
+
+    torch.manual_seed(0)
+    cnn = create_model("small-cnn", num_classes=10, in_channels=1, input_size=28).eval()
+    sd = tmp_path / "w.pt"
+    torch.save(cnn.state_dict(), sd)
+    return sd
+
+
+def _cli(argv, capsys):
+    from robust_agc.cli import main
+
+    code = main(["eval", *argv])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--fmn-steps", "0"], "Invalid fmn_steps value"),
+        (["--eps-grid", "0,0.1,abc"], "Invalid eps_grid value"),
+        (["--eps-grid", "0.2,0.1"], "Invalid eps_grid value"),
+        (["--eps-grid", ","], "Invalid eps_grid value"),
+        (["--eps-grid=-1,0"], "Invalid eps_grid value"),
+    ],
+)
+def test_cli_bad_fmn_values_exit_2_one_line(tmp_path, capsys, extra, message):
+    sd = _cnn_state_dict(tmp_path)
+    out = tmp_path / "r.json"
+    argv = ["--state-dict", str(sd), "--arch", "small-cnn", "--dataset", "fashion-mnist"]
+    argv += ["--eps", "0.1", "--attacks", "clean,fmn", "--out", str(out), *extra]
+    code, cap = _cli(argv, capsys)
+    err = cap.err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_writes_radii_and_curve(tmp_path, capsys):
+    sd = _cnn_state_dict(tmp_path)
+    out = tmp_path / "r.json"
+    argv = ["--state-dict", str(sd), "--arch", "small-cnn", "--dataset", "fashion-mnist"]
+    argv += ["--eps", "0.1", "--attacks", "clean,pgd,fmn", "--pgd-steps", "5"]
+    argv += ["--pgd-restarts", "1", "--fmn-steps", "20", "--eps-grid", "0,0.05,0.1,0.3"]
+    argv += ["--n-examples", "6", "--no-progress", "--no-checks", "--out", str(out)]
+    code, _ = _cli(argv, capsys)
+    assert code == 0
+    d = json.loads(out.read_text())
+    assert [e for e, _ in d["fmn"]["security_curve"]] == [0.0, 0.05, 0.1, 0.3]
+    assert d["fmn"]["security_curve"][0][1] == d["clean_acc"]
+    assert d["fmn"]["security_curve"][2][1] == d["robust_acc"]
+    assert len(d["fmn"]["radii"]) == 6 and len(d["fmn"]["disagree"]) == 6
+    assert d["attack_config"]["fmn"]["steps"] == 20
+    assert [s["name"] for s in d["stages"]] == ["clean", "pgd", "fmn"]
