@@ -147,11 +147,14 @@ def load() -> dict[str, dict[str, str]]:
 
 
 def table(results: dict[str, dict[str, str]]) -> str:
-    """A markdown table: one row per module and a total row; score = (killed + timeout) / checked
-    (checked: every mutant but those not run yet; "no tests" counts as not caught)."""
+    """A markdown table: one row per module and a total row. ``killed %`` = killed / checked;
+    ``caught %`` = (killed + timeout) / checked (checked: every mutant but those not run yet; "no
+    tests" counts as not caught). A timeout is a mutant that never ended within mutmut's limit:
+    a real endless loop, or a mutant whose tests ran too slowly on a loaded machine, so ``caught %``
+    is an upper bound until the timeouts are rerun with a larger limit."""
     lines = [
-        "| module | mutants | " + " | ".join(COLUMNS) + " | score |",
-        "|" + "---|" * (len(COLUMNS) + 3),
+        "| module | mutants | " + " | ".join(COLUMNS) + " | killed % | caught % |",
+        "|" + "---|" * (len(COLUMNS) + 4),
     ]
     total: Counter[str] = Counter()
     for module, statuses in results.items():
@@ -165,9 +168,16 @@ def table(results: dict[str, dict[str, str]]) -> str:
 def _row(name: str, counts: Counter[str]) -> str:
     n = sum(counts.values())
     checked = n - counts["not checked"]
-    caught = counts["killed"] + counts["timeout"]  # a mutant that never finishes is caught
-    score = f"{100 * caught / checked:.1f}%" if checked else "-"
-    return f"| {name} | {n} | " + " | ".join(str(counts[c]) for c in COLUMNS) + f" | {score} |"
+
+    def pct(k: int) -> str:
+        return f"{100 * k / checked:.1f}%" if checked else "-"
+
+    caught = counts["killed"] + counts["timeout"]
+    return (
+        f"| {name} | {n} | "
+        + " | ".join(str(counts[c]) for c in COLUMNS)
+        + f" | {pct(counts['killed'])} | {pct(caught)} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,10 @@ def test_a_missing_snapshot_gradient_warns_once_at_the_callers_line() -> None:
             opt.step()
     ours = [r for r in rec if "snapshot_backward" in str(r.message)]
     assert len(ours) == 1
+    assert str(ours[0].message) == (
+        "AGC.step() without AGC.snapshot_backward() since the last step: the correction "
+        "is skipped for this step (v = g)"
+    )
     assert ours[0].filename == __file__  # points at the user's call, not into torch or AGC
 
 
@@ -162,3 +166,51 @@ def test_an_overflowing_refresh_halves_the_scale_down_to_one(
         "AGC refresh: gradient overflow at loss scale 4, retrying at half",
         "AGC refresh: gradient overflow at loss scale 2, retrying at half",
     ]
+
+
+def test_a_sparse_gradient_is_refused_by_name() -> None:
+    emb = nn.Embedding(6, 3, sparse=True)
+    opt = AGC(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError) as err:
+        opt.step()
+    assert str(err.value) == "AGC does not support sparse gradients"
+
+
+def test_the_loss_slope_estimator_keeps_no_online_sums() -> None:
+    """Only ``grad-online`` accumulates the per-step sums (saved in the state dict)."""
+    for estimator, saved in (("loss-slope", False), ("grad-online", True)):
+        model, opt, x, y = _setup(estimator=estimator)
+        opt.refresh(model, [(x, y)], _ce)
+        _corrected_step(model, opt, x, y)
+        assert ("online_dot" in opt.state_dict()["agc"]) is saved
+
+
+@pytest.mark.parametrize("kind", ["float", "vector"])
+def test_a_closure_that_is_not_a_scalar_loss_is_refused(kind: str) -> None:
+    model, opt, x, y = _setup()
+    opt.refresh(model, [(x, y)], _ce)
+    bad = (lambda m: 1.0) if kind == "float" else (lambda m: m(x).sum(0))
+    with pytest.raises(ValueError, match="^Invalid closure value: must return a scalar loss"):
+        opt.snapshot_backward(model, bad)
+
+
+def test_a_parameter_the_loss_does_not_use_gets_a_zero_snapshot_gradient() -> None:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    opt = AGC(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    opt.refresh(model, [(x, y)], _ce)
+    opt.snapshot_backward(model, lambda m: _ce(m, x, y))
+    snaps = opt.snapshot_gradients()
+    assert len(snaps) == 4
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in snaps[2:])
+    assert all(g.abs().sum() > 0 for g in snaps[:2])
