@@ -13,6 +13,8 @@ from torch import nn
 
 from robust_agc.optim import AGC
 
+from .test_optim_passes import _Sqrt  # a finite loss whose gradient is inf at every scale
+
 
 def _ce(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(m(x), y)
@@ -140,17 +142,6 @@ def test_the_online_estimate_after_one_step_and_when_the_control_variate_is_zero
     opt2.snapshot_backward(lin, lambda m: loss(m, xs))
     opt2.step()
     assert math.isnan(opt2.telemetry()["agc_online_estimate"])
-
-
-class _Sqrt(nn.Module):
-    """A finite loss whose gradient is infinite at every loss scale (d sqrt(w)/dw at w = 0)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt(self.w).sum() + 0 * x.sum()
 
 
 def test_an_overflowing_refresh_halves_the_scale_down_to_one(
