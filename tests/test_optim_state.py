@@ -205,3 +205,16 @@ def test_a_parameter_the_loss_does_not_use_gets_a_zero_snapshot_gradient() -> No
     assert len(snaps) == 4
     assert all(torch.equal(g, torch.zeros_like(g)) for g in snaps[2:])
     assert all(g.abs().sum() > 0 for g in snaps[:2])
+
+
+def test_a_loss_slope_refresh_on_one_batch_keeps_tau_and_says_why() -> None:
+    model, opt, x, y = _setup(estimator="loss-slope")
+    opt.refresh(model, [(x, y)], _ce)
+    _corrected_step(model, opt, x, y)
+    tau = opt.tau
+    with pytest.warns(RuntimeWarning) as rec:
+        opt.refresh(model, [(x, y)], _ce)
+    assert [str(r.message) for r in rec] == [
+        "AGC refresh with 1 batch(es): tau_now needs >= 2, tau kept"
+    ]
+    assert opt.tau == tau and math.isnan(opt.telemetry()["agc_tau_now"])
