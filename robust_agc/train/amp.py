@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..optim import is_corrected
 from ..utils import all_finite
 
 __all__ = ["AMP_DTYPES", "autocast", "build_scaler", "loss_scale_kwargs", "scaled_step"]
@@ -65,14 +64,18 @@ def loss_scale_kwargs(
     return {"loss_scale": scaler.scale(torch.ones((), device=device))}
 
 
-def scaled_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> bool:
+def scaled_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, *, corrected: bool
+) -> bool:
     """The optimizer step under an optional float16 loss scaler; returns whether it was taken.
 
     Without a scaler it always is. With one the gradients are unscaled, and the step is taken only
     if every ``p.grad`` and (corrected optimizers) every snapshot gradient is finite: otherwise it
     is skipped and the scale backs off, as ``GradScaler.step`` does (the same single
     synchronisation per step); the snapshot gradient is checked too, which ``GradScaler`` cannot
-    see, and when only it overflowed the scale is backed off here.
+    see, and when only it overflowed the scale is backed off here. ``corrected``: whether
+    ``optimizer`` is a :class:`~robust_agc.optim.CorrectedOptimizer` (decided once by the caller,
+    not per step).
     """
     if scaler is None:
         optimizer.step()
@@ -80,7 +83,7 @@ def scaled_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler |
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grads = [p.grad for p in params if p.grad is not None]
-    snap_grads = optimizer.snapshot_gradients() if is_corrected(optimizer) else []
+    snap_grads = optimizer.snapshot_gradients() if corrected else []  # type: ignore[attr-defined]
     if all_finite(grads + snap_grads):
         optimizer.step()
         scaler.update()

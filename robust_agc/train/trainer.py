@@ -170,7 +170,7 @@ class Trainer:
         scaled_step`). A float16 step skipped for non-finite gradients is logged and counted in
         ``amp_skipped_steps``."""
         scale = None if self.scaler is None else self.scaler.get_scale()
-        if scaled_step(self.optimizer, self.scaler):
+        if scaled_step(self.optimizer, self.scaler, corrected=self.is_agc):
             return True
         self.state.amp_skipped_steps += 1
         logger.warning(
