@@ -304,6 +304,10 @@ def eval_argv(
         argv += ["--eps", str(ev["eps"])]
     if "autoattack" in str(ev["attacks"]).split(","):
         argv += ["--version", str(ev["version"])]
+    if "fmn" in str(ev["attacks"]).split(","):
+        argv += ["--fmn-steps", str(ev["fmn_steps"])]
+        if ev.get("eps_grid") is not None:
+            argv += ["--eps-grid", ",".join(str(e) for e in ev["eps_grid"])]
     return argv
 
 

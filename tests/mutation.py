@@ -75,6 +75,7 @@ GROUPS: dict[str, Group] = {
             "test_sparse_export.py",
             "test_sparse_bsr.py",
             "test_sparse_schedulers.py",
+            "test_masks_contract.py",
         ),
         # checks a warning's stacklevel, which mutmut's trampolines shift by one frame
         ("test_sparse_masks.py::test_extreme_sparsity_warns",),

@@ -190,6 +190,12 @@ def test_extra_evals_status_and_arguments(tmp_path: Path) -> None:
     assert argv[argv.index("--version") + 1] == "standard"
     assert argv[argv.index("--out") + 1].endswith("eval_autoattack.json")
     assert "--version" not in eval_argv(s0, study.eval)  # no AutoAttack stage, no version
+    assert "--fmn-steps" not in argv
+    fmn = {**extra, "attacks": "clean,fmn", "fmn_steps": 300, "eps_grid": [0, 0.05, 0.1]}
+    fmn_argv = eval_argv(s0, fmn, "eval_fmn.json", "state_final_fmn.json")
+    assert fmn_argv[fmn_argv.index("--fmn-steps") + 1] == "300"
+    assert fmn_argv[fmn_argv.index("--eps-grid") + 1] == "0,0.05,0.1"
+    assert "--eps-grid" not in eval_argv(s0, {**fmn, "eps_grid": None})
     for spec in (s0, s1):
         cfg = spec.config().to_dict()
         _fake_run(spec.result_dir, cfg, 1, summary=True, ckpt=False)

@@ -45,6 +45,8 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "batch_size": 250,
     "seed": 0,
     "version": "standard",  # AutoAttack version, used when attacks has autoattack
+    "fmn_steps": 1000,  # used when attacks has fmn
+    "eps_grid": None,  # fmn's security-curve grid (a list); None: the harness's default
 }
 STUDY_KEYS = frozenset(
     {"study", "description", "base", "grid", "seeds", "eval", "baseline", "exclude"}

@@ -1,0 +1,245 @@
+"""`SparseMasks`' smaller contracts, each checked against a hand computation: FLOPs per layer,
+the report's fields, the training-FLOPs formulas, buffer re-validation, optimizer-state zeroing,
+detaching and the dense-gradient stash. Written against the mutants that survived
+`make mutation MUTATION_GROUPS=masks` (tests/MUTATION.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from robust_agc.sparse import SparseMasks, apply_masks
+from robust_agc.sparse.masks import EVER_BUFFER, MASK_BUFFER, training_flops_ratio
+
+
+class ConvLinear(nn.Module):
+    """conv 1->2 (3x3, padding 1) on 4x4, then linear 32->3: FLOPs are easy to count by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).flatten(1))
+
+
+class SharedTwice(nn.Module):
+    """One linear layer applied twice, and a second one: per-layer FLOPs must add both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(4, 4, bias=False)
+        self.head = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.shared(self.shared(x)))
+
+
+class UnusedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _masked(model: nn.Module, sparsity: float = 0.5, seed: int = 0) -> SparseMasks:
+    torch.manual_seed(seed)
+    return apply_masks(model, sparsity=sparsity, distribution="uniform", generator=seed)
+
+
+def test_flops_per_layer_by_hand() -> None:
+    model = ConvLinear()
+    masks = _masked(model)
+    f = masks.flops((1, 4, 4))
+    conv_active = int(model.conv.weight_mask.sum())
+    fc_active = int(model.fc.weight_mask.sum())
+    # conv: 16 output positions per output channel, 9 weights per channel -> 2 * 16 * 18.
+    assert f["per_layer"] == {
+        "conv": (2.0 * 16 * 18, 2.0 * 16 * conv_active),
+        "fc": (2.0 * 1 * 96, 2.0 * 1 * fc_active),
+    }
+    assert f["dense"] == 2.0 * 16 * 18 + 2.0 * 96
+    assert f["sparse"] == 2.0 * 16 * conv_active + 2.0 * fc_active
+    assert f["ratio"] == f["sparse"] / f["dense"]
+
+
+def test_flops_add_every_call_of_a_shared_layer() -> None:
+    model = SharedTwice()
+    masks = _masked(model)
+    a_shared = int(model.shared.weight_mask.sum())
+    a_head = int(model.head.weight_mask.sum())
+    assert a_shared != 16  # the sparse and dense sums differ, so mixing them up shows
+    f = masks.flops((4,))
+    assert f["per_layer"]["shared"] == (2 * 2.0 * 16, 2 * 2.0 * a_shared)
+    assert f["per_layer"]["head"] == (2.0 * 8, 2.0 * a_head)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_flops_in_float64_and_restores_mode(train: bool) -> None:
+    model = ConvLinear().double()
+    masks = _masked(model)
+    model.train(train)
+    f = masks.flops((1, 4, 4))
+    assert f["dense"] == 2.0 * 16 * 18 + 2.0 * 96
+    assert model.training is train
+
+
+def test_flops_rejects_a_model_whose_masked_layers_never_run() -> None:
+    masks = _masked(UnusedLayer())
+    with pytest.raises(ValueError, match=r"^Invalid model value: no conv/linear layer ran"):
+        masks.flops((4,))
+
+
+@pytest.mark.parametrize("shape", [(), (0, 4), (4, -1), (4.0,)])
+def test_flops_rejects_bad_shapes(shape: tuple) -> None:
+    masks = _masked(ConvLinear())
+    with pytest.raises(ValueError, match="Invalid input_shape value"):
+        masks.flops(shape)
+
+
+class FakeScheduler:
+    method = "rigl"
+    update_interval = 7
+    last_update = {"step": 14, "changed": 3}
+    num_updates = 2
+
+
+def test_report_fields_without_and_with_a_scheduler() -> None:
+    model = ConvLinear()
+    masks = _masked(model)
+    plain = masks.report()
+    assert plain == {
+        "density": masks.density,
+        "num_active": masks.num_active,
+        "num_maskable": 18 + 96,
+        "layer_densities": masks.layer_densities(),
+        "exploration_rate": masks.exploration_rate,
+        "method": None,
+        "last_update": None,
+        "num_updates": 0,
+    }
+    assert masks.num_active == int(model.conv.weight_mask.sum() + model.fc.weight_mask.sum())
+    f = masks.flops((1, 4, 4))
+    full = masks.report((1, 4, 4), scheduler=FakeScheduler())
+    assert full["method"] == "rigl"
+    assert full["last_update"] == {"step": 14, "changed": 3}
+    assert full["num_updates"] == 2
+    assert (full["flops_dense"], full["flops_sparse"], full["flops_ratio"]) == (
+        f["dense"],
+        f["sparse"],
+        f["ratio"],
+    )
+    assert full["train_flops_ratio"] == training_flops_ratio("rigl", f["sparse"], f["dense"], 7)
+    static = masks.report((1, 4, 4))
+    assert static["train_flops_ratio"] == f["sparse"] / f["dense"]
+
+
+@pytest.mark.parametrize("method", ["static", "set", "bsr", "itop-set"])
+def test_training_flops_ratio_of_fixed_cost_methods(method: str) -> None:
+    assert training_flops_ratio(method, 3.0, 12.0, 100) == 0.25
+
+
+@pytest.mark.parametrize("method", ["rigl", "itop-rigl"])
+def test_training_flops_ratio_of_rigl_by_hand(method: str) -> None:
+    # (3 * 2 * 4 + 2 * 2 + 10) / 5 = 7.6 per step, over 3 * 10 dense.
+    assert training_flops_ratio(method, 2.0, 10.0, 4) == pytest.approx(7.6 / 30.0, rel=1e-15)
+
+
+def test_training_flops_ratio_bad_values() -> None:
+    assert training_flops_ratio("static", 0.25, 0.5, 1) == 0.5  # a dense cost below 1 is fine
+    with pytest.raises(ValueError, match="Invalid dense_flops value: 0"):
+        training_flops_ratio("static", 0.0, 0.0, 1)
+    with pytest.raises(ValueError, match="Invalid method value: 'dense'"):
+        training_flops_ratio("dense", 1.0, 1.0, 1)
+
+
+def test_from_model_keeps_the_model() -> None:
+    model = ConvLinear()
+    _masked(model)
+    rebuilt = SparseMasks.from_model(model)
+    assert rebuilt.model is model
+    assert rebuilt.flops((1, 4, 4))["dense"] == 2.0 * 16 * 18 + 2.0 * 96
+
+
+def test_sync_from_buffers_validates_and_reapplies() -> None:
+    model = ConvLinear()
+    masks = _masked(model)
+    new = torch.zeros_like(model.fc.weight_mask)
+    new[0, :5] = True
+    model.fc.weight_mask = new  # a loaded checkpoint replaces the buffer
+    with torch.no_grad():
+        model.fc.weight.fill_(1.0)
+    masks.sync_from_buffers()
+    assert torch.equal(model.fc.weight != 0, new)
+    assert torch.equal(getattr(model.fc, EVER_BUFFER), new)
+    assert EVER_BUFFER not in model.fc.state_dict()
+
+    model.fc.weight_mask = new.to(torch.uint8)
+    with pytest.raises(ValueError, match=r"^Invalid mask value: 'fc' has no bool weight_mask"):
+        masks.sync_from_buffers()
+    del model.fc.weight_mask
+    with pytest.raises(ValueError, match=r"^Invalid mask value: 'fc' has no bool weight_mask"):
+        masks.sync_from_buffers()
+    model.fc.register_buffer(MASK_BUFFER, torch.ones(3, 31, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^Invalid mask value: 'fc' shape \(3, 31\) != \(3, 32\)"):
+        masks.sync_from_buffers()
+
+
+def _momentum_state(model: nn.Module, which: list[nn.Module]) -> torch.optim.SGD:
+    """SGD with momentum whose state exists only for the weights of ``which``."""
+    opt = torch.optim.SGD([m.weight for m in (model.conv, model.fc)], lr=0.1, momentum=0.9)
+    for m in which:
+        opt.state[m.weight]["momentum_buffer"] = torch.ones_like(m.weight)
+    return opt
+
+
+def test_zero_optimizer_state_skips_layers_without_state() -> None:
+    model = ConvLinear()
+    masks = _masked(model)
+    opt = _momentum_state(model, [model.fc])  # no state for the first layer
+    masks.zero_optimizer_state_(opt)
+    buf = opt.state[model.fc.weight]["momentum_buffer"]
+    assert torch.equal(buf != 0, model.fc.weight_mask)
+
+
+def test_zero_optimizer_state_where() -> None:
+    model = ConvLinear()
+    masks = _masked(model)
+    opt = _momentum_state(model, [model.conv, model.fc])
+    where = [torch.zeros_like(model.conv.weight_mask), torch.zeros_like(model.fc.weight_mask)]
+    where[1][1, 3] = True
+    masks.zero_optimizer_state_(opt, where)
+    assert bool((opt.state[model.conv.weight]["momentum_buffer"] == 1).all())
+    fc_buf = opt.state[model.fc.weight]["momentum_buffer"]
+    assert torch.equal(fc_buf == 0, where[1])
+
+
+def test_detach_of_an_optimizer_never_attached_is_a_no_op() -> None:
+    model = ConvLinear()
+    masks = _masked(model)
+    attached = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    masks.attach(attached)
+    masks.detach(other)
+    assert masks.optimizers == [attached]
+    masks.detach(attached)
+    assert masks.optimizers == []
+
+
+def test_dense_gradient_stash_with_a_weight_that_has_no_gradient() -> None:
+    model = ConvLinear()
+    masks = _masked(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    masks.attach(opt)
+    masks.request_dense_grads(lambda: True)
+    model.fc.weight.grad = torch.full_like(model.fc.weight, 2.0)  # conv.weight.grad is None
+    opt.step()
+    grads = masks.pop_dense_grads()
+    assert grads is not None and grads[0] is None
+    assert bool((grads[1] == 2.0).all())  # taken before the masking
+    assert torch.equal(model.fc.weight.grad != 0, model.fc.weight_mask)
+    assert masks.pop_dense_grads() is None
