@@ -1,15 +1,18 @@
-"""Our AutoAttack evaluation (robust_agc.eval.benchmark) against pyautoattack called directly.
+"""Our AutoAttack evaluation (robust_agc.eval.benchmark) against pyautoattack called directly,
+or (``--attack fmn``) our ``fmn`` stage against adv-lib's ``fmn`` called directly.
 
 Same model, same first-N Fashion-MNIST test points, same seed, eps and batch size, in one process.
 Prints both wall-clock times, the ratio ours/direct (target <= 1.0) and whether the per-point robust
-flags are identical (target: identical).
+flags (FMN: the per-point radii) are identical (target: identical).
 
     .venv/bin/python benchmarks/eval_speed.py --n 50 --version standard --model mlp
+    .venv/bin/python benchmarks/eval_speed.py --attack fmn --n 200 --fmn-steps 100 --model mlp
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import time
 
@@ -48,6 +51,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="runs of each, ABBA order")
+    p.add_argument("--attack", default="autoattack", choices=["autoattack", "fmn"])
+    p.add_argument("--fmn-steps", type=int, default=100, help="FMN steps (--attack fmn)")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="FMN's norm")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -61,6 +67,9 @@ def main() -> None:
         model = create_model("small-cnn", num_classes=10, in_channels=1, input_size=28)
         model = _train(model, x[:5000], y[:5000], epochs=2)
     xs, ys = xt[: args.n], yt[: args.n]
+    if args.attack == "fmn":
+        _fmn_speed(args, model, xs, ys)
+        return
     version = args.version
     components = None
     if version not in ("standard", "plus", "rand"):
@@ -131,6 +140,70 @@ def main() -> None:
         f"ratio {t_ours / t_direct:.3f}"
     )
     print(f"per-point flags identical: {same}")
+    if not same:
+        raise SystemExit(1)
+
+
+def _abba(funcs: dict[str, object], repeat: int) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """Run ``ours`` and ``direct`` alternately (ours, direct, direct, ours, ...)."""
+    order = (["ours", "direct", "direct", "ours"] * repeat)[: 2 * repeat]
+    times: dict[str, list[float]] = {"ours": [], "direct": []}
+    outs: dict[str, list] = {"ours": [], "direct": []}
+    for name in order:
+        t, out = funcs[name]()
+        times[name].append(t)
+        outs[name].append(out)
+    return times, outs
+
+
+def _fmn_speed(args: argparse.Namespace, model: nn.Module, xs, ys) -> None:
+    """Our ``fmn`` stage (``benchmark(attacks="clean,fmn")``) against adv-lib's ``fmn`` called
+    on the same clean-correct points in the same ``--batch-size`` chunks."""
+    from adv_lib.attacks import fmn
+
+    p = math.inf if args.norm == "Linf" else 2.0
+
+    def ours():
+        t0 = time.perf_counter()
+        res = benchmark(
+            model, x=xs, y=ys, eps=args.eps, threat_model=args.norm, attacks="clean,fmn",
+            fmn_steps=args.fmn_steps, batch_size=args.batch_size, seed=args.seed, progress=False,
+        )  # fmt: skip
+        return time.perf_counter() - t0, res.radii
+
+    def direct():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            ok = model(xs).argmax(1) == ys
+        radii = [0.0 if not o else math.inf for o in ok.tolist()]
+        idx = ok.nonzero().flatten().tolist()
+        for i in range(0, len(idx), args.batch_size):
+            chunk = torch.tensor(idx[i : i + args.batch_size])
+            adv = fmn(model, xs[chunk], ys[chunk], norm=p, steps=args.fmn_steps)
+            with torch.no_grad():
+                broken = model(adv).argmax(1) != ys[chunk]
+            norms = (adv.double() - xs[chunk].double()).flatten(1).norm(p=p, dim=1)
+            for j, b, r in zip(chunk.tolist(), broken.tolist(), norms.tolist()):
+                radii[j] = r if b else math.inf
+        return time.perf_counter() - t0, radii
+
+    with torch.no_grad():
+        model(xs[:8])  # warm-up
+    times, radii = _abba({"ours": ours, "direct": direct}, args.repeat)
+    same = all(r == radii["direct"][0] for rs in radii.values() for r in rs)
+    t_ours, t_direct = sum(times["ours"]), sum(times["direct"])
+    print(
+        f"model={args.model} n={args.n} attack=fmn norm={args.norm} steps={args.fmn_steps} "
+        f"eps={args.eps} batch={args.batch_size} threads={torch.get_num_threads()} "
+        f"torch={torch.__version__} cpu={platform.processor() or platform.machine()}"
+    )
+    runs = "  ".join(f"{k}=[{', '.join(f'{t:.2f}' for t in v)}]" for k, v in times.items())
+    print(f"runs (s): {runs}")
+    print(
+        f"ours {t_ours:.2f} s  direct adv-lib fmn {t_direct:.2f} s  (sums over runs)  "
+        f"ratio {t_ours / t_direct:.3f}"
+    )
+    print(f"per-point radii identical: {same}")
     if not same:
         raise SystemExit(1)
 

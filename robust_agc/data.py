@@ -2,8 +2,12 @@
 
 Sources, in order of preference, for each dataset:
 
-1. ``data_dir`` in torchvision's layout (``<data_dir>/FashionMNIST/raw/*.gz``, ``<data_dir>/cifar-10-batches-py``...),
-   or a flat folder holding the original idx ``.gz`` files (MNIST / Fashion-MNIST);
+1. ``data_dir`` in torchvision's layout (``<data_dir>/FashionMNIST/raw/*.gz``, ``<data_dir>/cifar-10-batches-py``,
+   ``<data_dir>/cifar-100-python``, ``<data_dir>/test_32x32.mat``...), or a flat folder holding the
+   original idx ``.gz`` files (MNIST / Fashion-MNIST). CIFAR's python batches are pickles: they are
+   read with a restricted unpickler that builds only dicts, lists, strings, numbers and numpy
+   arrays (any other object in the file is refused, nothing runs); SVHN's ``.mat`` files are read
+   with ``scipy.io.loadmat`` (no pickle);
 2. for Fashion-MNIST, the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``):
    the embedded default, found with no flags;
 3. torchvision's download, only when ``download=True``.
@@ -15,8 +19,10 @@ model selection: a validation split is carved from the training set instead.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import math
+import pickle
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -95,6 +101,27 @@ _IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 _TV_FOLDER = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+_CIFAR_FILES = {  # torchvision's folder, training files, test file, label key
+    "cifar10": (
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        "test_batch",
+        "labels",
+    ),
+    "cifar100": ("cifar-100-python", ("train",), "test", "fine_labels"),
+}
+_SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),  # arrays in protocol-5 pickles
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
+    }
+)
 
 
 def list_datasets() -> list[str]:
@@ -168,11 +195,80 @@ def _load_idx_dataset(
     )
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain containers and numpy arrays (CIFAR's batches)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
+    """One CIFAR python batch: ``(uint8 NCHW images, int64 labels)``, unpickled restrictedly."""
+    import numpy as np
+
+    try:
+        obj = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except (OSError, EOFError, ValueError, TypeError, pickle.UnpicklingError) as e:
+        raise DataUnavailableError(f"cannot read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise DataUnavailableError(f"{path} is not a CIFAR batch (not a dict)")
+    obj = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    data, labels = obj.get("data"), obj.get(label_key)
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataUnavailableError(f"{path} holds no (N, 3072) 'data' array")
+    if labels is None or len(labels) != data.shape[0]:
+        raise DataUnavailableError(f"{path}: {label_key!r} missing or of the wrong length")
+    x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8)).view(-1, 3, 32, 32)
+    return x, torch.as_tensor(np.asarray(labels, dtype=np.int64))
+
+
+def _read_svhn(path: Path) -> tuple[Tensor, Tensor]:
+    """An SVHN ``.mat`` file: ``X`` (32, 32, 3, N), ``y`` (N, 1) with digit 0 stored as 10."""
+    import numpy as np
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise DataUnavailableError(f"cannot read {path}: {e}") from None
+    x, y = mat.get("X"), mat.get("y")
+    if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise DataUnavailableError(f"{path} holds no (32, 32, 3, N) 'X' array")
+    if not isinstance(y, np.ndarray) or y.size != x.shape[3]:
+        raise DataUnavailableError(f"{path}: 'y' missing or of the wrong length")
+    labels = torch.as_tensor(y.reshape(-1).astype(np.int64)) % 10  # 10 is the digit 0
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1), dtype=np.uint8)), labels
+
+
+def _read_local(name: str, split: str, root: Path) -> tuple[Tensor, Tensor] | None:
+    """CIFAR-10/100 or SVHN from ``root`` in torchvision's layout, or None if the files are absent."""
+    if name == "svhn":
+        path = root / _SVHN_FILES[split]
+        return _read_svhn(path) if path.is_file() else None
+    folder, train_files, test_file, key = _CIFAR_FILES[name]
+    files = [root / folder / f for f in (train_files if split == "train" else (test_file,))]
+    if not all(f.is_file() for f in files):
+        return None
+    parts = [_read_cifar_batch(f, key) for f in files]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def _torchvision(
     name: str, split: str, data_dir: Path | None, download: bool
 ) -> tuple[Tensor, Tensor]:
     import torchvision
 
+    if name not in _TV_FOLDER:  # CIFAR, SVHN: our readers first (torchvision's after a download
+        local = _read_local(name, split, data_dir if data_dir is not None else Path("data"))
+        if local is not None:  # verifies the official files' checksums before unpickling them)
+            return local
+    if not download:
+        raise DataUnavailableError(
+            f"{name} ({split}) not found in {data_dir or 'data'}: pass --data-dir to a folder "
+            "holding it in torchvision's layout, or --download when the network is reachable"
+        )
     root = str(data_dir if data_dir is not None else Path("data"))
     train = split == "train"
     try:

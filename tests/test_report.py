@@ -232,3 +232,85 @@ def test_mean_std_and_as_percent():
     assert rp.as_percent(0.5) == 50.0 and rp.as_percent(42.0) == 42.0
     assert rp.mean_std([0.5, None, 0.7], pct=True) == "60.00 ± 14.14"
     assert rp.mean_std([3.0], digits=1) == "3.0" and rp.mean_std([None]) == "-"
+
+
+def _curve_record(path: Path, cfg: dict, curve: list, *, aa: float | None, seed: int) -> Path:
+    """An evaluation record with an ``fmn`` block (and AutoAttack's stage when ``aa``)."""
+    stages = [{"name": "clean", "robust_acc": curve[0][1]}]
+    if aa is not None:
+        stages.append({"name": "autoattack", "robust_acc": aa})
+    stages.append({"name": "fmn", "robust_acc": min(a for _, a in curve)})
+    d = {
+        "clean_acc": curve[0][1],
+        "robust_acc": 0.3,
+        "dataset": "fashion-mnist",
+        "threat_model": "Linf",
+        "eps": 0.1,
+        "n_examples": 10,
+        "architecture": "small-cnn",
+        "stages": stages,
+        "attack_config": {"units": [s["name"] for s in stages]},
+        "model_info": {"config": {**cfg, "seed": seed}},
+        "fmn": {"radii": [], "security_curve": [list(p) for p in curve]},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d))
+    return path
+
+
+def test_security_curves_one_line_per_model_mean_over_seeds(tmp_path, runs):
+    rigl = {"model": "small-cnn", "sparse_method": "rigl", "sparsity": 0.9}
+    setm = {**rigl, "sparse_method": "set"}
+    c0 = [(0.0, 0.8), (0.1, 0.5), (0.2, 0.1)]
+    c1 = [(0.0, 0.9), (0.1, 0.6), (0.2, 0.3)]
+    c2 = [(0.0, 0.7), (0.1, 0.2), (0.2, 0.0)]
+    p0 = _curve_record(tmp_path / "e" / "r0.json", rigl, c0, aa=0.55, seed=0)
+    p1 = _curve_record(tmp_path / "e" / "r1.json", rigl, c1, aa=0.65, seed=1)
+    p2 = _curve_record(tmp_path / "e" / "s0.json", setm, c2, aa=None, seed=0)
+    # a record without an fmn block draws nothing, one attached to a run folder is drawn
+    (tmp_path / "e" / "plain.json").write_text(json.dumps({"clean_acc": 0.5, "robust_acc": 0.1}))
+    attached = _curve_record(
+        runs / "agc_s0" / "eval_fmn.json", {**rigl, "sparsity": 0.5}, c0, aa=0.4, seed=0
+    )
+    evals = [rp.load_eval_result(p) for p in (p0, p1, p2)]
+    curves = rp.security_curves(evals)
+    assert [c.label for c in curves] == ["sparse_method=rigl", "sparse_method=set"]
+    rc, sc = curves
+    assert rc.eps_grid == (0.0, 0.1, 0.2) and rc.paths == (str(p0), str(p1))
+    assert rc.robust_acc == pytest.approx([0.85, 0.55, 0.2])
+    assert rc.std == pytest.approx([statistics.stdev([a, b]) for (_, a), (_, b) in zip(c0, c1)])
+    assert rc.eps == 0.1 and rc.eps_attack == "autoattack"
+    assert rc.eps_attack_acc == pytest.approx(0.6)
+    assert sc.robust_acc == tuple(a for _, a in c2) and sc.std == (0.0, 0.0, 0.0)
+    assert sc.eps_attack is None and sc.eps_attack_acc is None
+    # a different grid is another curve, even for the same model
+    other = _curve_record(tmp_path / "g.json", setm, [(0.0, 0.7), (0.3, 0.0)], aa=None, seed=1)
+    assert len(rp.security_curves([*evals, rp.load_eval_result(other)])) == 3
+    other.unlink()
+
+    out = tmp_path / "report"
+    md = rp.build_report([runs, *(tmp_path / "e").iterdir()], out).read_text()
+    png = out / "security_curve.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Security curves" in md and "(security_curve.png)" in md
+    table = md[md.index("## Security curves") :]
+    assert (
+        "| sparse_method=rigl, sparsity=0.9 | fashion-mnist | Linf | 2 | 0.1 | 55.00 | 60.00 (autoattack) |"
+        in table
+    )
+    assert (
+        "| sparse_method=set, sparsity=0.9 | fashion-mnist | Linf | 1 | 0.1 | 20.00 | - |" in table
+    )
+    assert (
+        "| sparse_method=rigl, sparsity=0.5 | fashion-mnist | Linf | 1 | 0.1 | 50.00 | 40.00 (autoattack) |"
+        in table
+    )  # the run's
+    everything = [rp.load_eval_result(p) for p in (p0, p1, p2, attached)]
+    assert len(rp.security_curves(everything)) == 3  # the run's record is its own model
+    assert rp.security_curve_plot(evals[:0], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_report_without_fmn_records_draws_no_security_curve(runs, tmp_path):
+    md = rp.build_report([runs], tmp_path / "o").read_text()
+    assert "Security curves" not in md and not (tmp_path / "o" / "security_curve.png").exists()

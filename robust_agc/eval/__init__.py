@@ -44,7 +44,7 @@ The package, in the order an evaluation uses it:
 """
 
 from .entry import benchmark
-from .loading import load_model, load_model_and_info
+from .loading import compression_info, load_model, load_model_and_info
 from .plan import (
     AUTOATTACK_COMPONENTS,
     AUTOATTACK_VERSIONS,
@@ -63,6 +63,7 @@ __all__ = [
     "AUTOATTACK_COMPONENTS",
     "AUTOATTACK_VERSIONS",
     "benchmark",
+    "compression_info",
     "load_model",
     "load_model_and_info",
     "make_plan",

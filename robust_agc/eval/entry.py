@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import eval_mode, frozen_parameters
+from .loading import compression_info
 from .plan import EvalPlan, ThreatModel, make_plan
 from .result import EvalResult
 from .runner import RecordInfo, run_evaluation
@@ -63,7 +64,8 @@ def benchmark(
         model_info, architecture, notes: caller metadata, model name and remarks, recorded.
 
     Returns:
-        An :class:`EvalResult`; distributed, every rank (same arguments) returns rank 0's.
+        An :class:`EvalResult` (``sparsity``, ``structure``, ``footnote``: :func:`compression_info`
+        of ``model``); distributed, every rank (same arguments) returns rank 0's.
 
     Raises:
         ValueError: invalid arguments (torch wording: ``Invalid <name> value: ...``).
@@ -90,13 +92,10 @@ def benchmark(
         raise TypeError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
     x, y, dataset = resolve_points(dataset, x, y, n_examples, data_dir)
     info = RecordInfo(
-        dataset=dataset,
-        architecture=architecture,
-        model_info=dict(model_info or {}),
-        notes=tuple(notes),
-        state_file=Path(state_file) if state_file is not None else None,
-        progress=progress,
-    )
+        dataset, architecture, dict(model_info or {}), tuple(notes),
+        Path(state_file) if state_file is not None else None, progress,
+        compression=compression_info(model),  # the weights as given: masks folded in or not
+    )  # fmt: skip
     return _on_device(model, plan, x, y, torch.device(device), info)
 
 

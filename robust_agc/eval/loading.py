@@ -2,6 +2,8 @@
 
 :func:`load_model` returns an eval-ready model (eval mode, sparsity masks folded into the weights);
 :func:`load_model_and_info` also describes where it came from, for the record's ``model_info``.
+:func:`compression_info` measures how sparse a model is (the record's ``sparsity``, ``structure``
+and RobustBench's ``footnote: "Compressed model"``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,19 @@ from ..checkpoint import build_model_from_checkpoint, load_checkpoint, strip_pre
 from ..errors import CheckpointError, UserError
 from .plan import ThreatModel
 
-__all__ = ["load_model", "load_model_and_info"]
+__all__ = [
+    "COMPRESSED_FOOTNOTE",
+    "COMPRESSED_MIN_SPARSITY",
+    "compression_info",
+    "load_model",
+    "load_model_and_info",
+]
+
+COMPRESSED_FOOTNOTE = "Compressed model"
+"""RobustBench's ``footnote`` for a pruned model (the leaderboard's mark of compressed models)."""
+COMPRESSED_MIN_SPARSITY = 0.01
+"""A model whose conv and linear weights are at least this fraction exactly zero counts as pruned
+(a dense model trained in floating point has essentially no exact zeros)."""
 
 
 def load_model_and_info(
@@ -188,3 +202,49 @@ def _load_robustbench(
         "dataset": dataset,
         "threat_model": tm,
     }
+
+
+def _zeros_are_structured(zero: Tensor) -> bool:
+    """Whether every zero of a ``(out, in, ...)`` weight lies in a wholly zero output filter or a
+    wholly zero input channel (filter or channel pruning)."""
+    z = zero.reshape(zero.shape[0], zero.shape[1], -1)
+    filters = z.flatten(1).all(1)
+    channels = z.all(2).all(0)
+    covered = filters.view(-1, 1, 1) | channels.view(1, -1, 1)
+    return bool((z == covered.expand_as(z)).all())
+
+
+def compression_info(model: nn.Module) -> dict[str, Any]:
+    """How pruned ``model`` is, measured on its weights (any source, masks folded or not).
+
+    Returns:
+        ``{"sparsity", "structure", "footnote"}``: ``sparsity`` the fraction of the conv and linear
+        weights (never biases or normalization layers) that are exactly zero (a ``weight_mask``
+        buffer still on a layer counts as zeros where False); ``structure`` ``"dense"`` below
+        :data:`COMPRESSED_MIN_SPARSITY`, else ``"structured"`` when every zero lies in a wholly
+        zero output filter or input channel, else ``"unstructured"`` (our masks); ``footnote``
+        RobustBench's ``"Compressed model"`` for a pruned model, else None. ``sparsity`` is None
+        for a model without conv or linear weights.
+    """
+    from ..sparse import MASK_BUFFER, maskable_modules
+
+    total = zeros = 0
+    structured = True
+    with torch.no_grad():
+        for _, module in maskable_modules(model):
+            zero = module.weight.detach() == 0
+            mask = getattr(module, MASK_BUFFER, None)
+            if isinstance(mask, Tensor) and mask.shape == zero.shape:
+                zero = zero | ~mask.bool()
+            total += zero.numel()
+            n = int(zero.sum())
+            zeros += n
+            if n and structured and zero.ndim >= 2:
+                structured = _zeros_are_structured(zero)
+    if total == 0:
+        return {"sparsity": None, "structure": None, "footnote": None}
+    sparsity = zeros / total
+    if sparsity < COMPRESSED_MIN_SPARSITY:
+        return {"sparsity": sparsity, "structure": "dense", "footnote": None}
+    structure = "structured" if structured else "unstructured"
+    return {"sparsity": sparsity, "structure": structure, "footnote": COMPRESSED_FOOTNOTE}

@@ -70,6 +70,10 @@ class EvalResult:
             (:func:`robust_agc.eval.fmn.security_curve`).
         fmn_disagree: per point, ``"eps_attack_only"``, ``"fmn_only"`` or None
             (:func:`robust_agc.eval.fmn.disagreement`); None when no eps-attack ran.
+        sparsity, structure, footnote: how pruned the evaluated model is
+            (:func:`robust_agc.eval.loading.compression_info`: the zero fraction of its conv and
+            linear weights; ``"dense"``, ``"unstructured"`` or ``"structured"``; RobustBench's
+            ``"Compressed model"`` for a pruned model, else None).
     """
 
     clean_acc: float
@@ -102,6 +106,9 @@ class EvalResult:
     eps_grid: list[float] | None = None
     security_curve: list[tuple[float, float]] | None = None
     fmn_disagree: list[str | None] | None = None
+    sparsity: float | None = None
+    structure: str | None = None
+    footnote: str | None = None
 
     @property
     def autoattack_acc(self) -> float | None:
@@ -114,14 +121,15 @@ class EvalResult:
         RobustBench fields: ``clean_acc``, ``autoattack_acc`` (only when AutoAttack ran; the worst
         case over the stages up to and including it), ``eps``, ``threat_model``, ``dataset``,
         ``architecture``, ``n_examples``, ``number_forward_passes`` (forward passes of the network
-        per prediction, measured: 1 for a plain network), ``additional_data`` (False). Accuracies
-        are fractions in [0, 1] (RobustBench's JSON files store percentages). Our fields:
-        ``robust_acc``, ``stages``, ``per_point_robust``, ``per_point_broken_by``, ``flags``,
-        ``flag_details``, ``seed``, ``timings``, ``passes``, ``world_size``, ``attack_config``,
-        ``versions``, ``machine``, ``model_info``, ``notes``; with the ``fmn`` stage, ``fmn``:
-        ``radii`` (per point, ``"inf"`` where none was found), ``security_curve`` (``[[eps,
-        acc], ...]``) and, where an eps-attack ran, ``disagree`` (per point) and
-        ``n_disagree`` (per kind).
+        per prediction, measured: 1 for a plain network), ``additional_data`` (False), ``footnote``
+        (``"Compressed model"`` for a pruned model, else None). Accuracies are fractions in
+        [0, 1] (RobustBench's JSON files store percentages). Our fields: ``robust_acc``,
+        ``stages``, ``per_point_robust``, ``per_point_broken_by``, ``flags``, ``flag_details``,
+        ``seed``, ``timings``, ``passes``, ``world_size``, ``attack_config``, ``versions``,
+        ``machine``, ``model_info``, ``notes``, ``sparsity``, ``structure``; with the ``fmn``
+        stage, ``fmn``: ``radii`` (per point, ``"inf"`` where none was found),
+        ``security_curve`` (``[[eps, acc], ...]``) and, where an eps-attack ran, ``disagree``
+        (per point) and ``n_disagree`` (per kind).
         """
         stages = []
         for name, acc in self.stage_acc.items():
@@ -164,6 +172,9 @@ class EvalResult:
                 "acc_unit": "fraction",
                 "additional_data": False,
                 "number_forward_passes": self.number_forward_passes,
+                "footnote": self.footnote,
+                "sparsity": self.sparsity,
+                "structure": self.structure,
                 "stages": stages,
                 "per_point_robust": [bool(v) for v in self.robust_flags.tolist()],
                 "per_point_broken_by": list(self.broken_by),

@@ -67,7 +67,8 @@ PGD_CHECK_POINTS = 64
 @dataclass(frozen=True)
 class RecordInfo:
     """What the record says about the evaluation beyond its results (the caller's metadata), where
-    rank 0 keeps the state and whether it shows progress bars; ``t_start``: when it began."""
+    rank 0 keeps the state and whether it shows progress bars; ``t_start``: when it began;
+    ``compression``: :func:`~robust_agc.eval.loading.compression_info` of the model."""
 
     dataset: str | None
     architecture: str | None
@@ -76,6 +77,7 @@ class RecordInfo:
     state_file: Path | None
     progress: bool
     t_start: float = field(default_factory=time.perf_counter)
+    compression: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -513,6 +515,7 @@ def assemble_result(
         number_forward_passes=clean.forward_passes,
         world_size=s.comm.world,
         machine=machine_info(world_size=s.comm.world),
+        **info.compression,
         **_fmn_fields(plan, state),
     )
 

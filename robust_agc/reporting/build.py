@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import UserError
+from .curves import security_curves, security_table
 from .groups import group_runs
-from .plots import make_plots
+from .plots import make_plots, security_curve_plot
 from .runs import collect
 from .tables import eval_table, run_table
 
@@ -21,6 +22,10 @@ def build_report(
     paths: Sequence[str | Path], out_dir: str | Path, facet: Sequence[str] = ()
 ) -> Path:
     """Write ``report.md`` and the plots into ``out_dir``; return the markdown file's path.
+
+    Evaluation records with an ``fmn`` security curve (standalone or attached to a run folder)
+    give ``security_curve.png``, one line per model
+    (:func:`~robust_agc.reporting.plots.security_curve_plot`).
 
     ``facet``: config keys whose values split the accuracy and coefficient plots into rows of
     panels (see :func:`~robust_agc.reporting.plots.make_plots`)."""
@@ -42,6 +47,16 @@ def build_report(
     if evals:
         parts.append(f"\n## Evaluations\n\n{len(evals)} result files; mean ± std over seeds.\n\n")
         parts.append(eval_table(evals))
+    all_evals = [*evals, *(d for r in runs for d in r.evals)]
+    curve = security_curve_plot(all_evals, out_dir / "security_curve.png")
+    if curve is not None:
+        parts.append(
+            "\n## Security curves\n\nRobust accuracy against the perturbation radius, from the "
+            "FMN radii of the evaluations with the `fmn` stage (mean over seeds; a star marks the "
+            "eps-attack's robust accuracy at eps).\n\n"
+            f"![{curve.stem}]({curve.name})\n\n"
+        )
+        parts.append(security_table(security_curves(all_evals)))
     if plots:
         parts.append("\n## Plots\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in plots))
     md = out_dir / "report.md"

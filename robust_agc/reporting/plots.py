@@ -1,6 +1,8 @@
 """PNG plots of run groups (matplotlib, Agg backend): accuracy vs epoch and vs time, the AGC
 coefficient, the gradient-variance probe and the density. Each curve is the mean over a group's
-seeds with a shaded ± std band."""
+seeds with a shaded ± std band. From evaluation records with the ``fmn`` stage, the security
+curves (robust accuracy against the radius, ``docs/protocols.md`` section 1) of several models on
+one figure (:func:`security_curve_plot`, data from :mod:`~robust_agc.reporting.curves`)."""
 
 from __future__ import annotations
 
@@ -10,11 +12,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .curves import SecurityCurve, security_curves
 from .groups import facet_groups, group_labels
 from .runs import Run
 from .stats import as_percent
 
-__all__ = ["band", "make_plots", "mean_curve", "probe_curve"]
+__all__ = ["band", "make_plots", "mean_curve", "probe_curve", "security_curve_plot"]
 
 Curve = tuple[list[float], list[float], list[float]]
 Facets = list[tuple[str, dict[str, list[Run]]]]
@@ -269,3 +272,39 @@ def make_plots(
     if _any_key(all_runs, "density"):
         written.append(_density_plot(plt, groups, labels, out_dir / "density.png"))
     return [p for p in written if p is not None]
+
+
+_ATTACK_NAMES = {"autoattack": "AutoAttack", "pgd": "PGD", "square": "Square"}
+
+
+def security_curve_plot(evals: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
+    """Draw :func:`security_curves` into ``path`` (PNG): robust accuracy (%) against the radius,
+    one line per model (± std band over seeds), one panel per dataset and threat model, and the
+    eps-attack's robust accuracy at eps marked on each curve (a star of the line's colour).
+    Returns ``path``, or None (nothing written) when no record has a security curve."""
+    curves = security_curves(evals)
+    if not curves:
+        return None
+    panels: dict[tuple[str | None, str | None], list[SecurityCurve]] = {}
+    for c in curves:
+        panels.setdefault((c.dataset, c.threat_model), []).append(c)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, ((dataset, threat), cs) in zip(axes[0], panels.items()):
+        for c in cs:
+            pct = [100.0 * a for a in c.robust_acc]
+            line = band(ax, c.eps_grid, pct, c.std, scale=100.0, floor=0.0, marker=".",
+                        label=c.label)  # fmt: skip
+            if c.eps_attack_acc is not None and c.eps is not None:
+                name = _ATTACK_NAMES.get(c.eps_attack or "", c.eps_attack)
+                ax.plot([c.eps], [100.0 * c.eps_attack_acc], "*", ms=12, mec="black",
+                        color=line.get_color(), label=f"{c.label}: {name} at eps")  # fmt: skip
+        ax.set_xlabel(f"perturbation radius ({threat} norm)")
+        ax.set_ylabel("robust accuracy (%)")
+        ax.set_title(f"security curves, {dataset} {threat} (FMN radii)", fontsize=9)
+        ax.set_ylim(bottom=0.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    written = _save(fig, Path(path))
+    plt.close(fig)
+    return written

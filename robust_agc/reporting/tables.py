@@ -10,7 +10,7 @@ from .groups import IGNORED_CONFIG_KEYS, config_group_key, group_labels
 from .runs import Run, eval_robust_acc, flatten_config
 from .stats import mean_std
 
-__all__ = ["eval_table", "run_table"]
+__all__ = ["eval_group_key", "eval_table", "run_table"]
 
 
 def _run_row(label: str, runs: Sequence[Run]) -> str:
@@ -47,8 +47,9 @@ def run_table(groups: dict[str, list[Run]]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
-def _eval_group_key(d: dict[str, Any]) -> str:
-    """The group of an evaluation record: its model's config without the seed, and the threat."""
+def eval_group_key(d: dict[str, Any]) -> str:
+    """The group of an evaluation record: its model's config without the seed, and the threat
+    model, radius, points and attacks (records of one group differ only in the seed)."""
     cfg = (d.get("model_info") or {}).get("config")
     base = flatten_config(cfg) if isinstance(cfg, dict) else {"file": d["_path"]}
     base.update(
@@ -68,7 +69,7 @@ def eval_table(evals: Sequence[dict[str, Any]]) -> str:
     """Markdown table of evaluation results, grouped by model config without seed, mean ± std."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for d in evals:
-        groups.setdefault(_eval_group_key(d), []).append(d)
+        groups.setdefault(eval_group_key(d), []).append(d)
     head = (
         "| model | dataset | threat | eps | n | seeds | clean acc (%) | robust acc (%) | "
         "attacks | flags fired |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
