@@ -16,6 +16,7 @@ from .base import BN_MODES, NORMS, Attack, frozen_parameters
 from .fgsm import FGSM
 from .fgsmrs import FGSMRS
 from .losses import LOSSES, cross_entropy, dlr, kl_divergence, resolve_loss
+from .nfgsm import NFGSM
 from .pgd import PGD
 from .pgdl2 import PGDL2
 from .trades import TRADESAttack
@@ -24,6 +25,7 @@ __all__ = [
     "Attack",
     "FGSM",
     "FGSMRS",
+    "NFGSM",
     "PGD",
     "PGDL2",
     "TRADESAttack",
@@ -44,6 +46,7 @@ __all__ = [
 _REGISTRY: dict[str, type[Attack]] = {
     "fgsm": FGSM,
     "fgsm-rs": FGSMRS,
+    "n-fgsm": NFGSM,
     "pgd": PGD,
     "pgd-l2": PGDL2,
     "trades": TRADESAttack,
@@ -60,7 +63,7 @@ def create_attack(name: str, model: nn.Module, **kwargs: Any) -> Attack:
 
     Args:
         name: one of :func:`list_attacks` (``"pgd"``, ``"pgd-l2"``, ``"fgsm"``, ``"fgsm-rs"``,
-            ``"trades"``).
+            ``"n-fgsm"``, ``"trades"``).
         model: the classifier to attack.
         **kwargs: the attack's arguments (``eps`` is always required).
     """

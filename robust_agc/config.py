@@ -37,7 +37,9 @@ from .optim import ESTIMATORS, list_optimizers
 from .sparse import DISTRIBUTIONS, NOISE_FORMS, list_sparse_methods
 
 __all__ = [
+    "COLLAPSE_ACTIONS",
     "DERIVED_KEYS",
+    "SINGLE_STEP_ATTACKS",
     "EXECUTION_KEYS",
     "TrainConfig",
     "add_train_arguments",
@@ -64,6 +66,14 @@ shape and the resolved attack radius and step size). Not settings: :func:`load_y
 drops them. They are not checked against what the settings derive: the settings are the source
 of truth, and "rerun this run with another radius" (``--config RUN/config.yaml --eps 0.2``, or an
 edited copy) must not be refused because the stale derived value disagrees."""
+
+
+COLLAPSE_ACTIONS: tuple[str, ...] = ("auto", "off", "warn", "stop", "rollback")
+"""Accepted ``--on-collapse`` values (``auto`` resolves to ``warn`` or ``off``:
+:meth:`TrainConfig.collapse_action`)."""
+
+SINGLE_STEP_ATTACKS: frozenset[str] = frozenset({"fgsm", "fgsm-rs", "n-fgsm"})
+"""Training attacks of one signed-gradient step, prone to catastrophic overfitting."""
 
 
 def trainable_optimizers() -> list[str]:
@@ -225,6 +235,41 @@ class TrainConfig:
     eps_warmup_epochs: float = _f(
         0.0, "adversarial", "ramp the radius linearly from 0 over this many epochs"
     )
+    # fast adversarial training (single-step and replay; docs/usage.md "Fast adversarial training")
+    nfgsm_noise: float | None = _f(
+        None,
+        "fast-at",
+        "n-fgsm (--train-attack n-fgsm): noise radius as a multiple k of eps (default 2)",
+    )
+    grad_align: float = _f(
+        0.0,
+        "fast-at",
+        "GradAlign weight lambda of 1 - cos(grad_x CE(x), grad_x CE(x + eta)) added to the "
+        "objective (0: off; 3 extra forward+backward passes per example, counted)",
+    )
+    free_replays: int = _f(
+        1,
+        "fast-at",
+        "free adversarial training: replay each batch M times, one optimizer step and one "
+        "signed step of a carried perturbation per replay (1: off; an epoch is M optimizer "
+        "steps per batch)",
+    )
+    on_collapse: str = _f(
+        "auto",
+        "fast-at",
+        "catastrophic-overfitting guard: off, warn, stop, or rollback (restore the last good "
+        "epoch's checkpoint and stop); auto = warn with a single-step training attack or "
+        "free replays, off otherwise",
+        choices=COLLAPSE_ACTIONS,
+    )
+    collapse_gap: float = _f(
+        0.3, "fast-at", "guard: flag when validation FGSM accuracy exceeds PGD accuracy by this"
+    )
+    collapse_drop: float = _f(
+        0.2,
+        "fast-at",
+        "guard: flag when validation PGD accuracy falls this far below the best good epoch's",
+    )
     # sparsity
     sparse_method: str = _f(
         "dense",
@@ -347,8 +392,55 @@ class TrainConfig:
                     f"Invalid {f.name} value: {value!r} (choose from {', '.join(choices)})"
                 )
         parse_refresh(self.agc_refresh)
+        self._validate_fast_at()
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise UserError(f"Invalid device value: {self.device!r} (cpu, cuda or cuda:N)")
+
+    def _validate_fast_at(self) -> None:
+        """The fast adversarial training settings and the combinations they exclude."""
+        checks: list[tuple[str, bool]] = [
+            ("nfgsm_noise", self.nfgsm_noise is None or 0 <= self.nfgsm_noise < math.inf),
+            ("grad_align", 0 <= self.grad_align < math.inf),
+            ("free_replays", self.free_replays >= 1),
+            ("collapse_gap", 0.0 <= self.collapse_gap <= 1.0),
+            ("collapse_drop", 0.0 <= self.collapse_drop <= 1.0),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise UserError(f"Invalid {name} value: {getattr(self, name)}")
+        excluded = [
+            (self.nfgsm_noise is not None and self.train_attack != "n-fgsm",
+             "--nfgsm-noise applies to --train-attack n-fgsm only"),
+            (self.grad_align > 0 and self.amp == "fp16",
+             "--grad-align with --amp fp16: GradAlign's input gradients are not loss-scaled"),
+            (self.free_replays > 1 and self.train_attack is not None,
+             "--free-replays crafts its own perturbation: drop --train-attack"),
+            (self.free_replays > 1 and self.objective == "natural",
+             "--free-replays needs an adversarial objective, not natural"),
+            (self.free_replays > 1 and self.agc_full_grad == "adversarial",
+             "--free-replays has no attack to craft the refresh's adversarial batches: "
+             "use --agc-full-grad clean"),
+            (self.free_replays > 1 and self.probe_variance_every > 0,
+             "--free-replays has no attack for the variance probe's batches"),
+            (self.on_collapse in ("warn", "stop", "rollback")
+             and min(self.val_size, self.eval_subset) == 0,
+             f"--on-collapse {self.on_collapse} needs validation points "
+             "(--val-size and --eval-subset above 0)"),
+        ]  # fmt: skip
+        for bad, message in excluded:
+            if bad:
+                raise UserError(f"Invalid combination: {message}")
+
+    def collapse_action(self) -> str:
+        """The catastrophic-overfitting guard's action: ``off``, ``warn``, ``stop`` or
+        ``rollback``. ``auto`` is ``warn`` for a single-step training attack
+        (:data:`SINGLE_STEP_ATTACKS`) or free replays with validation points to watch, else
+        ``off``."""
+        if self.on_collapse != "auto":
+            return self.on_collapse
+        fast = self.train_attack in SINGLE_STEP_ATTACKS or self.free_replays > 1
+        watched = min(self.val_size, self.eval_subset) > 0
+        return "warn" if fast and watched and self.objective != "natural" else "off"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON/checkpoint safe)."""

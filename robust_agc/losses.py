@@ -31,6 +31,7 @@ __all__ = [
     "pgd_at_loss",
     "trades_loss",
     "mart_loss",
+    "grad_align_penalty",
     "Objective",
     "get_objective",
     "list_objectives",
@@ -91,6 +92,44 @@ def mart_loss(logits_clean: Tensor, logits_adv: Tensor, y: Tensor, beta: float =
     kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(dim=1)
     loss_robust = (kl * (1.0000001 - true_probs)).sum() / n
     return loss_adv + beta * loss_robust
+
+
+def _input_grad(model: nn.Module, x: Tensor, y: Tensor, *, create_graph: bool) -> Tensor:
+    """``grad_x`` of the summed cross-entropy at ``x`` (each row: its own example's gradient)."""
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(_float32_logits(model(x)), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x, create_graph=create_graph)
+    return grad.flatten(1)
+
+
+def grad_align_penalty(model: nn.Module, x: Tensor, y: Tensor, eta: Tensor) -> Tensor:
+    """GradAlign's regulariser without its weight (Andriushchenko & Flammarion 2020,
+    https://arxiv.org/abs/2007.02617): ``1 - mean_i cos(g_i(x_i), g_i(x_i + eta_i))`` with
+    ``g_i`` the input gradient of example ``i``'s cross-entropy.
+
+    As the authors' code (github.com/tml-epfl/understanding-fast-adv-training, ``train.py``): the
+    gradient at ``x`` is a constant (no graph), the one at ``x + eta`` keeps its graph, so the
+    penalty's weight gradient is a double backpropagation through it; ``x + eta`` is not clipped
+    to [0, 1]; examples with a zero gradient at either point are left out of the mean (a penalty
+    of 0 with a graph when none is left). The model runs in its current mode.
+
+    Args:
+        model: the classifier (its parameters receive the gradient through ``backward``).
+        x: clean inputs ``(N, ...)``.
+        y: labels ``(N,)``.
+        eta: the noise, shaped like ``x`` (the paper draws ``U(-eps, eps)``).
+
+    Cost: three forward+backward passes per example (two input gradients, then the double
+    backward through the second).
+    """
+    g_clean = _input_grad(model, x, y, create_graph=False)
+    g_noisy = _input_grad(model, x + eta, y, create_graph=True)
+    n_clean, n_noisy = g_clean.norm(dim=1), g_noisy.norm(dim=1)
+    keep = (n_clean != 0) & (n_noisy != 0)
+    if not bool(keep.any()):
+        return g_noisy.sum() * 0.0
+    cos = (g_clean[keep] / n_clean[keep, None] * (g_noisy[keep] / n_noisy[keep, None])).sum(1)
+    return 1.0 - cos.mean()
 
 
 def _float32_logits(logits: Tensor) -> Tensor:

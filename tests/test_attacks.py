@@ -16,6 +16,7 @@ import attacks
 from attacks import (
     FGSM,
     FGSMRS,
+    NFGSM,
     PGD,
     PGDL2,
     Attack,
@@ -135,6 +136,8 @@ def test_inside_ball_and_box(name, tiny_model, data):
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
     if _is_l2(attack):
         assert float(_l2(x_adv, x).max()) <= attack.eps * (1 + 1e-5)
+    elif isinstance(attack, NFGSM):  # unprojected by design: noise radius plus one step
+        assert float(_linf(x_adv, x).max()) <= attack.noise * attack.eps + attack.alpha + 1e-6
     else:
         assert float(_linf(x_adv, x).max()) <= attack.eps + 1e-6
     assert float(_linf(x_adv, x).max()) > 0.0  # it did perturb
@@ -267,6 +270,7 @@ def test_cost_per_example(name, tiny_model):
     expected = {
         "fgsm": 1,
         "fgsm-rs": 1,
+        "n-fgsm": 1,
         "pgd": 10,
         "pgd-l2": 10,
         "trades": 10,
@@ -559,7 +563,7 @@ def test_invalid_inputs(make_x, y, message, tiny_model):
 
 
 def test_registry():
-    assert list_attacks() == ["fgsm", "fgsm-rs", "pgd", "pgd-l2", "trades"]
+    assert list_attacks() == ["fgsm", "fgsm-rs", "n-fgsm", "pgd", "pgd-l2", "trades"]
     assert set(attacks.__all__) >= {"Attack", "PGD", "create_attack", "list_attacks"}
     assert isinstance(create_attack("pgd-l2", _M, eps=0.5, steps=3), PGDL2)
 

@@ -219,6 +219,7 @@ def test_named_streams_keep_the_seeds_of_the_original_offsets():
         "masks": 107,
         "topology": 111,
         "agc_refresh": 117,
+        "grad_align": 123,
     }
     assert seeds.rank_seed(100, 2) == 100 + 2 * 1_000_003
     assert seeds.reseeded_rank_seed(100, 3, 2) == 100 + 3 * 7919 + 2 * 1_000_003

@@ -47,6 +47,17 @@ def run_train(args: argparse.Namespace) -> int:
     if rank > 0:
         return 0
     final = summary["final"]
+    guard = summary.get("collapse_guard") or {}
+    if guard.get("stopped"):
+        how = (
+            f"rolled back to epoch {guard['rolled_back_to']}"
+            if guard.get("rolled_back_to") is not None
+            else "stopped"
+        )
+        print(f"catastrophic overfitting at epoch {guard['flagged'][-1]}: {how}")
+    if not final:  # rolled back to the initial state: no epoch kept
+        print(f"no trained epoch kept; run stored in {out}")
+        return 0
     print(
         f"clean accuracy {final['test_clean_acc']:.4f}, PGD-{cfg.eval_steps} robust accuracy "
         f"{final['test_robust_acc']:.4f} on the first {cfg.eval_subset} test points; run stored in {out}"

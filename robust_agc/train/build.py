@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from attacks import PGD, Attack, create_attack
+from attacks import FGSM, PGD, Attack, create_attack
 
 from ..config import TrainConfig
 from ..data import Batches, DatasetInfo, DataSplits, make_splits
@@ -37,6 +37,7 @@ from .seeds import rank_seed, stream_generator, stream_seed
 __all__ = [
     "build_batches",
     "build_eval_attack",
+    "build_guard_attack",
     "build_masks",
     "build_model",
     "build_objective",
@@ -46,6 +47,7 @@ __all__ = [
     "lr_factor",
     "mask_buffer_names",
     "resolve_device",
+    "resolve_step_size",
     "wrap_data_parallel",
 ]
 
@@ -131,20 +133,47 @@ def build_optimizer(
 def build_objective(
     cfg: TrainConfig, model: nn.Module, eps: float, step_size: float
 ) -> tuple[Objective, Attack | None]:
-    """The training objective and the attack crafting its inputs (``None`` for natural training):
-    ``--train-attack`` if given, else the objective's own default attack."""
+    """The training objective and the attack crafting its inputs (``None`` for natural training
+    and for free adversarial training, whose perturbation the trainer carries): ``--train-attack``
+    if given, else the objective's own default attack."""
     objective = get_objective(cfg.objective, beta=cfg.beta)
-    if not objective.needs_adversarial:
+    if not objective.needs_adversarial or cfg.free_replays > 1:  # free AT: its own perturbation
         return objective, None
     if cfg.train_attack:
         attack = create_attack(
-            cfg.train_attack, model, eps=eps, alpha=step_size, steps=cfg.attack_steps
+            cfg.train_attack, model, **_train_attack_kwargs(cfg, eps=eps, step_size=step_size)
         )
     else:
         attack = objective.default_attack(
             model, eps=eps, alpha=step_size, steps=cfg.attack_steps, bn_mode=cfg.attack_bn_mode
         )
     return objective, attack
+
+
+def resolve_step_size(cfg: TrainConfig, eps: float) -> float:
+    """The training attack's step size: ``--attack-step-size`` if given, else ``eps`` for
+    free adversarial training, FGSM and N-FGSM, ``1.25 * eps`` for FGSM-RS (the papers' choices),
+    and ``2.5 * eps / attack_steps`` for the multi-step attacks."""
+    if cfg.attack_step_size:
+        return cfg.attack_step_size
+    if cfg.free_replays > 1 or cfg.train_attack in ("fgsm", "n-fgsm"):
+        return eps
+    if cfg.train_attack == "fgsm-rs":
+        return 1.25 * eps
+    return 2.5 * eps / cfg.attack_steps
+
+
+def _train_attack_kwargs(cfg: TrainConfig, *, eps: float, step_size: float) -> dict[str, Any]:
+    """The arguments ``--train-attack``'s class takes: the single-step attacks take no ``steps``
+    (FGSM no ``alpha`` either: its step is ``eps``), N-FGSM its noise multiplier."""
+    if cfg.train_attack == "fgsm":
+        return {"eps": eps}
+    if cfg.train_attack == "fgsm-rs":
+        return {"eps": eps, "alpha": step_size}
+    if cfg.train_attack == "n-fgsm":
+        noise = 2.0 if cfg.nfgsm_noise is None else cfg.nfgsm_noise
+        return {"eps": eps, "alpha": step_size, "noise": noise}
+    return {"eps": eps, "alpha": step_size, "steps": cfg.attack_steps}
 
 
 def build_batches(cfg: TrainConfig, splits: DataSplits, *, rank: int, world_size: int) -> Batches:
@@ -269,3 +298,9 @@ def build_eval_attack(cfg: TrainConfig, model: nn.Module, eps: float) -> PGD:
         random_start=True,
         seed=stream_seed(cfg.seed, "eval_attack"),
     )
+
+
+def build_guard_attack(model: nn.Module, eps: float) -> FGSM:
+    """The single-step attack of the catastrophic-overfitting guard's per-epoch check: FGSM at
+    ``eps`` (deterministic: no random numbers drawn)."""
+    return FGSM(model, eps)

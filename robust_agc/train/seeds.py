@@ -12,6 +12,7 @@ stream         seed                                     used by
 ``masks``      ``seed + 7``                             the initial sparse masks
 ``topology``   ``seed + 11``                            the topology scheduler (SET, BSR-Net)
 ``agc_refresh`` ``seed + 17``                           which batches an AGC refresh uses
+``grad_align``  ``seed + 23``                           GradAlign's noise (``--grad-align``)
 rank starts    ``seed + 1_000_003 * rank``              the global RNG of rank > 0 (DDP)
 reseeded       ``seed + 7919 * epoch + 1_000_003 * rank`` resuming on another world size
 ============== ======================================== =======================================
@@ -40,6 +41,7 @@ STREAM_OFFSETS: dict[str, int] = {
     "masks": 7,
     "topology": 11,
     "agc_refresh": 17,
+    "grad_align": 23,
 }
 """Offset of each named stream from the run's seed."""
 

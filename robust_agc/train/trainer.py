@@ -32,13 +32,15 @@ from .. import __version__
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import TrainConfig, parse_refresh
 from ..data import Batches, DataSplits
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UserError
+from ..losses import grad_align_penalty
 from ..optim import is_corrected
 from ..probe import gradient_variance
 from ..utils import comm_device, dist_info, machine_info
 from . import build
 from .accuracy import evaluate_accuracy
 from .amp import autocast, build_scaler, loss_scale_kwargs, scaled_step
+from .fast_at import CollapseGuard, FreePerturbation
 from .run_dir import (
     METRIC_FIELDS,
     check_resume_config,
@@ -116,7 +118,7 @@ class Trainer:
         self.splits = build.build_splits(cfg, splits)
         info = self.splits.info
         self.eps = info.eps_linf if cfg.eps is None else cfg.eps
-        self.step_size = cfg.attack_step_size or 2.5 * self.eps / cfg.attack_steps
+        self.step_size = build.resolve_step_size(cfg, self.eps)
         self.model = build.build_model(cfg, info, self.device)
         self.amp_dtype, self.scaler = build_scaler(cfg.amp, self.device.type)
         self.masks = build.build_masks(cfg, self.model)
@@ -128,7 +130,7 @@ class Trainer:
         self.batches = build.build_batches(
             cfg, self.splits, rank=self.rank, world_size=self.world_size
         )
-        self.steps_per_epoch = len(self.batches)
+        self.steps_per_epoch = len(self.batches) * cfg.free_replays  # optimizer steps
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.topology = build.build_topology(
             cfg,
@@ -151,6 +153,20 @@ class Trainer:
             world_size=self.world_size,
         )
         self.eval_attack = build.build_eval_attack(cfg, self.model, self.eps)
+        self._init_fast_at(cfg)
+
+    def _init_fast_at(self, cfg: TrainConfig) -> None:
+        """Free adversarial training's perturbation, GradAlign's noise stream and the collapse
+        guard, each only when its option is on (no state and no random draws otherwise)."""
+        self.free = FreePerturbation() if cfg.free_replays > 1 else None
+        self._grad_align_gen = (
+            stream_generator(cfg.seed, "grad_align") if cfg.grad_align > 0 else None
+        )
+        action = cfg.collapse_action()
+        self.guard = None
+        if action != "off":
+            self.guard = CollapseGuard(action, gap=cfg.collapse_gap, drop=cfg.collapse_drop)
+            self.guard_attack = build.build_guard_attack(self.model, self.eps)
 
     # --------------------------------------------------------------------------------------- pieces
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -266,17 +282,40 @@ class Trainer:
         return tel
 
     # ------------------------------------------------------------------------------------------ run
+    def _grad_align_term(self, x: Tensor, y: Tensor) -> Tensor:
+        """``--grad-align`` times :func:`~robust_agc.losses.grad_align_penalty` on the training
+        model, with ``eta ~ U(-eps, eps)`` from the ``grad_align`` stream (the current radius)."""
+        eps = self._eps_now()
+        g = self._grad_align_gen
+        eta = torch.rand(x.shape, generator=g, dtype=x.dtype).mul_(2.0 * eps).sub_(eps)
+        eta = eta.to(x.device, memory_format=torch.preserve_format)
+        return self.cfg.grad_align * grad_align_penalty(self.train_model, x, y, eta)
+
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """One training step on ``(x, y)``; returns ``(loss, logits)``."""
+        """One training step on ``(x, y)``; returns ``(loss, logits)``.
+
+        With free adversarial training the input is ``x`` plus the carried perturbation, which
+        the same backward pass then moves one signed step. GradAlign's penalty is added to the
+        loss whose gradient the step takes; a corrected optimizer's snapshot pass (and refresh)
+        evaluate the objective alone, so the correction stays zero-mean and the penalty's
+        gradient enters uncorrected."""
         opt, scaler, n = self.optimizer, self.scaler, x.shape[0]
         with self._autocast():
-            x_adv = self._craft(x, y)
+            x_adv = self._craft(x, y) if self.free is None else self.free.start(x)
         self.train_model.train()
         with self._autocast():
             loss, logits = self.objective(self.train_model, x, x_adv, y)
+        if self._grad_align_gen is not None:
+            with self._autocast():
+                loss = loss + self._grad_align_term(x, y)
         opt.zero_grad(set_to_none=True)
         (loss if scaler is None else scaler.scale(loss)).backward()
         fb = self.objective.forwards_per_step * n
+        if self.free is not None:
+            x_adv = x_adv.detach()
+            eps = self._eps_now()
+            alpha = self.step_size if eps == self.eps else self.step_size * eps / self.eps
+            self.free.step_(eps=eps, alpha=alpha)
         if self.is_agc:
             opt.snapshot_backward(  # type: ignore[attr-defined]
                 self.model,
@@ -284,6 +323,8 @@ class Trainer:
                 **self._loss_scale_kwargs(),
             )
             fb *= 2
+        if self._grad_align_gen is not None:
+            fb += 3 * n
         stepped = self._optimizer_step()
         self.lr_scheduler.step()
         # A step skipped by the float16 loss scaler is skipped by the topology too (RigL's
@@ -314,16 +355,17 @@ class Trainer:
         probes: list[dict[str, float]] = []
         skipped_before = self.state.amp_skipped_steps
         for i, (x, y) in enumerate(self._epoch_batches(progress)):
-            if self._refresh_due(epoch_start=i == 0):
-                t0 = time.perf_counter()
-                refresh_tel = self._refresh()
-                refresh_time += time.perf_counter() - t0
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             x = self._to_input_format(x)
-            loss, logits = self._train_step(x, y)
-            if cfg.probe_variance_every and self.state.step % cfg.probe_variance_every == 0:
-                probes.append(self._probe_variance())
-            stats.add(loss, logits, y)
+            for j in range(cfg.free_replays):  # one optimizer step each (free AT replays)
+                if self._refresh_due(epoch_start=i == 0 and j == 0):
+                    t0 = time.perf_counter()
+                    refresh_tel = self._refresh()
+                    refresh_time += time.perf_counter() - t0
+                loss, logits = self._train_step(x, y)
+                if cfg.probe_variance_every and self.state.step % cfg.probe_variance_every == 0:
+                    probes.append(self._probe_variance())
+                stats.add(loss, logits, y)
         out: dict[str, Any] = stats.result(self.world_size)
         if probes:
             out["grad_var"] = probes
@@ -404,6 +446,10 @@ class Trainer:
             out[f"{name}_robust_acc"] = evaluate_accuracy(
                 self.model, x, y, attack=self.eval_attack, device=self.device
             )
+            if self.guard is not None and name == "val":  # the guard's single-step accuracy
+                out["val_fgsm_acc"] = evaluate_accuracy(
+                    self.model, x, y, attack=self.guard_attack, device=self.device
+                )
         return out
 
     def sparse_report(self) -> dict[str, Any]:
@@ -461,7 +507,25 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "skipped_steps": st.amp_skipped_steps,
             }
+        self._fast_at_state(ckpt)
         return ckpt
+
+    def _fast_at_state(self, ckpt: dict[str, Any]) -> None:
+        """Add the state of the fast adversarial training options that are on to ``ckpt``."""
+        if self.free is not None:
+            ckpt["free_at"] = self.free.state_dict()
+        if self._grad_align_gen is not None:
+            ckpt["rng"]["grad_align"] = self._grad_align_gen.get_state()
+        if self.guard is not None:
+            ckpt["collapse_guard"] = self.guard.state_dict()
+
+    def _load_fast_at_state(self, ckpt: dict[str, Any]) -> None:
+        if self.free is not None:
+            self.free.load_state_dict(ckpt["free_at"])
+        if self._grad_align_gen is not None:
+            self._grad_align_gen.set_state(ckpt["rng"]["grad_align"])
+        if self.guard is not None:
+            self.guard.load_state_dict(ckpt["collapse_guard"])
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (the config must describe the same run)."""
@@ -478,6 +542,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.load_state_dict(ckpt["amp"]["scaler"])
                 self.state.amp_skipped_steps = int(ckpt["amp"]["skipped_steps"])
+            self._load_fast_at_state(ckpt)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
@@ -567,8 +632,12 @@ class Trainer:
     def fit(self, out_dir: Path | None = None, *, progress: bool = False) -> dict[str, Any]:
         """Train the remaining epochs, writing metrics and checkpoints to ``out_dir`` when given."""
         st = self.state
-        while st.epoch < self.cfg.epochs:
+        self._prepare_rollback(out_dir)
+        while st.epoch < self.cfg.epochs and not (self.guard is not None and self.guard.stopped):
             rec = self._run_epoch(progress)
+            if self._check_collapse(rec) == "rollback":
+                self._rollback(out_dir, rec)  # type: ignore[arg-type]
+                break
             # No validation points (--val-size 0): best.pt follows the last epoch (the test set never
             # selects checkpoints).
             is_best = (
@@ -588,12 +657,74 @@ class Trainer:
             write_summary(out_dir, summary)
         return summary
 
+    # ------------------------------------------------------------- catastrophic-overfitting guard
+    def _check_collapse(self, rec: dict[str, Any]) -> str | None:
+        """Run the guard on an epoch's record (flags it in place); the action to take, or None."""
+        if self.guard is None:
+            return None
+        best = self.guard.best_robust
+        reasons = self.guard.check(rec)
+        if not reasons:
+            return None
+        logger.warning(
+            "epoch %d: catastrophic overfitting suspected (%s): validation PGD accuracy %.3f, "
+            "FGSM accuracy %.3f, best PGD accuracy of the good epochs %s; on-collapse: %s",
+            rec["epoch"],
+            ", ".join(reasons),
+            rec["val_robust_acc"],
+            rec.get("val_fgsm_acc", float("nan")),
+            "none" if best is None else f"{best:.3f}",
+            self.guard.action,
+        )
+        if self.guard.action == "stop":
+            self.guard.stopped = True
+        return self.guard.action
+
+    def _prepare_rollback(self, out_dir: Path | None) -> None:
+        """``--on-collapse rollback`` needs a checkpoint of the last good epoch on disk: a run
+        folder is required (a :class:`UserError` before any training otherwise), and a new run
+        writes its initial state as ``last.pt`` (the state a collapse in epoch 1 returns to)."""
+        if self.guard is None or self.guard.action != "rollback":
+            return
+        if out_dir is None:
+            raise UserError(
+                "Invalid on_collapse value: 'rollback' needs a run folder to keep the last good "
+                "checkpoint in (fit(out_dir=...))"
+            )
+        if self.state.epoch == 0 and not (out_dir / "last.pt").is_file():
+            ckpt = self.state_dict()  # collective under DDP
+            if self.rank == 0:
+                save_checkpoint(ckpt, out_dir / "last.pt")
+
+    def _rollback(self, out_dir: Path, rec: dict[str, Any]) -> None:
+        """Restore the last good epoch's checkpoint (weights, optimizer, masks and topology,
+        schedules, RNG streams, counters) and end the run there. The flagged epoch stays in the
+        metrics marked ``rolled_back``; the compute it spent stays in ``grad_evals`` and the
+        clocks."""
+        st, guard = self.state, self.guard
+        assert guard is not None
+        spent = (st.grad_evals, st.wall_time_s, st.train_time_s, st.cpu_time_s)
+        if self.world_size > 1:
+            dist.barrier()
+        self.load_state_dict(load_checkpoint(out_dir / "last.pt", map_location=self.device))
+        st.grad_evals, st.wall_time_s, st.train_time_s, st.cpu_time_s = spent
+        st.metrics.append(dict(rec, rolled_back=True))
+        guard.flagged.append(int(rec["epoch"]))
+        guard.stopped, guard.rolled_back_to = True, st.epoch
+        logger.warning("rolled back to epoch %d (the last good one); the run ends", st.epoch)
+        ckpt = self.state_dict()
+        if self.rank == 0:
+            write_metrics(out_dir, st.metrics)
+            save_checkpoint(ckpt, out_dir / "last.pt")
+
     def summary(self) -> dict[str, Any]:
         """Final metrics, totals, versions and the machine
-        (:func:`~robust_agc.utils.machine_info`)."""
+        (:func:`~robust_agc.utils.machine_info`). An epoch undone by a rollback is neither final
+        nor best."""
         st = self.state
-        last = st.metrics[-1] if st.metrics else {}
-        best = max(st.metrics, key=lambda r: r["val_robust_acc"], default={})
+        kept = [r for r in st.metrics if not r.get("rolled_back")]
+        last = kept[-1] if kept else {}
+        best = max(kept, key=lambda r: r["val_robust_acc"], default={})
         import torchvision
 
         return {
@@ -614,7 +745,7 @@ class Trainer:
                 "python": platform.python_version(),
             },
             "machine": machine_info(world_size=self.world_size),
-        }
+        } | ({} if self.guard is None else {"collapse_guard": self.guard.state_dict()})
 
 
 def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
