@@ -35,6 +35,7 @@ from ..data import Batches, DataSplits
 from ..errors import CheckpointError
 from ..optim import is_corrected
 from ..probe import gradient_variance
+from ..prune.source import check_resume_source, preflight
 from ..utils import comm_device, dist_info, machine_info
 from . import build
 from .accuracy import evaluate_accuracy
@@ -118,8 +119,9 @@ class Trainer:
         self.eps = info.eps_linf if cfg.eps is None else cfg.eps
         self.step_size = cfg.attack_step_size or 2.5 * self.eps / cfg.attack_steps
         self.model = build.build_model(cfg, info, self.device)
+        self.init_source = build.build_init_source(cfg, self.model)
         self.amp_dtype, self.scaler = build_scaler(cfg.amp, self.device.type)
-        self.masks = build.build_masks(cfg, self.model)
+        self.masks = build.build_masks(cfg, self.model, self.init_source)
         self.optimizer = build.build_optimizer(cfg, self.model, self.masks)
         self.is_agc = is_corrected(self.optimizer)
         self.objective, self.attack = build.build_objective(
@@ -461,6 +463,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "skipped_steps": st.amp_skipped_steps,
             }
+        if self.init_source is not None:
+            ckpt["source"] = self.init_source.provenance()
         return ckpt
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -567,6 +571,8 @@ class Trainer:
     def fit(self, out_dir: Path | None = None, *, progress: bool = False) -> dict[str, Any]:
         """Train the remaining epochs, writing metrics and checkpoints to ``out_dir`` when given."""
         st = self.state
+        if out_dir is not None and st.epoch == 0 and 0 in (self.cfg.save_epochs or ()):
+            self._save_epoch(out_dir, self.state_dict())
         while st.epoch < self.cfg.epochs:
             rec = self._run_epoch(progress)
             # No validation points (--val-size 0): best.pt follows the last epoch (the test set never
@@ -583,10 +589,17 @@ class Trainer:
                 save_checkpoint(ckpt, out_dir / "last.pt")
                 if is_best:
                     save_checkpoint(ckpt, out_dir / "best.pt")
+            if st.epoch in (self.cfg.save_epochs or ()):
+                self._save_epoch(out_dir, ckpt)
         summary = self.summary()
         if out_dir is not None and self.rank == 0:
             write_summary(out_dir, summary)
         return summary
+
+    def _save_epoch(self, out_dir: Path | None, ckpt: dict[str, Any] | None) -> None:
+        """``--save-epochs``: keep this epoch's checkpoint as ``epoch<N>.pt`` (for rewinding)."""
+        if out_dir is not None and ckpt is not None and self.rank == 0:
+            save_checkpoint(ckpt, out_dir / f"epoch{self.state.epoch}.pt")
 
     def summary(self) -> dict[str, Any]:
         """Final metrics, totals, versions and the machine
@@ -596,7 +609,10 @@ class Trainer:
         best = max(st.metrics, key=lambda r: r["val_robust_acc"], default={})
         import torchvision
 
-        return {
+        out: dict[str, Any] = (
+            {} if self.init_source is None else {"source": self.init_source.provenance()}
+        )
+        return out | {
             "final": last,
             "best_val_epoch": best.get("epoch"),
             "best_val": {k: best.get(k) for k in METRIC_FIELDS if k.startswith(("val_", "test_"))},
@@ -621,6 +637,7 @@ def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
     """Run (or resume) the training described by ``cfg``; returns ``(summary, run folder)``."""
     cfg.validate()
     rank, world = dist_info()
+    preflight(cfg)  # --init-from: every check of the source before the folder is touched
     if rank == 0:
         out = prepare_run_dir(cfg)
     if world > 1:
@@ -630,6 +647,7 @@ def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
     if cfg.resume:
         ckpt = load_checkpoint(out / "last.pt", map_location=trainer.device)
         check_resume_config(cfg, ckpt)
+        check_resume_source(ckpt, trainer.init_source)
         trainer.load_state_dict(ckpt)
         logger.info("resumed %s at epoch %d", out, trainer.state.epoch)
     if rank == 0:
