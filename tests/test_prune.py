@@ -278,7 +278,15 @@ def test_interrupted_stage_resumes_bit_identically(source, lwm2, tmp_path, monke
     before = sha256(out / "pipeline.json")
     assert run_cli("prune", source / "best.pt", *LWM2, "--out", out, "--resume", "--lr", "0.2") == 2
     assert sha256(out / "pipeline.json") == before
+    steps = []
+
+    def count(self):
+        steps.append(self.state.step)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", count)
     assert run_cli("prune", source / "best.pt", *LWM2, "--out", out, "--resume") == 0
+    assert steps == list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))  # epoch 2 only
     _assert_same_pipeline(lwm2, out)
 
 
