@@ -41,6 +41,8 @@ __all__ = [
     "DERIVED_KEYS",
     "SINGLE_STEP_ATTACKS",
     "EXECUTION_KEYS",
+    "PRUNE_METHODS",
+    "PRUNE_SCOPES",
     "TrainConfig",
     "add_train_arguments",
     "config_from_args",
@@ -74,6 +76,12 @@ COLLAPSE_ACTIONS: tuple[str, ...] = ("auto", "off", "warn", "stop", "rollback")
 
 SINGLE_STEP_ATTACKS: frozenset[str] = frozenset({"fgsm", "fgsm-rs", "n-fgsm"})
 """Training attacks of one signed-gradient step, prone to catastrophic overfitting."""
+
+PRUNE_METHODS: tuple[str, ...] = ("lwm", "hydra")
+"""Values of ``--prune`` (robust_agc.prune: the pruning applied when a run starts)."""
+
+PRUNE_SCOPES: tuple[str, ...] = ("layerwise", "global")
+"""Values of ``--prune-scope``."""
 
 
 def trainable_optimizers() -> list[str]:
@@ -305,6 +313,36 @@ class TrainConfig:
         None, "sparse", "bsr: decoupled (SGDW) decay of theta (default: --weight-decay)"
     )
     bsr_init_theta: float = _f(1e-12, "sparse", "bsr: theta of re-activated connections")
+    # pruning pipelines (docs/usage.md, "Robust pruning"; robust_agc.prune)
+    init_from: str | None = _f(
+        None,
+        "pruning",
+        "start from this checkpoint: its weights (masks folded) and, with a sparse method, its "
+        "masks if it is sparse; optimizer state, counters, lr schedule and seeds start fresh",
+    )
+    prune: str | None = _f(
+        None,
+        "pruning",
+        "prune the --init-from weights: lwm (keep the largest |w|, to --sparsity, then train "
+        "them) or hydra (train HYDRA importance scores, weights frozen; a dense run)",
+        choices=PRUNE_METHODS,
+    )
+    prune_scope: str | None = _f(
+        None,
+        "pruning",
+        "lwm/hydra: per-layer counts from --sparse-init (default: layerwise) or one global ranking",
+        choices=PRUNE_SCOPES,
+    )
+    rewind_from: str | None = _f(
+        None,
+        "pruning",
+        "lwm: after choosing the mask, take this checkpoint's weights (IMP's rewinding)",
+    )
+    save_epochs: list[int] | None = _f(
+        None,
+        "pruning",
+        "also keep the checkpoint after these epochs as epoch<N>.pt (0: the initial weights)",
+    )
     # evaluation during training
     eval_subset: int = _f(
         500, "evaluation", "validation and test points evaluated each epoch (first N test points)"
@@ -393,6 +431,7 @@ class TrainConfig:
                 )
         parse_refresh(self.agc_refresh)
         self._validate_fast_at()
+        self._validate_pruning()
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise UserError(f"Invalid device value: {self.device!r} (cpu, cuda or cuda:N)")
 
@@ -441,6 +480,24 @@ class TrainConfig:
         fast = self.train_attack in SINGLE_STEP_ATTACKS or self.free_replays > 1
         watched = min(self.val_size, self.eval_subset) > 0
         return "warn" if fast and watched and self.objective != "natural" else "off"
+
+    def _validate_pruning(self) -> None:
+        """The pruning fields' combinations (docs/usage.md, "Robust pruning")."""
+        if self.prune is not None and self.init_from is None:
+            raise UserError(f"Invalid prune value: {self.prune!r} needs --init-from CKPT")
+        if self.prune == "lwm" and self.sparse_method == "dense":
+            raise UserError(
+                "Invalid prune value: 'lwm' needs a sparse method (--sparse-method static)"
+            )
+        if self.prune == "hydra" and self.sparse_method != "dense":
+            raise UserError(
+                "Invalid prune value: 'hydra' trains scores on the dense weights (--sparse-method "
+                "dense); fine-tune its result with --init-from RUN/best.pt --sparse-method static"
+            )
+        if self.rewind_from is not None and self.prune != "lwm":
+            raise UserError("Invalid rewind_from value: rewinding needs --prune lwm")
+        if self.save_epochs is not None and any(e < 0 for e in self.save_epochs):
+            raise UserError(f"Invalid save_epochs value: {self.save_epochs}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (YAML/JSON/checkpoint safe)."""
@@ -513,6 +570,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kw["type"] = float
         elif base == "list[float]":
             kw["type"] = float
+            kw["nargs"] = "+"
+        elif base == "list[int]":
+            kw["type"] = int
             kw["nargs"] = "+"
         choices = field_choices(f.name)
         if choices and f.name not in _VALIDATED_ONLY:

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..losses import Objective, get_objective
 from ..models import create_model
 from ..optim.registry import create_optimizer, optimizer_kwargs
+from ..prune.source import InitSource, prepare_model, source_masks
 from ..sparse import (
     EVER_BUFFER,
     MASK_BUFFER,
@@ -38,6 +39,7 @@ __all__ = [
     "build_batches",
     "build_eval_attack",
     "build_guard_attack",
+    "build_init_source",
     "build_masks",
     "build_model",
     "build_objective",
@@ -95,11 +97,22 @@ def build_model(cfg: TrainConfig, info: DatasetInfo, device: torch.device) -> nn
     return model
 
 
-def build_masks(cfg: TrainConfig, model: nn.Module) -> SparseMasks | None:
+def build_init_source(cfg: TrainConfig, model: nn.Module) -> InitSource | None:
+    """``--init-from``: the source's weights loaded into ``model`` (and ``--prune hydra``'s
+    scores attached); ``None`` without it (:mod:`robust_agc.prune.source`)."""
+    return prepare_model(cfg, model)
+
+
+def build_masks(
+    cfg: TrainConfig, model: nn.Module, source: InitSource | None = None
+) -> SparseMasks | None:
     """The initial sparse masks on ``model`` (``None`` for ``dense``), seeded by the ``masks``
-    stream."""
+    stream; from ``source`` (``--init-from``) as :func:`robust_agc.prune.source.source_masks`
+    says."""
     if cfg.sparse_method == "dense":
         return None
+    if source is not None:
+        return source_masks(cfg, model, source, generator=stream_generator(cfg.seed, "masks"))
     return apply_masks(
         model,
         sparsity=cfg.sparsity,
@@ -115,8 +128,9 @@ def build_optimizer(
     """The optimizer of ``model``, with the masks attached (their hooks enforce the masks).
 
     BSR-Net decays its masked weights itself (decoupled, SGDW), so they get ``weight_decay=0``.
+    Frozen parameters (``requires_grad=False``: HYDRA's weights) are left out.
     """
-    params: Any = model.parameters()
+    params: Any = [p for p in model.parameters() if p.requires_grad]
     if cfg.sparse_method == "bsr" and masks is not None:
         masked = {id(w) for w in masks.weights()}
         rest = [p for p in model.parameters() if id(p) not in masked]

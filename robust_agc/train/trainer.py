@@ -36,6 +36,7 @@ from ..errors import CheckpointError, UserError
 from ..losses import grad_align_penalty
 from ..optim import is_corrected
 from ..probe import gradient_variance
+from ..prune.source import check_resume_source, preflight
 from ..utils import comm_device, dist_info, machine_info
 from . import build
 from .accuracy import evaluate_accuracy
@@ -120,8 +121,9 @@ class Trainer:
         self.eps = info.eps_linf if cfg.eps is None else cfg.eps
         self.step_size = build.resolve_step_size(cfg, self.eps)
         self.model = build.build_model(cfg, info, self.device)
+        self.init_source = build.build_init_source(cfg, self.model)
         self.amp_dtype, self.scaler = build_scaler(cfg.amp, self.device.type)
-        self.masks = build.build_masks(cfg, self.model)
+        self.masks = build.build_masks(cfg, self.model, self.init_source)
         self.optimizer = build.build_optimizer(cfg, self.model, self.masks)
         self.is_agc = is_corrected(self.optimizer)
         self.objective, self.attack = build.build_objective(
@@ -508,6 +510,8 @@ class Trainer:
                 "skipped_steps": st.amp_skipped_steps,
             }
         self._fast_at_state(ckpt)
+        if self.init_source is not None:
+            ckpt["source"] = self.init_source.provenance()
         return ckpt
 
     def _fast_at_state(self, ckpt: dict[str, Any]) -> None:
@@ -633,6 +637,8 @@ class Trainer:
         """Train the remaining epochs, writing metrics and checkpoints to ``out_dir`` when given."""
         st = self.state
         self._prepare_rollback(out_dir)
+        if out_dir is not None and st.epoch == 0 and 0 in (self.cfg.save_epochs or ()):
+            self._save_epoch(out_dir, self.state_dict())
         while st.epoch < self.cfg.epochs and not (self.guard is not None and self.guard.stopped):
             rec = self._run_epoch(progress)
             if self._check_collapse(rec) == "rollback":
@@ -652,6 +658,8 @@ class Trainer:
                 save_checkpoint(ckpt, out_dir / "last.pt")
                 if is_best:
                     save_checkpoint(ckpt, out_dir / "best.pt")
+            if st.epoch in (self.cfg.save_epochs or ()):
+                self._save_epoch(out_dir, ckpt)
         summary = self.summary()
         if out_dir is not None and self.rank == 0:
             write_summary(out_dir, summary)
@@ -717,6 +725,11 @@ class Trainer:
             write_metrics(out_dir, st.metrics)
             save_checkpoint(ckpt, out_dir / "last.pt")
 
+    def _save_epoch(self, out_dir: Path | None, ckpt: dict[str, Any] | None) -> None:
+        """``--save-epochs``: keep this epoch's checkpoint as ``epoch<N>.pt`` (for rewinding)."""
+        if out_dir is not None and ckpt is not None and self.rank == 0:
+            save_checkpoint(ckpt, out_dir / f"epoch{self.state.epoch}.pt")
+
     def summary(self) -> dict[str, Any]:
         """Final metrics, totals, versions and the machine
         (:func:`~robust_agc.utils.machine_info`). An epoch undone by a rollback is neither final
@@ -727,31 +740,41 @@ class Trainer:
         best = max(kept, key=lambda r: r["val_robust_acc"], default={})
         import torchvision
 
-        return {
-            "final": last,
-            "best_val_epoch": best.get("epoch"),
-            "best_val": {k: best.get(k) for k in METRIC_FIELDS if k.startswith(("val_", "test_"))},
-            "epochs": st.epoch,
-            "steps": st.step,
-            "grad_evals": st.grad_evals,
-            "wall_time_s": st.wall_time_s,
-            "train_time_s": st.train_time_s,
-            "cpu_time_s": st.cpu_time_s,
-            "config": self.cfg.to_dict(),
-            "versions": {
-                "robust_agc": __version__,
-                "torch": torch.__version__,
-                "torchvision": torchvision.__version__,
-                "python": platform.python_version(),
-            },
-            "machine": machine_info(world_size=self.world_size),
-        } | ({} if self.guard is None else {"collapse_guard": self.guard.state_dict()})
+        out: dict[str, Any] = (
+            {} if self.init_source is None else {"source": self.init_source.provenance()}
+        )
+        return (
+            out
+            | {
+                "final": last,
+                "best_val_epoch": best.get("epoch"),
+                "best_val": {
+                    k: best.get(k) for k in METRIC_FIELDS if k.startswith(("val_", "test_"))
+                },
+                "epochs": st.epoch,
+                "steps": st.step,
+                "grad_evals": st.grad_evals,
+                "wall_time_s": st.wall_time_s,
+                "train_time_s": st.train_time_s,
+                "cpu_time_s": st.cpu_time_s,
+                "config": self.cfg.to_dict(),
+                "versions": {
+                    "robust_agc": __version__,
+                    "torch": torch.__version__,
+                    "torchvision": torchvision.__version__,
+                    "python": platform.python_version(),
+                },
+                "machine": machine_info(world_size=self.world_size),
+            }
+            | ({} if self.guard is None else {"collapse_guard": self.guard.state_dict()})
+        )
 
 
 def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
     """Run (or resume) the training described by ``cfg``; returns ``(summary, run folder)``."""
     cfg.validate()
     rank, world = dist_info()
+    preflight(cfg)  # --init-from: every check of the source before the folder is touched
     if rank == 0:
         out = prepare_run_dir(cfg)
     if world > 1:
@@ -761,6 +784,7 @@ def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:
     if cfg.resume:
         ckpt = load_checkpoint(out / "last.pt", map_location=trainer.device)
         check_resume_config(cfg, ckpt)
+        check_resume_source(ckpt, trainer.init_source)
         trainer.load_state_dict(ckpt)
         logger.info("resumed %s at epoch %d", out, trainer.state.epoch)
     if rank == 0:

@@ -1,0 +1,364 @@
+"""Robust pruning pipelines (robust_agc.prune): LWM, HYDRA, IMP, provenance, resume, bad sources.
+
+Every run is tiny (96 real Fashion-MNIST training images, 1-2 epochs, 1 attack step): the tests
+check the mechanics (exact masks, frozen weights, provenance, bit-identical resume), not accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from robust_agc.cli import main
+from robust_agc.models import create_model
+from robust_agc.prune import (
+    attach_scores,
+    imp_densities,
+    load_source,
+    magnitude_masks,
+    top_masks,
+)
+from robust_agc.sparse import layer_counts
+from robust_agc.train import TIMING_FIELDS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--dataset", "fashion-mnist", "--model", "small-cnn", "--train-subset", "96", "--val-size", "32",
+    "--eval-subset", "16", "--eval-steps", "1", "--batch-size", "32", "--attack-steps", "1",
+    "--epochs", "1", "--seed", "2", "--no-progress", "--threads", "1",
+]  # fmt: skip
+STEPS_PER_EPOCH = 3
+MASK = ".weight_mask"
+
+
+def run_cli(*argv: str) -> int:
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as e:
+        return int(e.code)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def masks_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[: -len(MASK)]: v for k, v in state.items() if k.endswith(MASK)}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A dense PGD-AT run of 2 epochs that kept its initial weights (epoch0.pt) for rewinding."""
+    out = tmp_path_factory.mktemp("src") / "dense"
+    args = [*TINY, "--epochs", "2", "--save-epochs", "0", "1", "--out", out]
+    assert run_cli("train", *args) == 0
+    assert {"epoch0.pt", "epoch1.pt", "best.pt"} <= {p.name for p in out.iterdir()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def lwm(source, tmp_path_factory) -> Path:
+    """``robust-agc prune SOURCE --method lwm --sparsity 0.9`` (one fine-tuning epoch)."""
+    out = tmp_path_factory.mktemp("lwm") / "p"
+    assert run_cli("prune", source / "best.pt", "--method", "lwm", "--sparsity", 0.9, *TINY,
+                   "--out", out) == 0  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------- selection (no training)
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+def test_top_masks_keep_exactly_the_largest_per_layer(distribution):
+    g = torch.Generator().manual_seed(0)
+    values = [torch.rand(s, generator=g) for s in ((8, 4, 3, 3), (16, 8), (10, 16))]
+    masks = top_masks(values, 0.3, distribution=distribution)
+    counts = layer_counts([v.shape for v in values], 0.3, distribution)
+    for v, m, k in zip(values, masks, counts):
+        assert m.dtype == torch.bool and m.shape == v.shape and int(m.sum()) == k
+        assert v[m].min() > v[~m].max()  # the kept ones are the k largest
+    glob = top_masks(values, 0.3, scope="global")
+    kept = torch.cat([v[m] for v, m in zip(values, glob)])
+    dropped = torch.cat([v[~m] for v, m in zip(values, glob)])
+    assert kept.numel() == round(0.3 * sum(v.numel() for v in values))
+    assert kept.min() > dropped.max()
+
+
+def test_magnitude_masks_stay_inside_the_allowed_positions():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(20, 10, generator=g)
+    allowed = torch.rand(20, 10, generator=g) < 0.5
+    (m,) = magnitude_masks([w], 0.2, allowed=[allowed])
+    assert int(m.sum()) == 40 and not (m & ~allowed).any()
+    assert w.abs()[m].min() >= w.abs()[allowed & ~m].max()
+    with pytest.raises(ValueError, match="only .* are active"):
+        magnitude_masks([w], 0.9, allowed=[allowed])
+
+
+def test_imp_densities_are_geometric_and_end_exactly_at_the_target():
+    d = imp_densities(0.01, 4)
+    assert d[-1] == 0.01 and len(d) == 4
+    assert d[:3] == pytest.approx([0.01 ** (r / 4) for r in (1, 2, 3)])
+    assert imp_densities(0.1, 2, start=0.4) == pytest.approx([0.2, 0.1])
+
+
+def test_hydra_scores_scaled_init_top_k_forward_and_straight_through_gradient():
+    torch.manual_seed(0)
+    model = create_model("small-cnn", in_channels=1, input_size=28)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    group = attach_scores(model, density=0.2)
+    conv = model.features[0]
+    w = plain["features.0.weight"]
+    fan_in = math.prod(w.shape[1:])
+    assert torch.equal(
+        conv.parametrizations.weight[0].scores, math.sqrt(6 / fan_in) * w / w.abs().max()
+    )
+    assert not conv.parametrizations.weight.original.requires_grad and not conv.bias.requires_grad
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".scores") for n in trainable)
+    # the forward weight is w * top-k(|scores|), at the exact per-layer counts
+    masks = group.masks()
+    for layer, m in zip(group.layers, masks):
+        s = layer.scores.detach().abs()
+        assert s[m].min() >= s[~m].max()
+    assert [int(m.sum()) for m in masks] == layer_counts([m.shape for m in masks], 0.2, "uniform")
+    assert torch.equal(conv.weight, w * masks[0])
+    # straight-through: d loss / d s = (d loss / d weight) * w * sign(s), pruned positions included
+    x = torch.rand(4, 1, 28, 28)
+    eff = conv.weight.detach().requires_grad_(True)
+    out = torch.nn.functional.conv2d(x, eff, conv.bias, conv.stride, conv.padding).sum()
+    out.backward()
+    model.features[0](x).sum().backward()
+    s = conv.parametrizations.weight[0].scores
+    assert torch.allclose(s.grad, eff.grad * w * s.detach().sign())
+    assert (s.grad[~masks[0]] != 0).any()
+
+
+# ------------------------------------------------------------------------------------ pipelines
+def test_lwm_prunes_the_smallest_weights_records_provenance_and_exports(source, lwm):
+    src_state = load_source(source / "best.pt").state
+    stage = lwm / "1-lwm"
+    ckpt = torch.load(stage / "last.pt", weights_only=True)
+    masks = masks_of(ckpt["model"])
+    counts = layer_counts([m.shape for m in masks.values()], 0.1, "uniform")
+    for (name, m), k in zip(masks.items(), counts):
+        w = src_state[f"{name}.weight"].abs()
+        assert int(m.sum()) == k and w[m].min() >= w[~m].max(), name
+        assert torch.all(ckpt["model"][f"{name}.weight"][~m] == 0)
+    # zeros in every optimizer-state tensor at pruned positions too (the sparse layer's hooks)
+    names = [
+        n for n, _ in create_model("small-cnn", in_channels=1, input_size=28).named_parameters()
+    ]
+    for i, n in enumerate(names):
+        if n.endswith(".weight") and n[:-7] in masks:
+            assert torch.all(ckpt["optimizer"]["state"][i]["momentum_buffer"][~masks[n[:-7]]] == 0)
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["source"]["sha256"] == sha256(source / "best.pt")
+    assert summary["source"]["path"] == str(source / "best.pt") and summary["grad_evals"] > 0
+    record = json.loads((lwm / "pipeline.json").read_text())
+    src_summary = json.loads((source / "summary.json").read_text())
+    assert record["grad_evals"] == summary["grad_evals"]
+    assert record["grad_evals_total"] == summary["grad_evals"] + src_summary["grad_evals"]
+    assert record["footnote"] == "Compressed model" and record["sparsity"] == pytest.approx(
+        0.9, abs=1e-4
+    )
+    assert set(record["layer_densities"]) == set(masks)
+    plain = torch.load(lwm / "model.pt", weights_only=True)
+    fresh = create_model("small-cnn", in_channels=1, input_size=28)
+    fresh.load_state_dict(plain, strict=True)  # the unmodified architecture, no mask keys
+    best = torch.load(stage / "best.pt", weights_only=True)["model"]
+    for name, m in masks_of(best).items():
+        assert torch.equal(plain[f"{name}.weight"], best[f"{name}.weight"] * m)
+
+
+def test_hydra_freezes_weights_in_score_training_and_fine_tunes_its_top_k(source, tmp_path):
+    out = tmp_path / "hydra"
+    assert run_cli("prune", source / "best.pt", "--method", "hydra", "--sparsity", 0.8, *TINY,
+                   "--out", out, "--optimizer", "agc") == 0  # fmt: skip
+    src_state = load_source(source / "best.pt").state
+    scores_ckpt = torch.load(out / "1-scores" / "best.pt", weights_only=True)["model"]
+    changed = 0
+    for k, v in scores_ckpt.items():
+        if k.endswith("parametrizations.weight.original"):
+            layer = k[: -len(".parametrizations.weight.original")]
+            assert torch.equal(v, src_state[f"{layer}.weight"]), k  # weights frozen
+            assert torch.equal(scores_ckpt[f"{layer}.bias"], src_state[f"{layer}.bias"])
+            changed += not torch.equal(
+                scores_ckpt[f"{layer}.parametrizations.weight.0.scores"].abs().argsort(),
+                src_state[f"{layer}.weight"].abs().argsort(),
+            )
+    assert changed > 0  # the scores were trained
+    tuned_start = load_source(out / "1-scores" / "best.pt").masks
+    tuned = torch.load(out / "2-finetune" / "last.pt", weights_only=True)["model"]
+    assert not any("scores" in k for k in tuned)
+    masks = masks_of(tuned)
+    counts = layer_counts([m.shape for m in masks.values()], 0.2, "uniform")
+    for (name, m), k in zip(masks.items(), counts):
+        s = scores_ckpt[f"{name}.parametrizations.weight.0.scores"].abs()
+        assert int(m.sum()) == k and s[m].min() >= s[~m].max(), name  # exact top-k of the scores
+        assert torch.equal(m, tuned_start[name])  # the mask did not move while fine-tuning
+        w0 = scores_ckpt[f"{name}.parametrizations.weight.original"]
+        assert not torch.equal(tuned[f"{name}.weight"][m], w0[m])  # but the weights trained
+    summary = json.loads((out / "2-finetune" / "summary.json").read_text())
+    assert summary["source"]["sha256"] == sha256(out / "1-scores" / "best.pt")
+
+
+def test_imp_reaches_the_exact_count_nested_with_rewinding(source, tmp_path):
+    out = tmp_path / "imp"
+    assert run_cli("prune", source / "best.pt", "--method", "imp", "--rounds", 2, "--sparsity",
+                   0.9, "--rewind-epoch", 0, "--save-epochs", 0, *TINY, "--out", out) == 0  # fmt: skip
+    r1 = masks_of(torch.load(out / "1-imp" / "last.pt", weights_only=True)["model"])
+    r2 = masks_of(torch.load(out / "2-imp" / "last.pt", weights_only=True)["model"])
+    n = sum(m.numel() for m in r2.values())
+    assert sum(int(m.sum()) for m in r2.values()) == round(0.1 * n)
+    assert sum(int(m.sum()) for m in r1.values()) == round(math.sqrt(0.1) * n)
+    assert all(not (r2[k] & ~r1[k]).any() for k in r2)  # round 2 prunes round 1's survivors
+    # rewinding: each round starts from the source's epoch-0 weights under its new mask
+    init = torch.load(source / "epoch0.pt", weights_only=True)["model"]
+    start = torch.load(out / "2-imp" / "epoch0.pt", weights_only=True)["model"]
+    for name, m in r2.items():
+        assert torch.equal(start[f"{name}.weight"], init[f"{name}.weight"] * m)
+
+
+def _metrics(run: Path) -> list[str]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [json.dumps({k: v for k, v in r.items() if k not in TIMING_FIELDS}) for r in rows]
+
+
+LWM2 = ["--method", "lwm", "--sparsity", "0.9", *TINY, "--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def lwm2(source, tmp_path_factory) -> Path:
+    """An uninterrupted LWM pipeline of 2 epochs: the reference of the resume tests."""
+    out = tmp_path_factory.mktemp("lwm2") / "ref"
+    assert run_cli("prune", source / "best.pt", *LWM2, "--out", out) == 0
+    return out
+
+
+def _assert_same_pipeline(ref: Path, other: Path) -> None:
+    a = torch.load(ref / "1-lwm" / "last.pt", weights_only=True)
+    b = torch.load(other / "1-lwm" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert _metrics(ref / "1-lwm") == _metrics(other / "1-lwm")
+    assert a["grad_evals"] == b["grad_evals"] and (b["epoch"], b["step"]) == (
+        2,
+        2 * STEPS_PER_EPOCH,
+    )
+    assert sha256(ref / "model.pt") == sha256(other / "model.pt")
+
+
+def test_interrupted_stage_resumes_bit_identically(source, lwm2, tmp_path, monkeypatch):
+    """In process: the stage stops at a fixed step of epoch 2 (an exception, as Ctrl-C), the
+    pipeline's --resume finishes it from epoch 1's checkpoint; a different pipeline is refused."""
+    from robust_agc.train import Trainer
+
+    original = Trainer._optimizer_step
+
+    def stop(self):
+        stepped = original(self)
+        if self.state.step == STEPS_PER_EPOCH + 1:
+            raise KeyboardInterrupt
+        return stepped
+
+    out = tmp_path / "cut"
+    monkeypatch.setattr(Trainer, "_optimizer_step", stop)
+    assert run_cli("prune", source / "best.pt", *LWM2, "--out", out) == 130
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    assert torch.load(out / "1-lwm" / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (out / "model.pt").exists()
+    before = sha256(out / "pipeline.json")
+    assert run_cli("prune", source / "best.pt", *LWM2, "--out", out, "--resume", "--lr", "0.2") == 2
+    assert sha256(out / "pipeline.json") == before
+    steps = []
+
+    def count(self):
+        steps.append(self.state.step)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", count)
+    assert run_cli("prune", source / "best.pt", *LWM2, "--out", out, "--resume") == 0
+    assert steps == list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))  # epoch 2 only
+    _assert_same_pipeline(lwm2, out)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_stage_and_resume_is_bit_identical(source, lwm2, tmp_path):
+    """SIGKILL at a fixed step of epoch 2 (tests/_sigkill_driver.py), then --resume: the same
+    weights, metrics and exported model as the uninterrupted pipeline (about 10 s: a process)."""
+    killed, marker = tmp_path / "killed", tmp_path / "killed-at"
+    cmd = [sys.executable, "-m", "tests._sigkill_driver", str(STEPS_PER_EPOCH + 1), str(marker),
+           "prune", str(source / "best.pt"), *LWM2, "--out", str(killed)]  # fmt: skip
+    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    assert json.loads(Path(f"{marker}.0").read_text())["epoch"] == 1
+    assert not (killed / "model.pt").exists()
+    assert run_cli("prune", source / "best.pt", *LWM2, "--out", killed, "--resume") == 0
+    _assert_same_pipeline(lwm2, killed)
+
+
+# ---------------------------------------------------------------------------------- bad sources
+def _corrupt(tmp: Path, source: Path, lwm: Path) -> Path:
+    bad = tmp / "corrupt.pt"
+    bad.write_bytes((source / "best.pt").read_bytes()[:1000])
+    return bad
+
+
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing", [], "checkpoint not found"),
+        ("corrupt", [], "cannot read checkpoint"),
+        ("architecture", ["--model", "mnist-cnn"], "does not fit this run's architecture"),
+        ("lower", [], "lower than the source's"),
+    ],
+)
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_bad_sources_exit_2_with_one_line_and_touch_nothing(
+    command, case, extra, message, source, lwm, tmp_path, capsys
+):
+    src = {
+        "missing": tmp_path / "nope" / "best.pt",
+        "corrupt": _corrupt(tmp_path, source, lwm),
+        "architecture": source / "best.pt",
+        "lower": lwm / "1-lwm" / "best.pt",  # sparsity 0.9; asked for 0.5
+    }[case]
+    sparsity = "0.5" if case == "lower" else "0.95"
+    before = {p: p.read_bytes() for p in (source / "best.pt", lwm / "1-lwm" / "best.pt")}
+    out = tmp_path / "out"
+    if command == "prune":
+        argv = ["prune", src, "--method", "lwm", "--sparsity", sparsity]
+    else:
+        argv = ["train", "--init-from", src, "--prune", "lwm", "--sparse-method", "static",
+                "--sparsity", sparsity]  # fmt: skip
+    assert run_cli(*argv, *TINY, *extra, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_init_from_keeps_a_sparse_sources_masks_and_refuses_another_sparsity(lwm, tmp_path, capsys):
+    src = lwm / "1-lwm" / "best.pt"
+    out = tmp_path / "ft"
+    base = ["train", "--init-from", src, "--sparse-method", "static", *TINY, "--out", out]
+    assert run_cli(*base, "--sparsity", "0.95") == 2
+    assert "--prune lwm" in capsys.readouterr().err and not out.exists()
+    assert run_cli(*base, "--sparsity", "0.9") == 0
+    a = masks_of(torch.load(src, weights_only=True)["model"])
+    b = masks_of(torch.load(out / "last.pt", weights_only=True)["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["source"]["grad_evals_total"]
+        == json.loads((lwm / "pipeline.json").read_text())["grad_evals_total"]
+    )
