@@ -5,6 +5,8 @@ detaching and the dense-gradient stash. Written against the mutants that survive
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -243,3 +245,124 @@ def test_dense_gradient_stash_with_a_weight_that_has_no_gradient() -> None:
     assert bool((grads[1] == 2.0).all())  # taken before the masking
     assert torch.equal(model.fc.weight.grad != 0, model.fc.weight_mask)
     assert masks.pop_dense_grads() is None
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def _with_buffers(model: TwoLayers) -> list[tuple[str, nn.Module]]:
+    """``weight_mask`` buffers put on by hand (no ever-active record), as a loader would."""
+    for i, m in enumerate((model.a, model.b)):
+        mask = torch.zeros_like(m.weight, dtype=torch.bool)
+        mask.view(-1)[i::2] = True
+        m.register_buffer(MASK_BUFFER, mask)
+    return [("a", model.a), ("b", model.b)]
+
+
+def test_constructor_records_what_it_was_given_and_the_ever_active_masks() -> None:
+    model = TwoLayers()
+    masks = SparseMasks(model, _with_buffers(model), distribution="erk", target_density=0.5)
+    assert (masks.distribution, masks.target_density) == ("erk", 0.5)
+    assert masks.pop_dense_grads() is None  # nothing stashed yet
+    for ever, mask in zip(masks.ever_masks(), masks.masks()):
+        assert torch.equal(ever, mask) and ever is not mask
+    assert set(model.a.state_dict()) == {"weight", "bias", MASK_BUFFER}  # ever: not persistent
+    # an ever-active record already there is kept (a scheduler restored it)
+    ever = torch.ones_like(model.a.weight, dtype=torch.bool)
+    model.a.register_buffer(EVER_BUFFER, ever, persistent=False)
+    SparseMasks(model, [("a", model.a)])
+    assert getattr(model.a, EVER_BUFFER) is ever
+
+
+def test_constructor_refuses_bad_layers() -> None:
+    model = TwoLayers()
+    with pytest.raises(ValueError, match=r"^Invalid layers value: \[\] \(no masked layers\)$"):
+        SparseMasks(model, [])
+    with pytest.raises(ValueError, match=r"^Invalid layer value: 'a' has no bool weight_mask"):
+        SparseMasks(model, [("a", model.a)])
+    model.a.register_buffer(MASK_BUFFER, torch.ones(6, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"^Invalid layer value: 'a' has no bool weight_mask"):
+        SparseMasks(model, [("a", model.a)])
+    model.a.register_buffer(MASK_BUFFER, torch.ones(4, 6, dtype=torch.bool))
+    with pytest.raises(
+        ValueError, match=r"^Invalid layer value: 'a' mask shape \(4, 6\) != weight shape \(6, 4\)$"
+    ):
+        SparseMasks(model, [("a", model.a)])
+
+
+def test_lazy_layers_are_refused_with_the_fix() -> None:
+    model = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(
+        ValueError, match=r"is not initialised \(run one forward pass before masking\)"
+    ):
+        apply_masks(model, sparsity=0.5, generator=0)
+
+
+def test_attach_warnings_and_errors(recwarn: pytest.WarningsRecorder) -> None:
+    model = TwoLayers()
+    masks = _masked(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handles = masks.attach(opt)
+    assert len(recwarn) == 0  # an optimizer holding the masked weights: no warning
+    with pytest.warns(UserWarning, match="^masks are already attached to this optimizer$"):
+        assert masks.attach(opt) is handles
+    foreign = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.warns(
+        UserWarning, match="^the optimizer holds none of the masked weights; attaching anyway$"
+    ):
+        masks.attach(foreign)
+    with pytest.raises(TypeError, match="^Invalid optimizer value: dict$"):
+        masks.attach({})  # type: ignore[arg-type]
+
+
+def test_a_layer_left_without_weights_warns_and_the_others_do_not() -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        apply_masks(TwoLayers(), sparsity=0.95, distribution="uniform", generator=0)
+    # uniform 5%: one weight in 'a' and one in 'b' (layer_counts): no layer is empty
+    assert [str(r.message) for r in record] == []
+    with pytest.warns(UserWarning) as record:
+        # uniform 2%: one weight in 'a', none in 'b'
+        apply_masks(TwoLayers(), sparsity=0.98, distribution="uniform", generator=0)
+    messages = [str(r.message) for r in record if "gets no active weight" in str(r.message)]
+    assert messages == ["layer 'b' gets no active weight at sparsity 0.98"]
+
+
+class IntAndComplexState(torch.optim.Optimizer):
+    """Keeps an int64 counter and a complex128 accumulator shaped like each parameter: tensors the
+    masks zero through the fallback path (no same-size integer view for 16-byte elements)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if not st:
+                    st["visits"] = torch.zeros_like(p, dtype=torch.int64)
+                    st["acc"] = torch.zeros_like(p, dtype=torch.complex128)
+                st["visits"].add_(1)
+                st["acc"].add_(1 + 2j)
+
+
+def test_integer_and_wide_complex_state_are_zeroed_at_pruned_positions() -> None:
+    model = TwoLayers()
+    masks = _masked(model)
+    opt = IntAndComplexState(model.parameters())
+    masks.attach(opt)
+    for _ in range(3):
+        opt.step()
+    for m in (model.a, model.b):
+        st = opt.state[m.weight]
+        mask = m.weight_mask
+        assert torch.equal(st["visits"], torch.where(mask, 3, 0))
+        assert torch.equal(st["acc"], torch.where(mask, 3 + 6j, 0j).to(torch.complex128))
+        assert bool((opt.state[m.bias]["visits"] == 3).all())  # biases are not masked
