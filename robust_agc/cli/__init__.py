@@ -1,4 +1,4 @@
-"""Command line: ``robust-agc {train,eval,report}`` (also ``python -m robust_agc``).
+"""Command line: ``robust-agc {train,eval,report,export}`` (also ``python -m robust_agc``).
 
 User errors (bad values, unknown names, missing or corrupt files, an existing run folder) print one
 line on stderr and exit with status 2; nothing is overwritten.
@@ -8,7 +8,8 @@ arguments to a parser and one that runs it from the parsed namespace and returns
 
 - ``train``: :mod:`robust_agc.cli.train` (``add_train_command``, ``run_train``);
 - ``eval``: :mod:`robust_agc.cli.eval` (``add_eval_arguments``, ``run_eval``);
-- ``report``: :mod:`robust_agc.cli.report` (``add_report_command``, ``run_report``).
+- ``report``: :mod:`robust_agc.cli.report` (``add_report_command``, ``run_report``);
+- ``export``: :mod:`robust_agc.cli.export` (``add_export_command``, ``run_export``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..errors import UserError
 from .eval import add_eval_arguments, run_eval
+from .export import add_export_command, run_export
 from .report import add_report_command, run_report
 from .train import add_train_command, run_train
 
@@ -43,6 +45,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": run_train,
     "eval": run_eval,
     "report": run_report,
+    "export": run_export,
 }
 """Sub-command name -> the function that runs it (returns the exit status)."""
 
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("eval", help="evaluate a checkpoint (clean, PGD, AutoAttack)")
     )
     add_report_command(sub)
+    add_export_command(sub)
     return parser
 
 

@@ -121,7 +121,8 @@ class Trainer:
         self.step_size = build.resolve_step_size(cfg, self.eps)
         self.model = build.build_model(cfg, info, self.device)
         self.amp_dtype, self.scaler = build_scaler(cfg.amp, self.device.type)
-        self.masks = build.build_masks(cfg, self.model)
+        shape = (info.in_channels, info.input_size, info.input_size)
+        self.masks = build.build_masks(cfg, self.model, shape)
         self.optimizer = build.build_optimizer(cfg, self.model, self.masks)
         self.is_agc = is_corrected(self.optimizer)
         self.objective, self.attack = build.build_objective(
