@@ -144,6 +144,12 @@ class StructuredRigLScheduler(TopologyScheduler):
         self._arm_if_needed()
         return out
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore (see the base class), then arm the capture for the restored step count."""
+        super().load_state_dict(state_dict)
+        self._disarm()
+        self._arm_if_needed()
+
     @torch.no_grad()
     def _update(self, t: int) -> dict[str, Any]:
         frac = self.drop_fraction_at(t)
