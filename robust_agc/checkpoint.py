@@ -107,7 +107,9 @@ def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the architecture recorded in a checkpoint's config and load its weights.
 
     Sparsity masks are multiplied into the weights and the mask buffers dropped, giving a plain module
-    (RobustBench style). The model is returned in eval mode.
+    (RobustBench style). A structurally pruned model (``robust-agc export``) carries ``widths``
+    (layer name -> output width) next to its config, and is rebuilt at those widths. The model is
+    returned in eval mode.
 
     Raises:
         CheckpointError: no model or config in the checkpoint, or weights that do not fit the
@@ -118,12 +120,18 @@ def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     if "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError("not a robust_agc training checkpoint (no 'model' or 'config' entry)")
     cfg = ckpt["config"]
+    widths = ckpt.get("widths")
+    if widths is not None and not (
+        isinstance(widths, dict) and all(isinstance(v, int) for v in widths.values())
+    ):
+        raise CheckpointError("checkpoint 'widths' is not a mapping of layer names to ints")
     try:
         model = create_model(
             cfg["model"],
             num_classes=int(cfg["num_classes"]),
             in_channels=int(cfg["in_channels"]),
             input_size=int(cfg["input_size"]),
+            widths=widths,
         )
     except KeyError as e:
         raise CheckpointError(f"checkpoint config lacks {e}") from None

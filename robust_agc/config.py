@@ -34,7 +34,7 @@ from .errors import UserError
 from .losses import list_objectives
 from .models import INITS, list_models
 from .optim import ESTIMATORS, list_optimizers
-from .sparse import DISTRIBUTIONS, NOISE_FORMS, list_sparse_methods
+from .sparse import DISTRIBUTIONS, NOISE_FORMS, STRUCTURES, list_sparse_methods, structured_methods
 
 __all__ = [
     "COLLAPSE_ACTIONS",
@@ -296,6 +296,13 @@ class TrainConfig:
         None, "sparse", "fraction of training after which the topology is frozen (method default)"
     )
     dense_first_layer: bool = _f(False, "sparse", "keep the first layer dense")
+    sparse_structure: str = _f(
+        "unstructured",
+        "sparse",
+        "what a mask removes: single weights, whole filters (output channels) or input channels "
+        "(filter/channel: --sparse-method static or rigl; docs/usage.md, Structured sparsity)",
+        choices=STRUCTURES,
+    )
     bsr_noise: float = _f(
         1.0, "sparse", "bsr: Langevin noise scale sigma (std sqrt(2 lr T / N) * sigma)"
     )
@@ -432,6 +439,7 @@ class TrainConfig:
         parse_refresh(self.agc_refresh)
         self._validate_fast_at()
         self._validate_pruning()
+        self._validate_structure()
         if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device):
             raise UserError(f"Invalid device value: {self.device!r} (cpu, cuda or cuda:N)")
 
@@ -469,6 +477,22 @@ class TrainConfig:
         for bad, message in excluded:
             if bad:
                 raise UserError(f"Invalid combination: {message}")
+
+    def _validate_structure(self) -> None:
+        """``--sparse-structure filter/channel`` needs a method with a structured scheduler."""
+        if self.sparse_structure == "unstructured":
+            return
+        if self.init_from is not None:
+            raise UserError(
+                f"Invalid combination: --sparse-structure {self.sparse_structure} with "
+                "--init-from (the pruning pipelines make unstructured masks)"
+            )
+        allowed = structured_methods(self.sparse_structure)
+        if self.sparse_method not in allowed:
+            raise UserError(
+                f"Invalid combination: --sparse-structure {self.sparse_structure} with "
+                f"--sparse-method {self.sparse_method} (choose from {', '.join(allowed)})"
+            )
 
     def collapse_action(self) -> str:
         """The catastrophic-overfitting guard's action: ``off``, ``warn``, ``stop`` or

@@ -1,4 +1,4 @@
-"""Command line: ``robust-agc {train,eval,report,prune}`` (also ``python -m robust_agc``).
+"""Command line: ``robust-agc {train,eval,report,prune,export}`` (also ``python -m robust_agc``).
 
 User errors (bad values, unknown names, missing or corrupt files, an existing run folder) print one
 line on stderr and exit with status 2; nothing is overwritten.
@@ -9,7 +9,8 @@ arguments to a parser and one that runs it from the parsed namespace and returns
 - ``train``: :mod:`robust_agc.cli.train` (``add_train_command``, ``run_train``);
 - ``eval``: :mod:`robust_agc.cli.eval` (``add_eval_arguments``, ``run_eval``);
 - ``report``: :mod:`robust_agc.cli.report` (``add_report_command``, ``run_report``);
-- ``prune``: :mod:`robust_agc.cli.prune` (``add_prune_command``, ``run_prune``).
+- ``prune``: :mod:`robust_agc.cli.prune` (``add_prune_command``, ``run_prune``);
+- ``export``: :mod:`robust_agc.cli.export` (``add_export_command``, ``run_export``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from .. import __version__
 from ..errors import UserError
 from .eval import add_eval_arguments, run_eval
+from .export import add_export_command, run_export
 from .prune import add_prune_command, run_prune
 from .report import add_report_command, run_report
 from .train import add_train_command, run_train
@@ -46,6 +48,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "eval": run_eval,
     "report": run_report,
     "prune": run_prune,
+    "export": run_export,
 }
 """Sub-command name -> the function that runs it (returns the exit status)."""
 
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_report_command(sub)
     add_prune_command(sub)
+    add_export_command(sub)
     return parser
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 
-from .layers import Normalize
+from .layers import Normalize, width
 from .registry import register_model
 
 __all__ = ["SmallCNN", "MnistCNN"]
@@ -26,30 +28,33 @@ class SmallCNN(nn.Module):
         mean: tuple[float, ...],
         std: tuple[float, ...],
         dropout: float = 0.0,
+        widths: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
+        c = [width(widths, f"features.{i}", d) for i, d in ((0, 32), (2, 32), (5, 64), (7, 64))]
+        f1, f2 = width(widths, "classifier.1", 200), width(widths, "classifier.4", 200)
         self.normalize = Normalize(mean, std)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3),
+            nn.Conv2d(in_channels, c[0], 3),
             nn.ReLU(),
-            nn.Conv2d(32, 32, 3),
+            nn.Conv2d(c[0], c[1], 3),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3),
+            nn.Conv2d(c[1], c[2], 3),
             nn.ReLU(),
-            nn.Conv2d(64, 64, 3),
+            nn.Conv2d(c[2], c[3], 3),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
         side = ((input_size - 4) // 2 - 4) // 2
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(64 * side * side, 200),
+            nn.Linear(c[3] * side * side, f1),
             nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(200, 200),
+            nn.Linear(f1, f2),
             nn.ReLU(),
-            nn.Linear(200, num_classes),
+            nn.Linear(f2, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -66,23 +71,26 @@ class MnistCNN(nn.Module):
         input_size: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        widths: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
+        c0, c1 = width(widths, "features.0", 32), width(widths, "features.3", 64)
+        f1 = width(widths, "classifier.1", 1024)
         self.normalize = Normalize(mean, std)
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 5, padding=2),
+            nn.Conv2d(in_channels, c0, 5, padding=2),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2),
+            nn.Conv2d(c0, c1, 5, padding=2),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
         side = input_size // 4
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(64 * side * side, 1024),
+            nn.Linear(c1 * side * side, f1),
             nn.ReLU(),
-            nn.Linear(1024, num_classes),
+            nn.Linear(f1, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:

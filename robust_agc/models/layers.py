@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Normalize", "init_weights"]
+__all__ = ["Normalize", "init_weights", "width"]
 
 
 class Normalize(nn.Module):
@@ -47,3 +47,14 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def width(widths: Mapping[str, int] | None, name: str, default: int) -> int:
+    """The output width of layer ``name``: ``widths[name]`` when given (a structurally pruned
+    model, :func:`robust_agc.sparse.export_structured`), else the architecture's ``default``."""
+    if widths is None or name not in widths:
+        return default
+    value = widths[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid widths value: {name!r}: {value!r} (a positive int)")
+    return value

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -43,6 +43,7 @@ def create_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     init: str = "he",
+    widths: Mapping[str, int] | None = None,
 ) -> nn.Module:
     """Build a registered architecture.
 
@@ -55,6 +56,10 @@ def create_model(
             ``None`` means no normalization.
         init: ``"he"`` (He-normal fan-in for conv/linear, zero bias; see ``docs/protocols.md``
             section 3) or ``"default"`` (PyTorch's).
+        widths: output width of conv/linear layers by qualified name, for a structurally pruned
+            model (:func:`robust_agc.sparse.export_structured`); unnamed layers keep their
+            default width. Every name must be a conv/linear layer of the architecture with that
+            width in the built model (else :class:`UserError`).
     """
     if name not in _REGISTRY:
         raise UserError(f"Invalid model value: {name!r} (choose from {', '.join(list_models())})")
@@ -72,13 +77,37 @@ def create_model(
         std = (1.0,) * in_channels
     if len(mean) != in_channels or len(std) != in_channels:
         raise UserError(f"mean/std need {in_channels} values, got {len(mean)}/{len(std)}")
-    model = _REGISTRY[name](
-        num_classes=num_classes,
-        in_channels=in_channels,
-        input_size=input_size,
-        mean=tuple(mean),
-        std=tuple(std),
-    )
+    kw: dict[str, object] = {} if widths is None else {"widths": dict(widths)}
+    try:
+        model = _REGISTRY[name](
+            num_classes=num_classes,
+            in_channels=in_channels,
+            input_size=input_size,
+            mean=tuple(mean),
+            std=tuple(std),
+            **kw,
+        )
+    except (TypeError, ValueError) as e:
+        if widths is None:
+            raise
+        raise UserError(f"Invalid widths value for model {name!r}: {e}") from None
+    if widths is not None:
+        _check_widths(name, model, widths)
     if init == "he":
         init_weights(model)
     return model
+
+
+def _check_widths(name: str, model: nn.Module, widths: Mapping[str, int]) -> None:
+    """Every entry of ``widths`` names a conv/linear layer of ``model`` that has that width."""
+    layers = {
+        n: m.out_channels if hasattr(m, "out_channels") else m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear)
+    }
+    for key, value in widths.items():
+        if layers.get(key) != value:
+            raise UserError(
+                f"Invalid widths value: {key!r}: {value!r} does not fit model {name!r} "
+                f"(its width there: {layers.get(key)})"
+            )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 
-from .layers import Normalize
+from .layers import Normalize, width
 from .registry import register_model
 
 __all__ = ["VGG"]
@@ -23,6 +25,7 @@ class VGG(nn.Module):
         input_size: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
+        widths: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.normalize = Normalize(mean, std)
@@ -34,12 +37,13 @@ class VGG(nn.Module):
                     layers.append(nn.MaxPool2d(2))
                     side //= 2
             else:
+                out = width(widths, f"features.{len(layers)}", int(v))
                 layers += [
-                    nn.Conv2d(c, int(v), 3, padding=1, bias=False),
-                    nn.BatchNorm2d(int(v)),
+                    nn.Conv2d(c, out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(out),
                     nn.ReLU(),
                 ]
-                c = int(v)
+                c = out
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
@@ -49,6 +53,8 @@ class VGG(nn.Module):
 
 
 @register_model("vgg16")
-def vgg16(*, num_classes: int, in_channels: int, input_size: int, mean, std) -> nn.Module:
+def vgg16(
+    *, num_classes: int, in_channels: int, input_size: int, mean, std, widths=None
+) -> nn.Module:
     """VGG-16-BN (CIFAR variant)."""
-    return VGG(_CFG16, num_classes, in_channels, input_size, mean, std)
+    return VGG(_CFG16, num_classes, in_channels, input_size, mean, std, widths)

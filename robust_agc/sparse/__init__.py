@@ -10,10 +10,25 @@ Typical use::
     ...  # loss.backward(); optimizer.step(); scheduler.step()
     report = masks.report(input_shape=(3, 32, 32), scheduler=scheduler)
     dense_model = fold_masks(model)
+
+Filter/channel sparsity: :func:`apply_structured_masks` (or :func:`l1_filter_masks` for a trained
+source), the same schedulers (``static``, ``rigl``), and :func:`export_structured` for a
+physically smaller network::
+
+    masks = apply_structured_masks(model, sparsity=0.5, structure="filter", input_shape=(3, 32, 32))
+    small, widths = export_structured(model, (3, 32, 32))
 """
 
 from .distributions import DISTRIBUTIONS, layer_counts, layer_densities
-from .export import densify_state_dict, fold_masks, state_dict_nbytes, to_sparse_state_dict
+from .export import (
+    densify_state_dict,
+    export_structured,
+    fold_masks,
+    layer_widths,
+    removable_channels,
+    state_dict_nbytes,
+    to_sparse_state_dict,
+)
 from .masks import (
     EVER_BUFFER,
     MASK_BUFFER,
@@ -31,14 +46,35 @@ from .schedulers import (
     RigLScheduler,
     SETScheduler,
     StaticScheduler,
+    StructuredRigLScheduler,
     TopologyScheduler,
     create_bsr,
     create_scheduler,
     list_sparse_methods,
     register_sparse_method,
+    structured_methods,
+)
+from .structured import (
+    STRUCTURES,
+    ChannelGroup,
+    StructuredMasks,
+    apply_structured_masks,
+    coupled_groups,
+    l1_filter_masks,
 )
 
 __all__ = [
+    "STRUCTURES",
+    "ChannelGroup",
+    "StructuredMasks",
+    "StructuredRigLScheduler",
+    "apply_structured_masks",
+    "coupled_groups",
+    "export_structured",
+    "l1_filter_masks",
+    "layer_widths",
+    "removable_channels",
+    "structured_methods",
     "BSRScheduler",
     "NOISE_FORMS",
     "SIGN_BUFFER",

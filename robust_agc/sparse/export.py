@@ -7,6 +7,8 @@
   sparse tensor (``coo`` keeps the weight's shape; ``csr`` stores the 2-D view
   ``(out, in * kernel)``); :func:`densify_state_dict` turns it back into a loadable dense one and
   :func:`state_dict_nbytes` measures a state dict's serialized size.
+- :func:`export_structured`: a filter/channel-sparse model as a genuinely smaller plain module
+  (removed channels deleted), with the per-layer widths the registry rebuilds it from.
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ import copy
 import io
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .masks import EVER_BUFFER, MASK_BUFFER
+from .masks import EVER_BUFFER, MASK_BUFFER, maskable_modules
+from .structured import ChannelGroup, GroupSlice, coupled_groups, torch_pruning
 
-__all__ = ["fold_masks", "to_sparse_state_dict", "densify_state_dict", "state_dict_nbytes"]
+__all__ = [
+    "densify_state_dict",
+    "export_structured",
+    "fold_masks",
+    "layer_widths",
+    "removable_channels",
+    "state_dict_nbytes",
+    "to_sparse_state_dict",
+]
 
 _LAYOUTS = ("csr", "coo")
 
@@ -126,3 +137,83 @@ def state_dict_nbytes(state_dict: Mapping[str, Tensor]) -> int:
     buf = io.BytesIO()
     torch.save(dict(state_dict), buf)
     return buf.getbuffer().nbytes
+
+
+def _zero_channels(group: ChannelGroup, slices: list[GroupSlice], biases_too: bool) -> Tensor:
+    """Channels of ``group`` where every slice's weight (and bias, norms: weight and bias) is 0."""
+    nonzero = torch.zeros(group.size, dtype=torch.bool)
+    for s in slices:
+        w = s.module.weight.detach()
+        per_pos = w.ne(0).transpose(0, s.dim).reshape(w.shape[s.dim], -1).any(1).cpu()
+        nonzero[s.root[per_pos[s.index]]] = True
+        if biases_too and s.dim == 0 and isinstance(s.module.bias, Tensor):
+            b = s.module.bias.detach().ne(0).cpu()
+            nonzero[s.root[b[s.index]]] = True
+    return ~nonzero
+
+
+def removable_channels(group: ChannelGroup) -> Tensor:
+    """Bool vector of ``group``'s channels that can be deleted without changing the function:
+    every consumer's input slice is zero (channel sparsity), or every producer's filter and bias
+    and every normalisation layer's weight and bias are zero (filter sparsity; the channel then
+    carries zeros through the zero-preserving activations and pooling of the registry's models).
+    """
+    dead_inputs = _zero_channels(group, group.consumers, False) if group.consumers else None
+    dead_outputs = _zero_channels(group, group.producers + group.norms, True)
+    return dead_outputs if dead_inputs is None else dead_outputs | dead_inputs
+
+
+def layer_widths(model: nn.Module) -> dict[str, int]:
+    """Output width of every conv/linear layer by qualified name (what
+    :func:`~robust_agc.models.create_model`'s ``widths`` takes)."""
+    out = {}
+    for name, m in maskable_modules(model):
+        out[name] = int(m.out_channels if hasattr(m, "out_channels") else m.out_features)
+    return out
+
+
+@torch.no_grad()
+def export_structured(
+    model: nn.Module, input_shape: Sequence[int]
+) -> tuple[nn.Module, dict[str, int]]:
+    """A physically smaller copy of a filter/channel-sparse ``model`` with the same outputs.
+
+    The masks are folded (:func:`fold_masks`); then, per coupled channel group
+    (:func:`~robust_agc.sparse.structured.coupled_groups`, torch-pruning's ``DependencyGraph``),
+    the channels found by :func:`removable_channels` are deleted from every member (conv/linear
+    filters and input slices, BatchNorm entries and running statistics, biases) with
+    torch-pruning's ``Group.prune`` (https://github.com/VainF/Torch-Pruning,
+    ``torch_pruning/dependency/group.py``). At least one channel of a group is always kept.
+
+    Args:
+        model: a masked (``weight_mask`` buffers) or folded model; not modified.
+        input_shape: one input's shape without the batch dimension (for the dependency trace).
+
+    Returns:
+        ``(small_model, widths)``: a plain module without mask buffers, in ``model``'s mode,
+        and :func:`layer_widths` of it, from which the registry rebuilds the architecture
+        (``create_model(name, widths=widths)``).
+    """
+    small = fold_masks(model)
+    groups = coupled_groups(small, input_shape)
+    removed = []
+    for g in groups:
+        dead = removable_channels(g)
+        if bool(dead.all()):
+            dead[0] = False  # a layer needs one channel; the kept one carries zeros
+        removed.append(dead.nonzero().flatten().tolist())
+    tp = torch_pruning()
+    x = torch.zeros((1, *input_shape), device=next(small.parameters()).device)
+    was_training = small.training
+    small.eval()
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(small, example_inputs=x, verbose=False)
+    for g, idxs in zip(groups, removed):
+        if not idxs:
+            continue
+        root = g.producers[0].module
+        pruner = graph.get_pruner_of_module(root)
+        graph.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
+    small.train(was_training)
+    small.zero_grad(set_to_none=True)
+    return small, layer_widths(small)

@@ -31,6 +31,7 @@ from ..sparse import (
     SparseMasks,
     TopologyScheduler,
     apply_masks,
+    apply_structured_masks,
     create_scheduler,
 )
 from .seeds import rank_seed, stream_generator, stream_seed
@@ -104,13 +105,28 @@ def build_init_source(cfg: TrainConfig, model: nn.Module) -> InitSource | None:
 
 
 def build_masks(
-    cfg: TrainConfig, model: nn.Module, source: InitSource | None = None
+    cfg: TrainConfig,
+    model: nn.Module,
+    source: InitSource | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> SparseMasks | None:
     """The initial sparse masks on ``model`` (``None`` for ``dense``), seeded by the ``masks``
     stream; from ``source`` (``--init-from``) as :func:`robust_agc.prune.source.source_masks`
-    says."""
+    says; filter/channel masks (``--sparse-structure``) need one input's ``input_shape``."""
     if cfg.sparse_method == "dense":
         return None
+    if cfg.sparse_structure != "unstructured":
+        if input_shape is None:
+            raise ValueError(f"Invalid input_shape value: None ({cfg.sparse_structure} masks)")
+        return apply_structured_masks(
+            model,
+            sparsity=cfg.sparsity,
+            structure=cfg.sparse_structure,
+            input_shape=input_shape,
+            distribution=cfg.sparse_init,
+            dense_first_layer=cfg.dense_first_layer,
+            generator=stream_generator(cfg.seed, "masks"),
+        )
     if source is not None:
         return source_masks(cfg, model, source, generator=stream_generator(cfg.seed, "masks"))
     return apply_masks(

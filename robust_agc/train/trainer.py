@@ -123,7 +123,8 @@ class Trainer:
         self.model = build.build_model(cfg, info, self.device)
         self.init_source = build.build_init_source(cfg, self.model)
         self.amp_dtype, self.scaler = build_scaler(cfg.amp, self.device.type)
-        self.masks = build.build_masks(cfg, self.model, self.init_source)
+        shape = (info.in_channels, info.input_size, info.input_size)
+        self.masks = build.build_masks(cfg, self.model, self.init_source, shape)
         self.optimizer = build.build_optimizer(cfg, self.model, self.masks)
         self.is_agc = is_corrected(self.optimizer)
         self.objective, self.attack = build.build_objective(

@@ -12,8 +12,11 @@ from .base import (
     create_scheduler,
     list_sparse_methods,
     register_sparse_method,
+    structured_methods,
 )
 from .dst import RigLScheduler, SETScheduler, StaticScheduler
+
+from .structured import StructuredRigLScheduler  # isort: skip (after dst)
 
 from .bsr import NOISE_FORMS, SIGN_BUFFER, BSRScheduler, create_bsr  # isort: skip (after dst)
 
@@ -26,9 +29,11 @@ __all__ = [
     "SPARSE_METHOD_DEFAULTS",
     "SchedulerBuilder",
     "StaticScheduler",
+    "StructuredRigLScheduler",
     "TopologyScheduler",
     "create_bsr",
     "create_scheduler",
     "list_sparse_methods",
     "register_sparse_method",
+    "structured_methods",
 ]

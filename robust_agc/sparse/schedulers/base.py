@@ -43,6 +43,7 @@ __all__ = [
     "create_scheduler",
     "list_sparse_methods",
     "register_sparse_method",
+    "structured_methods",
 ]
 
 logger = logging.getLogger(__name__)
@@ -284,13 +285,33 @@ SchedulerBuilder = Callable[..., TopologyScheduler]
 """``builder(masks, *, method, total_steps, generator, optimizer, **options)`` -> scheduler."""
 
 _REGISTRY: dict[str, SchedulerBuilder] = {}
+_STRUCTURED: dict[tuple[str, str], SchedulerBuilder] = {}
 
 
-def register_sparse_method(name: str, builder: SchedulerBuilder) -> None:
-    """Make ``name`` a sparse method of :func:`create_scheduler`, built by ``builder``."""
+def register_sparse_method(
+    name: str, builder: SchedulerBuilder, *, structure: str = "unstructured"
+) -> None:
+    """Make ``name`` a sparse method of :func:`create_scheduler`, built by ``builder``.
+
+    ``structure`` (``"filter"``, ``"channel"``) registers the builder :func:`create_scheduler`
+    uses for masks of that structure (:class:`~robust_agc.sparse.StructuredMasks`) under an
+    existing method name, e.g. ``rigl`` at filter granularity.
+    """
+    if structure != "unstructured":
+        if (name, structure) in _STRUCTURED:
+            raise ValueError(f"Invalid name value: {name!r} ({structure}) is already registered")
+        _STRUCTURED[(name, structure)] = builder
+        return
     if name in _REGISTRY:
         raise ValueError(f"Invalid name value: sparse method {name!r} is already registered")
     _REGISTRY[name] = builder
+
+
+def structured_methods(structure: str) -> list[str]:
+    """The sparse methods that support masks of ``structure`` (all of them for unstructured)."""
+    if structure == "unstructured":
+        return list_sparse_methods()
+    return [n for n, s in _STRUCTURED if s == structure]
 
 
 def list_sparse_methods() -> list[str]:
@@ -312,7 +333,9 @@ def create_scheduler(
     Args:
         method: one of :func:`list_sparse_methods`: ``static``, ``set``, ``rigl``, ``itop-set``,
             ``itop-rigl``, ``bsr``.
-        masks: from :func:`~robust_agc.sparse.apply_masks` (attach it to the optimizer first).
+        masks: from :func:`~robust_agc.sparse.apply_masks` (attach it to the optimizer first);
+            structured masks (:func:`~robust_agc.sparse.apply_structured_masks`) take the
+            method's structured builder (``static``, ``rigl``; :func:`structured_methods`).
         total_steps: the number of training (optimizer) steps of the run.
         generator: CPU generator or int seed for the method's random draws (its state is
             checkpointed); an int seed is salted, so reusing apply_masks' seed is safe; ``None``
@@ -330,7 +353,16 @@ def create_scheduler(
         raise ValueError(
             f"Invalid method value: {method!r} (choose from {', '.join(list_sparse_methods())})"
         )
-    return _REGISTRY[method](
+    builder = _REGISTRY[method]
+    structure = getattr(masks, "structure", "unstructured")
+    if structure != "unstructured":
+        if (method, structure) not in _STRUCTURED:
+            raise ValueError(
+                f"Invalid method value: {method!r} with {structure} masks (choose from "
+                f"{', '.join(structured_methods(structure))})"
+            )
+        builder = _STRUCTURED[(method, structure)]
+    return builder(
         masks,
         method=method,
         total_steps=total_steps,
