@@ -17,8 +17,10 @@ from run_study import (
     expand,
     load_study,
     main,
+    reusable_source,
     run_status,
     same_cpu_kind,
+    source_spec,
 )
 
 import robust_agc.train as train_mod
@@ -732,3 +734,57 @@ def test_a_run_ended_by_the_collapse_guard_is_finished(tmp_path: Path) -> None:
     (spec.result_dir / "summary.json").write_text(json.dumps(guard))
     assert run_status(spec, study) == "done"  # --on-collapse stop/rollback ended it
 
+
+def test_fast_at_study_reuses_pgd5_and_matches_steps_and_lambdas() -> None:
+    study = load_study(CONFIGS / "fast_at.yaml")
+    specs = expand(study)
+    cfgs = {(s.cell, s.seed): s.config() for s in specs}
+    assert len(study.seeds) == 3 and {c.optimizer for c in cfgs.values()} == {"sgd"}
+    for s in specs:  # every eps-0.1 PGD-5 run is the main study's stored SGD run
+        c = cfgs[(s.cell, s.seed)]
+        is_main = s.labels["recipe"] == "pgd5" and c.eps == 0.1
+        src = reusable_source(s, study) if s.labels["recipe"] == "pgd5" else None
+        assert (src is not None) == is_main, s.cell
+        if is_main:
+            assert src.parent.name == s.cell.replace("pgd5", "sgd")
+    # equal optimizer steps and warm-up steps: free training's epochs hold M steps per batch
+    for c in cfgs.values():
+        assert c.epochs * c.free_replays == 8
+        assert c.warmup_epochs * c.free_replays == c.eps_warmup_epochs * c.free_replays == 1
+    ga = {(c.eps, c.grad_align, c.train_attack) for c in cfgs.values() if c.grad_align}
+    assert ga == {(0.1, 0.2, "fgsm"), (0.2, 2.0, "fgsm")}
+    assert {c.eps for c in cfgs.values()} == {0.1, 0.2}
+    assert study.eval["eps"] is None  # each run at its own eps
+    (aa,) = study.extra_evals
+    assert [s.cell for s in specs if s.seed == 2 and study.extra_evals_for(2, s.cell)] == [
+        s.cell for s in specs if s.seed == 2 and s.cell.startswith("rigl")
+    ]
+    assert aa["attacks"] == "clean,autoattack" and aa["n_examples"] == 500
+
+
+def test_pruning_study_splits_the_from_scratch_budget_and_reuses_the_sparse_runs() -> None:
+    study = load_study(CONFIGS / "pruning.yaml")
+    specs = expand(study)
+    pipes = [s for s in specs if s.pipeline is not None]
+    assert {s.pipeline["method"] for s in pipes} == {"lwm", "hydra", "imp"}
+    assert len(pipes) == 3 * 2 * 2 * 3  # methods x sparsities x optimizers x seeds
+    for s in pipes:
+        src = source_spec(study, s)
+        src_cfg, cfg = src.config(), s.config()
+        assert (src.cell, src_cfg.sparse_method, src_cfg.optimizer) == (
+            "dense_90_sgd",
+            "dense",
+            "sgd",
+        )
+        p = s.pipeline
+        stage_epochs = {
+            "lwm": cfg.epochs,
+            "hydra": (p["score_epochs"] or cfg.epochs) + cfg.epochs,
+            "imp": (p["rounds"] or 3) * cfg.epochs,
+        }[p["method"]]
+        assert src_cfg.epochs + stage_epochs == 8  # the from-scratch runs' epochs
+        assert cfg.sparsity in (0.9, 0.99) and cfg.sparse_init == "erk"
+    scratch = [s for s in specs if s.pipeline is None and s.labels["method"] != "dense"]
+    assert len(scratch) == 3 * 2 * 2 * 3
+    assert all(reusable_source(s, study) is not None for s in scratch)
+    assert all(s.config().epochs == 8 for s in scratch)
