@@ -27,6 +27,21 @@ whatever the optimizer (``tests/test_pairing.py``), so a third table gives per-s
 against the baseline cell (final evaluation clean/robust, final validation robust, time ratio);
 ``--paired VALUE`` adds the same against another value of the baseline's axis (e.g. ``agc``).
 
+Catastrophic overfitting: when a run of the study was watched by the collapse guard (its
+per-epoch records carry ``collapse``), the first table gets a ``collapse`` column: how many runs
+had an epoch flagged, the flagged epochs, and how many runs the guard stopped or rolled back
+(:func:`collapse_info`). An epoch undone by a rollback is left out of every accuracy and time
+column (its compute stays in the run's ``summary.json``).
+
+Pipeline cells (a ``pipeline`` in the study: a pruning chain started from another cell's run,
+``robust_agc.prune``): their results are the last stage's, and their per-epoch ``grad_evals``,
+``cpu_time_s`` and ``train_time_s`` are shifted by the compute of the chain before that stage
+(the source run's whole run and every earlier stage: the last stage's ``summary.json``
+``source.*_total``), so every to-target, equal-time and compute column compares whole chains
+with the from-scratch runs (``--clock wall`` counts the last stage only). A compute table follows
+the first: each cell's total gradient evaluations (a pipeline's ``pipeline.json``
+``grad_evals_total``) and its ratio to its baseline cell's (:func:`compute_rows`).
+
     .venv/bin/python experiments/summarize.py experiments/configs/main_adversarial.yaml
 """
 
@@ -65,6 +80,9 @@ __all__ = [
     "extra_rows",
     "flagged_runs",
     "format_extra",
+    "collapse_info",
+    "compute_rows",
+    "format_compute",
     "main",
 ]
 
@@ -88,15 +106,119 @@ class CellRuns:
     runs: list[Run]
 
 
+CHAIN_KEYS = ("grad_evals", "train_time_s", "cpu_time_s")  # shifted by a pipeline's earlier cost
+
+
 def collect_cells(study: Study, results_root: Path = RESULTS_ROOT) -> list[CellRuns]:
-    """Stored runs per cell, in the study's cell order (cells without results are kept, empty)."""
+    """Stored runs per cell, in the study's cell order (cells without results are kept, empty).
+
+    Epochs undone by a rollback are dropped from a run's metrics; a pipeline cell's metrics count
+    the chain's earlier compute (module docstring)."""
     cells: dict[str, CellRuns] = {}
     specs: list[RunSpec] = expand(study, runs_root=RUNS_ROOT, results_root=results_root)
     for spec in specs:
         c = cells.setdefault(spec.cell, CellRuns(spec.cell, spec.labels, []))
         if (spec.result_dir / "metrics.jsonl").is_file():
-            c.runs.append(load_run(spec.result_dir))
+            run = load_run(spec.result_dir)
+            run.metrics = [r for r in run.metrics if not r.get("rolled_back")]
+            if (spec.result_dir / "pipeline.json").is_file():
+                before = run.summary.get("source") or {}
+                for row in run.metrics:
+                    for k in CHAIN_KEYS:
+                        if isinstance(row.get(k), int | float):
+                            row[k] += before.get(f"{k}_total", 0)
+            c.runs.append(run)
     return list(cells.values())
+
+
+def collapse_info(run: Run) -> dict[str, Any] | None:
+    """What the catastrophic-overfitting guard recorded for a run (None: not watched, no epoch
+    record carries ``collapse``): ``epochs`` (the flagged epochs, rolled back ones included,
+    from the run's ``metrics.jsonl``), ``stopped`` (``--on-collapse stop`` ended the run) and
+    ``rolled_back`` (``rollback`` restored an earlier epoch and ended it)."""
+    path = Path(run.path) / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    if not any("collapse" in r for r in rows):
+        return None
+    guard = run.summary.get("collapse_guard") or {}
+    rolled = guard.get("rolled_back_to") is not None or any(r.get("rolled_back") for r in rows)
+    return {
+        "epochs": [int(r["epoch"]) for r in rows if r.get("collapse") is True],
+        "stopped": bool(guard.get("stopped")) and not rolled,
+        "rolled_back": rolled,
+    }
+
+
+def _collapse_cell(runs: Sequence[Run]) -> str:
+    """The ``collapse`` column: ``k/n`` watched runs with a flagged epoch, the flagged epochs
+    per run, and the runs stopped or rolled back (``-``: no run watched)."""
+    infos = [i for i in (collapse_info(r) for r in runs) if i is not None]
+    if not infos:
+        return "-"
+    flagged = [i for i in infos if i["epochs"]]
+    text = f"{len(flagged)}/{len(infos)}"
+    if flagged:
+        text += " (epochs " + "; ".join(",".join(map(str, i["epochs"])) for i in flagged) + ")"
+    for key, word in (("stopped", "stopped"), ("rolled_back", "rolled back")):
+        k = sum(i[key] for i in infos)
+        if k:
+            text += f", {k} {word}"
+    return text
+
+
+def _chain_grad_evals(run: Run) -> float | None:
+    """A run's total gradient evaluations: a pipeline's whole chain (``pipeline.json``), else
+    its summary's (else its last epoch's)."""
+    rec = Path(run.path) / "pipeline.json"
+    if rec.is_file():
+        return float(json.loads(rec.read_text(encoding="utf-8"))["grad_evals_total"])
+    v = run.summary.get("grad_evals", _final(run, "grad_evals"))
+    return float(v) if isinstance(v, int | float) else None
+
+
+def compute_rows(cells: list[CellRuns], baseline: dict[str, str] | None) -> list[dict[str, Any]]:
+    """Per cell: ``grad_evals`` (mean over its runs of :func:`_chain_grad_evals`), ``pipeline``
+    (whether its runs are pruning chains) and ``ratio``: that mean over its baseline cell's
+    (None without a baseline or results)."""
+    rows = []
+    for c in cells:
+        vals = [v for v in map(_chain_grad_evals, c.runs) if v is not None]
+        mean = statistics.fmean(vals) if vals else None
+        ratio = None
+        if baseline is not None and mean is not None:
+            base = _partner_cell(c, cells, baseline["axis"], baseline["value"])
+            ref = [v for v in map(_chain_grad_evals, base.runs) if v is not None]
+            ratio = _ratio(mean, statistics.fmean(ref) if ref else None)
+        rows.append(
+            {
+                "cell": c.cell,
+                "n": len(vals),
+                "pipeline": any((Path(r.path) / "pipeline.json").is_file() for r in c.runs),
+                "grad_evals": mean,
+                "ratio": ratio,
+            }
+        )
+    return rows
+
+
+def format_compute(rows: list[dict[str, Any]], baseline: dict[str, str] | None) -> str:
+    """Markdown table of :func:`compute_rows`."""
+    ref = f"its {baseline['axis']}={baseline['value']} cell's" if baseline else "a baseline's"
+    head = (
+        "\nTraining compute (gradient evaluations: forward+backward passes over single examples; "
+        "a pipeline cell counts its whole chain: the source run, every stage), mean over the "
+        f"stored runs, and its ratio to {ref}.\n\n"
+        "| cell | runs | pipeline | grad evals | ratio |\n" + "| --- " * 5 + "|\n"
+    )
+    lines = [
+        f"| {r['cell']} | {r['n']} | {'yes' if r['pipeline'] else 'no'} | "
+        + ("-" if r["grad_evals"] is None else f"{r['grad_evals']:.0f}")
+        + " | "
+        + ("-" if r["ratio"] is None else f"{r['ratio']:.2f}")
+        + " |"
+        for r in rows
+    ]
+    return head + "\n".join(lines) + "\n"
 
 
 def first_reaching(run: Run, key: str, target: float) -> dict[str, float] | None:
@@ -575,11 +697,12 @@ def format_table(
     (``eval_<name>.json``) whose clean and robust accuracy get columns (mean over the seeds that
     have them, ``k`` given)."""
     extra_head = "".join(f"{n} clean | {n} robust (seeds) | " for n in extra_evals)
+    watched = any(collapse_info(r) is not None for c in cells for r in c.runs)
     head = (
         "| cell | seeds | epochs | val clean | val robust | test clean | test robust | "
         "best-val epoch | best-val: test clean | best-val: test robust | eval clean | "
-        f"eval robust | {extra_head}train {clock} | grad evals |\n"
-        + "| --- " * (14 + 2 * len(extra_evals))
+        f"eval robust | {extra_head}train {clock} | grad evals |{' collapse |' * watched}\n"
+        + "| --- " * (14 + 2 * len(extra_evals) + watched)
         + "|\n"
     )
     lines = []
@@ -597,6 +720,7 @@ def format_table(
             + "".join(_extra_cells(rs, name) for name in extra_evals)
             + f" | {mean_std([_final(r, clock) for r in rs], digits=0)}"
             + f" | {mean_std([_final(r, 'grad_evals') for r in rs], digits=0)} |"
+            + (f" {_collapse_cell(rs)} |" if watched else "")
         )
     out = (
         "Accuracies in %, mean ± std over seeds (sample std); val/test = per-epoch evaluation "
@@ -728,6 +852,11 @@ def main(argv: list[str] | None = None) -> int:
         clock = CLOCKS[args.clock]
         names = [e["name"] for e in study.extra_evals]
         print(format_table(cells, study.baseline, clock=clock, extra_evals=names), end="")
+        if any(
+            s.pipeline is not None
+            for s in expand(study, runs_root=RUNS_ROOT, results_root=Path(args.results))
+        ):
+            print(format_compute(compute_rows(cells, study.baseline), study.baseline), end="")
         flagged = flagged_runs(cells)
         if any(r.evals for c in cells for r in c.runs):
             print(

@@ -11,13 +11,16 @@ import yaml
 from run_study import (
     EVAL_FILE,
     RESULT_FILES,
+    differing_keys,
     eval_argv,
     execute,
     expand,
     load_study,
     main,
+    reusable_source,
     run_status,
     same_cpu_kind,
+    source_spec,
 )
 
 import robust_agc.train as train_mod
@@ -41,6 +44,9 @@ TINY_BASE = {
     "update_interval": 1,
     "lr": 0.05,
 }
+
+
+_PIPE = {"method": "lwm", "source_cell": "dense"}
 
 
 def _write(tmp_path: Path, data: dict, name: str = "study.yaml") -> Path:
@@ -90,7 +96,51 @@ def _load(tmp_path: Path, data: dict):
         ({"eval": {}, "extra_evals": [{"name": "a", "seeds": 0}]}, r"seeds 0"),
         ({"eval": {}, "extra_evals": [{"name": "a", "bogus": 1}]}, r"Invalid extra_evals"),
         ({"reuse": "other"}, r"Invalid reuse value"),
-        ({"eval": {}, "extra_evals": [{"name": "a"}], "reuse": ["x"]}, r"cannot have extra"),
+        ({"eval": {}, "extra_evals": [{"name": "a", "cells": "r*"}]}, r"cells 'r\*'"),
+        ({"grid": {"m": [{"name": "p", "pipeline": {"method": "lwm"}}]}}, r"source_cell required"),
+        ({"grid": {"m": [{"name": "p", "pipeline": {**_PIPE, "method": "snip"}}]}}, r"'snip'"),
+        ({"grid": {"m": [{"name": "p", "pipeline": {**_PIPE, "rounds": 0}}]}}, r"rounds 0"),
+        ({"grid": {"m": [{"name": "p", "pipeline": {**_PIPE, "bogus": 1}}]}}, r"keys: method"),
+        ({"grid": {"m": [{"name": "p", "pipeline": _PIPE}]}}, r"'dense' of 'p' is not a cell"),
+        (
+            {
+                "grid": {
+                    "m": [
+                        {"name": "dense", "pipeline": {**_PIPE, "source_cell": "p"}},
+                        {"name": "p", "pipeline": _PIPE},
+                    ]
+                }
+            },
+            r"is itself a pipeline cell",
+        ),
+        (
+            {
+                "grid": {
+                    "m": [{"name": "dense"}, {"name": "p", "init_from": "x", "pipeline": _PIPE}]
+                }
+            },
+            r"sets 'init_from', which the pipeline sets",
+        ),
+        (
+            {
+                "grid": {
+                    "m": [
+                        {"name": "dense"},
+                        {"name": "p", "pipeline": {**_PIPE, "rewind_epoch": 1}},
+                    ]
+                }
+            },
+            r"needs save_epochs \[1\] in its source cell 'dense'",
+        ),
+        (
+            {
+                "grid": {
+                    "a": [{"name": "dense"}, {"name": "p", "pipeline": _PIPE}],
+                    "b": [{"name": "q", "pipeline": {**_PIPE, "source_cell": "dense_q"}}],
+                }
+            },
+            r"two axes give cell",
+        ),
     ],
 )
 def test_load_study_rejects(tmp_path: Path, data: dict, message: str) -> None:
@@ -488,3 +538,253 @@ def test_same_cpu_kind_compares_capability_then_flags_then_the_model_name() -> N
     assert same_cpu_kind({"cpu": "AMD EPYC 9654"}, here)[0]
     assert same_cpu_kind({"cpu": "Intel Xeon"}, here) == (False, "'Intel Xeon'", "'AMD EPYC 9654'")
     assert same_cpu_kind({}, here)[0]  # nothing recorded: nothing to compare
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _pipeline_data(**lwm: object) -> dict:
+    return {
+        "study": "tinyprune",
+        "base": TINY_BASE,
+        "grid": {
+            "method": [
+                {"name": "dense", "sparse_method": "dense"},
+                {
+                    "name": "lwm",
+                    "sparse_method": "static",
+                    "pipeline": {"method": "lwm", "source_cell": "dense"},
+                    **lwm,
+                },
+            ]
+        },
+        "seeds": [0],
+        "eval": {"attacks": "clean,pgd", "n_examples": 8, "pgd_steps": 2, "eps": 0.1},
+        "extra_evals": [
+            {"name": "strong", "seeds": [0], "cells": ["lwm*"], "n_examples": 6, "pgd_steps": 3}
+        ],
+    }
+
+
+def test_pipeline_cell_runs_resumes_rebuilds_and_is_skipped(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A pipeline cell (LWM from the dense cell's run of the same seed) through the driver: the
+    dry run names its source, an interrupted pipeline resumes, its results hold the last stage's
+    files, pipeline.json and the chain's compute, a fresh machine rebuilds source and pipeline
+    (both must reproduce the stored metrics) for the missing extra evaluation only, and a stored
+    study is skipped."""
+    import robust_agc.prune.pipeline as pipeline_mod
+
+    path = _write(tmp_path, _pipeline_data())
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    roots = ["--runs-root", str(runs), "--results-root", str(results)]
+    study = load_study(path, runs_root=runs, results_root=results)
+    dense, lwm = expand(study, runs_root=runs, results_root=results)
+    assert dense.pipeline is None and lwm.pipeline["source_cell"] == "dense"
+    assert [e["name"] for e in study.extra_evals_for(0, "lwm")] == ["strong"]
+    assert study.extra_evals_for(0, "dense") == []  # the cells filter
+    assert main([str(path), "--dry-run", *roots]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [
+        "new      tinyprune/dense/s0",
+        "new      tinyprune/lwm/s0 (lwm pipeline from dense/s0)",
+    ]
+
+    real_epoch = train_mod.Trainer.train_epoch
+    hit = {"n": 0}
+
+    def flaky(self, *a, **k):  # interrupt the pipeline's stage in its second epoch, once
+        if self.cfg.prune == "lwm" and self.state.epoch == 1 and not hit["n"]:
+            hit["n"] = 1
+            raise KeyboardInterrupt
+        return real_epoch(self, *a, **k)
+
+    monkeypatch.setattr(train_mod.Trainer, "train_epoch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main([str(path), "--threads", "1", "--no-extra", *roots])
+    assert run_status(dense, study) == "done" and run_status(lwm, study) == "resume"
+    capsys.readouterr()
+    assert main([str(path), "--dry-run", "--only", "lwm", *roots]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("resume   tinyprune/lwm/s0 (lwm")
+    assert main([str(path), "--threads", "1", "--no-extra", *roots]) == 0
+    assert run_status(lwm, study, extra=False) == "done"
+    assert run_status(lwm, study) == "eval"  # the extra evaluation is left for later
+
+    res = lwm.result_dir
+    assert sorted(_files(res)) == sorted([*RESULT_FILES, "pipeline.json"])
+    rec = json.loads((res / "pipeline.json").read_text())
+    assert rec["status"] == "complete" and [s["name"] for s in rec["stages"]] == ["1-lwm"]
+    dense_summary = json.loads((dense.result_dir / "summary.json").read_text())
+    assert rec["grad_evals_total"] == dense_summary["grad_evals"] + rec["grad_evals"] > 0
+    cfg = yaml.safe_load((res / "config.yaml").read_text())
+    assert (cfg["prune"], cfg["sparse_method"], cfg["sparsity"], cfg["epochs"]) == (
+        "lwm",
+        "static",
+        0.9,
+        2,
+    )
+    assert cfg["init_from"] == str(dense.run_dir / "best.pt")
+    ev = json.loads((res / EVAL_FILE).read_text())
+    assert ev["model_info"]["path"] == str(lwm.run_dir / "1-lwm" / "best.pt")
+    assert len(_metrics(res)) == 2 and _metrics(res)[-1]["density"] == pytest.approx(0.1, abs=0.01)
+
+    # a fresh machine: the results are stored, every run folder is gone
+    shutil.rmtree(runs)
+    assert run_status(dense, study) == "done" and run_status(lwm, study) == "rebuild"
+    stored = _files(results)
+    assert main([str(path), "--threads", "1", *roots]) == 0
+    assert run_status(lwm, study) == "done" and (dense.run_dir / "best.pt").is_file()
+    after = _files(results)
+    added = sorted(set(after) - set(stored))
+    assert added == ["tinyprune/lwm/s0/eval_strong.json"]
+    assert {k: after[k] for k in stored} == stored  # nothing stored was rewritten
+
+    # a stored study is skipped; a changed setting of the pipeline cell makes it stale
+    fail = lambda *a, **k: pytest.fail("retrained a stored run")  # noqa: E731
+    monkeypatch.setattr(train_mod, "train", fail)
+    monkeypatch.setattr(pipeline_mod, "prune", fail)
+    assert main([str(path), "--threads", "1", *roots]) == 0
+    changed = load_study(
+        _write(tmp_path, _pipeline_data(weight_decay=0.01)), runs_root=runs, results_root=results
+    )
+    d2, l2 = expand(changed, runs_root=runs, results_root=results)
+    assert run_status(d2, changed) == "done" and run_status(l2, changed) == "stale"
+    assert main([str(_write(tmp_path, _pipeline_data(weight_decay=0.01))), *roots]) == 2
+    assert "weight_decay" in capsys.readouterr().err
+
+
+def test_a_stored_setting_that_predates_its_field_is_its_default() -> None:
+    stored = {"lr": 0.05, "optimizer": "sgd"}  # written before grad_align existed
+    assert differing_keys(stored, {"lr": 0.05, "grad_align": 0.0}) == []
+    assert differing_keys(stored, {"lr": 0.05, "grad_align": 0.2}) == ["grad_align"]
+    assert differing_keys(stored, {"lr": 0.1, "free_replays": 4}) == ["free_replays", "lr"]
+    assert differing_keys({}, {"threads": 3, "out": "x"}) == []  # execution keys never differ
+
+
+def test_reuse_copies_runs_stored_before_new_settings_and_their_matching_extras(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A stored run whose config.yaml lacks the newer settings is reused by a study that leaves
+    them at their defaults; ``eps: None`` in the final evaluation is the run's eps; an extra
+    evaluation is copied only when the reused study made it with the same options."""
+    import run_study
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    monkeypatch.setattr(run_study, "CONFIGS_ROOT", configs)
+    roots = {"runs_root": tmp_path / "runs", "results_root": tmp_path / "results"}
+    aa = {"name": "aa", "seeds": [0], "attacks": "clean,autoattack", "n_examples": 5}
+    strong = {"name": "strong", "seeds": [0], "pgd_steps": 100}
+    main_data = {
+        "study": "main",
+        "base": {"epochs": 1, "eps": 0.1},
+        "grid": {"opt": [{"name": "sgd", "optimizer": "sgd"}]},
+        "eval": {"n_examples": 10, "eps": 0.1},
+        "extra_evals": [aa, strong],
+    }
+    _write(configs, main_data, "main.yaml")
+    main_study = load_study(configs / "main.yaml", **roots)
+    (old,) = expand(main_study, **roots)
+    cfg = old.config().to_dict()
+    for key in ("grad_align", "free_replays", "on_collapse", "init_from", "save_epochs"):
+        del cfg[key]  # stored before these settings existed
+    _fake_run(old.result_dir, cfg, 1, summary=True, ckpt=False)
+    for name, data in (
+        (EVAL_FILE, {"n_examples": 10}),
+        ("eval_aa.json", {}),
+        ("eval_strong.json", {}),
+    ):
+        (old.result_dir / name).write_text(json.dumps(data))
+    assert run_status(old, main_study) == "done"  # not stale
+    fast = {
+        "study": "fast",
+        "base": {"epochs": 1, "eps": 0.1},
+        "grid": {
+            "r": [
+                {"name": "pgd", "optimizer": "sgd"},
+                {"name": "ga", "optimizer": "sgd", "grad_align": 0.2},
+            ]
+        },
+        "eval": {"n_examples": 10},  # eps: the run's
+        "extra_evals": [{**aa, "seeds": [0, 1], "cells": ["*"]}, {**strong, "pgd_steps": 20}],
+        "reuse": ["main"],
+    }
+    study = load_study(_write(tmp_path, fast), **roots)
+    pgd, ga = expand(study, **roots)
+    assert [run_status(s, study) for s in (pgd, ga)] == ["reuse", "new"]
+    monkeypatch.setattr("robust_agc.train.train", lambda cfg: pytest.fail("retrained"))
+    assert execute(pgd, study) == "reuse"
+    # eval_strong.json was made with 100 PGD steps, this study's with 20: not copied, and the
+    # run now needs its checkpoint back for it
+    assert sorted(p.name for p in pgd.result_dir.iterdir()) == sorted(
+        [*RESULT_FILES, "eval_aa.json"]
+    )
+    assert run_status(pgd, study) == "rebuild" and run_status(pgd, study, extra=False) == "done"
+
+
+def test_a_run_ended_by_the_collapse_guard_is_finished(tmp_path: Path) -> None:
+    study = _load(tmp_path, {"base": {"epochs": 3}, "eval": {"n_examples": 10}})
+    (spec,) = expand(study, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    _fake_run(spec.result_dir, spec.config().to_dict(), 2, summary=True, ckpt=False)
+    (spec.result_dir / EVAL_FILE).write_text("{}")
+    assert run_status(spec, study) == "new"  # 2 of 3 epochs and no reason: not finished
+    guard = {"collapse_guard": {"stopped": True, "rolled_back_to": 1}}
+    (spec.result_dir / "summary.json").write_text(json.dumps(guard))
+    assert run_status(spec, study) == "done"  # --on-collapse stop/rollback ended it
+
+
+def test_fast_at_study_reuses_pgd5_and_matches_steps_and_lambdas() -> None:
+    study = load_study(CONFIGS / "fast_at.yaml")
+    specs = expand(study)
+    cfgs = {(s.cell, s.seed): s.config() for s in specs}
+    assert len(study.seeds) == 3 and {c.optimizer for c in cfgs.values()} == {"sgd"}
+    for s in specs:  # every eps-0.1 PGD-5 run is the main study's stored SGD run
+        c = cfgs[(s.cell, s.seed)]
+        is_main = s.labels["recipe"] == "pgd5" and c.eps == 0.1
+        src = reusable_source(s, study) if s.labels["recipe"] == "pgd5" else None
+        assert (src is not None) == is_main, s.cell
+        if is_main:
+            assert src.parent.name == s.cell.replace("pgd5", "sgd")
+    # equal optimizer steps and warm-up steps: free training's epochs hold M steps per batch
+    for c in cfgs.values():
+        assert c.epochs * c.free_replays == 8
+        assert c.warmup_epochs * c.free_replays == c.eps_warmup_epochs * c.free_replays == 1
+    ga = {(c.eps, c.grad_align, c.train_attack) for c in cfgs.values() if c.grad_align}
+    assert ga == {(0.1, 0.2, "fgsm"), (0.2, 2.0, "fgsm")}
+    assert {c.eps for c in cfgs.values()} == {0.1, 0.2}
+    assert study.eval["eps"] is None  # each run at its own eps
+    (aa,) = study.extra_evals
+    assert [s.cell for s in specs if s.seed == 2 and study.extra_evals_for(2, s.cell)] == [
+        s.cell for s in specs if s.seed == 2 and s.cell.startswith("rigl")
+    ]
+    assert aa["attacks"] == "clean,autoattack" and aa["n_examples"] == 500
+
+
+def test_pruning_study_splits_the_from_scratch_budget_and_reuses_the_sparse_runs() -> None:
+    study = load_study(CONFIGS / "pruning.yaml")
+    specs = expand(study)
+    pipes = [s for s in specs if s.pipeline is not None]
+    assert {s.pipeline["method"] for s in pipes} == {"lwm", "hydra", "imp"}
+    assert len(pipes) == 3 * 2 * 2 * 3  # methods x sparsities x optimizers x seeds
+    for s in pipes:
+        src = source_spec(study, s)
+        src_cfg, cfg = src.config(), s.config()
+        assert (src.cell, src_cfg.sparse_method, src_cfg.optimizer) == (
+            "dense_90_sgd",
+            "dense",
+            "sgd",
+        )
+        p = s.pipeline
+        stage_epochs = {
+            "lwm": cfg.epochs,
+            "hydra": (p["score_epochs"] or cfg.epochs) + cfg.epochs,
+            "imp": (p["rounds"] or 3) * cfg.epochs,
+        }[p["method"]]
+        assert src_cfg.epochs + stage_epochs == 8  # the from-scratch runs' epochs
+        assert cfg.sparsity in (0.9, 0.99) and cfg.sparse_init == "erk"
+    scratch = [s for s in specs if s.pipeline is None and s.labels["method"] != "dense"]
+    assert len(scratch) == 3 * 2 * 2 * 3
+    assert all(reusable_source(s, study) is not None for s in scratch)
+    assert all(s.config().epochs == 8 for s in scratch)

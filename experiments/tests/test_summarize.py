@@ -10,7 +10,9 @@ import yaml
 from run_study import expand, load_study
 from summarize import (
     at_time,
+    collapse_info,
     collect_cells,
+    compute_rows,
     extra_rows,
     first_reaching,
     flagged_runs,
@@ -356,3 +358,146 @@ def test_headline_adds_the_paired_extra_evaluation(tmp_path: Path) -> None:
     # no paired extra result: the sentence is left out
     bare = paired_rows(cells, study.baseline, "cpu_time_s")
     assert "autoattack" not in headline(bare, ["agc"], "cpu_time_s", None, [spec])
+
+
+def _store(d: Path, cfg: dict, rows: list[dict], summary: dict, **files: dict) -> None:
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({"machine": {}, **summary}))
+    for name, data in files.items():
+        (d / f"{name}.json").write_text(json.dumps(data))
+
+
+def _row(epoch: int, acc: float, t: float, g: int, **extra) -> dict:
+    return {
+        "epoch": epoch,
+        "val_robust_acc": acc,
+        "val_clean_acc": acc + 0.2,
+        "test_robust_acc": acc,
+        "test_clean_acc": acc + 0.2,
+        "cpu_time_s": t,
+        "train_time_s": t,
+        "wall_time_s": t,
+        "grad_evals": g,
+        **extra,
+    }
+
+
+def test_collapse_column_counts_flagged_epochs_stops_and_rollbacks(tmp_path: Path) -> None:
+    data = {
+        "study": "fast",
+        "base": {"epochs": 3},
+        "grid": {"recipe": [{"name": "pgd"}, {"name": "fgsm", "train_attack": "fgsm-rs"}]},
+        "seeds": [0, 1, 2],
+        "baseline": {"axis": "recipe", "value": "pgd"},
+    }
+    path = tmp_path / "fast.yaml"
+    path.write_text(yaml.safe_dump(data))
+    results = tmp_path / "results"
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    specs = {(s.cell, s.seed): s for s in expand(study, runs_root=tmp_path, results_root=results)}
+    ok = [False, False, False]
+    for seed in range(3):  # the PGD runs: not watched (no collapse key)
+        spec = specs[("pgd", seed)]
+        _store(
+            spec.result_dir, spec.config().to_dict(), [_row(e, 0.5, e, e) for e in (1, 2, 3)], {}
+        )
+    runs = {  # seed -> (collapse flags per epoch, rolled back epoch 3, guard summary)
+        0: (ok, {}),
+        1: ([False, True, True], {"stopped": False, "rolled_back_to": None}),
+        2: ([False, False, True], {"stopped": True, "rolled_back_to": 2}),
+    }
+    for seed, (flags, guard) in runs.items():
+        spec = specs[("fgsm", seed)]
+        rows = [_row(e, 0.6 - 0.5 * f, e, e, collapse=f) for e, f in enumerate(flags, 1)]
+        if guard.get("rolled_back_to"):
+            rows[-1]["rolled_back"] = True
+        _store(spec.result_dir, spec.config().to_dict(), rows, {"collapse_guard": guard})
+    cells = collect_cells(study, results)
+    fgsm = cells[1]
+    infos = [collapse_info(r) for r in fgsm.runs]
+    assert [i["epochs"] for i in infos] == [[], [2, 3], [3]]
+    assert [(i["stopped"], i["rolled_back"]) for i in infos] == [(False, False)] * 2 + [
+        (False, True)
+    ]
+    assert all(collapse_info(r) is None for r in cells[0].runs)
+    # the rolled-back epoch is not the run's final one: epoch 2 (0.6) is
+    assert [r.metrics[-1]["val_robust_acc"] for r in fgsm.runs] == [0.6, pytest.approx(0.1), 0.6]
+    table = format_table(cells, None, clock="cpu_time_s").splitlines()
+    head = next(x for x in table if x.startswith("| cell |"))
+    assert head.endswith("| grad evals | collapse |")
+    by = {x.split(" | ")[0]: x for x in table if x.startswith("| ")}
+    assert by["| pgd"].endswith(" | - |")
+    assert by["| fgsm"].endswith(" | 2/3 (epochs 2,3; 3), 1 rolled back |")
+    stop = specs[("fgsm", 2)].result_dir / "summary.json"
+    stop.write_text(json.dumps({"collapse_guard": {"stopped": True, "rolled_back_to": None}}))
+    rows = [json.loads(x) for x in (stop.parent / "metrics.jsonl").read_text().splitlines()]
+    rows[-1].pop("rolled_back")
+    (stop.parent / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (
+        format_table(collect_cells(study, results), None)
+        .splitlines()[-1]
+        .endswith(" | 2/3 (epochs 2,3; 3), 1 stopped |")
+    )
+
+
+def test_pipeline_cells_count_the_whole_chain(tmp_path: Path, capsys) -> None:
+    """A pipeline cell's per-epoch compute and clocks start from the chain's earlier cost (the
+    source run's whole run and earlier stages), so to-target and compute columns compare whole
+    chains with the from-scratch runs."""
+    data = {
+        "study": "prune",
+        "base": {"epochs": 4},
+        "grid": {
+            "method": [
+                {"name": "dense", "sparse_method": "dense", "epochs": 2},
+                {"name": "rigl", "sparse_method": "rigl"},
+                {
+                    "name": "lwm",
+                    "sparse_method": "static",
+                    "epochs": 2,
+                    "pipeline": {"method": "lwm", "source_cell": "dense"},
+                },
+            ]
+        },
+        "baseline": {"axis": "method", "value": "rigl"},
+    }
+    path = tmp_path / "prune.yaml"
+    path.write_text(yaml.safe_dump(data))
+    results = tmp_path / "results"
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    dense, rigl, lwm = expand(study, runs_root=tmp_path / "runs", results_root=results)
+    _store(
+        dense.result_dir, {}, [_row(1, 0.3, 10, 100), _row(2, 0.4, 20, 200)], {"grad_evals": 200}
+    )
+    accs = (0.2, 0.3, 0.4, 0.5)
+    rigl_rows = [_row(e, a, 10 * e, 100 * e) for e, a in enumerate(accs, 1)]
+    _store(rigl.result_dir, {}, rigl_rows, {"grad_evals": 400})
+    before = {"grad_evals_total": 200, "cpu_time_s_total": 20.0, "train_time_s_total": 20.0}
+    _store(
+        lwm.result_dir,
+        {},
+        [_row(1, 0.45, 10, 100), _row(2, 0.55, 20, 200)],
+        {"grad_evals": 200, "source": before},
+        pipeline={"grad_evals_total": 400, "grad_evals": 200},
+    )
+    cells = collect_cells(study, results)
+    chain = cells[2].runs[0]
+    assert [r["grad_evals"] for r in chain.metrics] == [300, 400]
+    assert [r["cpu_time_s"] for r in chain.metrics] == [30.0, 40.0]
+    assert [r["wall_time_s"] for r in chain.metrics] == [10, 20]  # the last stage only
+    rows = {r["cell"]: r for r in to_target_rows(cells, study.baseline, "cpu_time_s")}
+    # target 0.5 (RigL's final): the chain reaches it after 400 evaluations, 40 s
+    assert rows["lwm"]["grad_evals_to_target"] == [400.0]
+    assert rows["lwm"]["time_to_target_s"] == [40.0]
+    comp = {r["cell"]: r for r in compute_rows(cells, study.baseline)}
+    assert (comp["lwm"]["grad_evals"], comp["lwm"]["ratio"], comp["lwm"]["pipeline"]) == (
+        400.0,
+        1.0,
+        True,
+    )
+    assert (comp["dense"]["ratio"], comp["rigl"]["pipeline"]) == (0.5, False)
+    assert main([str(path), "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "| lwm | 1 | yes | 400 | 1.00 |" in out and "| dense | 1 | no | 200 | 0.50 |" in out

@@ -3,7 +3,10 @@ expanded into one :class:`RunSpec` per run.
 
 Shared by the study driver (``experiments/run_study.py``, which trains and evaluates the runs) and
 the study tables (``experiments/summarize.py``); the file format is described in the driver's
-docstring and in ``experiments/README.md``. Where runs and results live is the caller's choice
+docstring and in ``experiments/README.md``. A grid value may carry a ``pipeline`` (see
+:data:`PIPELINE_KEYS`): its cell is then a pruning pipeline (:func:`robust_agc.prune.prune`)
+started from the best checkpoint of another cell's run of the same seed, and the cell's settings
+are the pipeline stages' settings. Where runs and results live is the caller's choice
 (``runs_root``, ``results_root``): a run of cell ``c`` and seed ``s`` of study ``n`` is
 ``<root>/<n>/<c>/s<s>``.
 """
@@ -11,6 +14,7 @@ docstring and in ``experiments/README.md``. Where runs and results live is the c
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from ..errors import UserError
 __all__ = [
     "DEFAULT_THREADS",
     "EVAL_DEFAULTS",
+    "PIPELINE_KEYS",
     "STUDY_KEYS",
     "TARGET_METRICS",
     "RunSpec",
@@ -31,6 +36,7 @@ __all__ = [
     "expand",
     "extra_eval_file",
     "load_study",
+    "source_spec",
 ]
 
 DEFAULT_THREADS = 1
@@ -53,6 +59,16 @@ STUDY_KEYS = frozenset(
     | {"extra_evals", "reuse"}
 )
 
+PIPELINE_KEYS: dict[str, str] = {
+    "method": "lwm, hydra or imp (robust_agc.prune.METHODS)",
+    "source_cell": "the cell (of this study) whose run of the same seed is pruned (its best.pt)",
+    "rounds": "imp: pruning rounds (default 3)",
+    "score_epochs": "hydra: epochs of score training (default: the cell's epochs)",
+    "rewind_epoch": "imp: rewind to the source run's epoch<K>.pt (the source needs save_epochs)",
+}
+"""Keys of a grid value's ``pipeline`` mapping (``method`` and ``source_cell`` are required)."""
+_PIPELINE_SET = ("init_from", "prune", "rewind_from")  # set by robust_agc.prune, per stage
+
 _TRAIN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 Axes = dict[str, list[tuple[str, dict[str, Any]]]]  # axis -> [(label, settings)]
 
@@ -72,9 +88,19 @@ class Study:
     extra_evals: tuple[dict[str, Any], ...] = ()  # each: name, seeds (None: all), eval options
     reuse: tuple[str, ...] = ()
 
-    def extra_evals_for(self, seed: int) -> list[dict[str, Any]]:
-        """The extra evaluations that apply to runs of this seed."""
-        return [e for e in self.extra_evals if e["seeds"] is None or seed in e["seeds"]]
+    def extra_evals_for(self, seed: int, cell: str | None = None) -> list[dict[str, Any]]:
+        """The extra evaluations that apply to runs of this seed (and, given, of this cell: an
+        entry with ``cells`` applies to the cells matching one of its glob patterns)."""
+        return [
+            e
+            for e in self.extra_evals
+            if (e["seeds"] is None or seed in e["seeds"])
+            and (
+                cell is None
+                or e.get("cells") is None
+                or any(fnmatch.fnmatchcase(cell, g) for g in e["cells"])
+            )
+        ]
 
 
 @dataclass(frozen=True)
@@ -88,6 +114,7 @@ class RunSpec:
     settings: dict[str, Any]  # TrainConfig keyword arguments (without out/threads/...)
     run_dir: Path
     result_dir: Path
+    pipeline: dict[str, Any] | None = None  # a pruning pipeline cell (PIPELINE_KEYS)
 
     def config(self, threads: int | None = DEFAULT_THREADS, **extra: Any) -> TrainConfig:
         """The validated TrainConfig of this run (``out`` = the run folder)."""
@@ -122,8 +149,11 @@ def _parse_axis(axis: Any, values: Any, where: str) -> list[tuple[str, dict[str,
                 raise UserError(f"Invalid grid value: {v!r} in axis {axis!r} has no name")
             label = str(v["name"])
             settings = _check_keys(
-                {k: x for k, x in v.items() if k != "name"}, f"{where}: grid.{axis}"
+                {k: x for k, x in v.items() if k not in ("name", "pipeline")},
+                f"{where}: grid.{axis}",
             )
+            if "pipeline" in v:
+                settings["pipeline"] = _parse_pipeline(v["pipeline"], label)
         else:
             label = f"{axis}{v}"
             settings = _check_keys({axis: v}, f"{where}: grid.{axis}")
@@ -134,6 +164,36 @@ def _parse_axis(axis: Any, values: Any, where: str) -> list[tuple[str, dict[str,
     if len(set(labels)) != len(labels):
         raise UserError(f"Invalid grid value: duplicate labels in axis {axis!r}: {labels}")
     return entries
+
+
+def _parse_pipeline(p: Any, label: str) -> dict[str, Any]:
+    """A grid value's ``pipeline`` mapping, checked (the source cell is checked on expansion)."""
+    from ..prune.pipeline import METHODS
+
+    keys = ", ".join(PIPELINE_KEYS)
+    if (
+        not isinstance(p, dict)
+        or set(p) - set(PIPELINE_KEYS)
+        or not {"method", "source_cell"} <= set(p)
+    ):
+        raise UserError(
+            f"Invalid pipeline value: {p!r} in {label!r} (keys: {keys}; method and source_cell required)"
+        )
+    if p["method"] not in METHODS:
+        raise UserError(
+            f"Invalid pipeline value: method {p['method']!r} (choose from {', '.join(METHODS)})"
+        )
+    for key, low in (("rounds", 1), ("score_epochs", 1), ("rewind_epoch", 0)):
+        v = p.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise UserError(f"Invalid pipeline value: {key} {v!r} (an integer >= {low})")
+    return {
+        "rounds": None,
+        "score_epochs": None,
+        "rewind_epoch": None,
+        **p,
+        "source_cell": str(p["source_cell"]),
+    }
 
 
 def _parse_grid(grid: Any, where: str) -> Axes:
@@ -220,10 +280,18 @@ def _parse_extra_evals(entries: Any, ev: dict[str, Any] | None) -> tuple[dict[st
         )
     out, names = [], set()
     for e in entries:
-        allowed = set(EVAL_DEFAULTS) | {"name", "seeds"}
+        allowed = set(EVAL_DEFAULTS) | {"name", "seeds", "cells"}
         if not isinstance(e, dict) or set(e) - allowed or "name" not in e:
             raise UserError(
-                f"Invalid extra_evals value: {e!r} (keys: name, seeds, {', '.join(EVAL_DEFAULTS)})"
+                f"Invalid extra_evals value: {e!r} (keys: name, seeds, cells, "
+                f"{', '.join(EVAL_DEFAULTS)})"
+            )
+        cells = e.get("cells")
+        if cells is not None and (
+            not isinstance(cells, list) or not cells or not all(isinstance(c, str) for c in cells)
+        ):
+            raise UserError(
+                f"Invalid extra_evals value: cells {cells!r} (a list of cell-name glob patterns)"
             )
         name = str(e["name"])
         if not name.replace("-", "").replace("_", "").isalnum() or name in names:
@@ -234,18 +302,19 @@ def _parse_extra_evals(entries: Any, ev: dict[str, Any] | None) -> tuple[dict[st
             not isinstance(seeds, list) or not all(isinstance(x, int) for x in seeds)
         ):
             raise UserError(f"Invalid extra_evals value: seeds {seeds!r} (a list of integers)")
-        out.append({**ev, **{k: v for k, v in e.items() if k != "name"}, "name": name})
+        out.append(
+            {**ev, "cells": None, **{k: v for k, v in e.items() if k != "name"}, "name": name}
+        )
     return tuple(out)
 
 
-def _parse_reuse(reuse: Any, extra: tuple[dict[str, Any], ...]) -> tuple[str, ...]:
+def _parse_reuse(reuse: Any) -> tuple[str, ...]:
+    """Names of other studies whose identical stored runs are copied (with their extra
+    evaluations when the other study made them with the same options; a missing one is added
+    by rebuilding the run, as for a run of this study)."""
     reuse = reuse or []
     if not isinstance(reuse, list) or not all(isinstance(r, str) and r for r in reuse):
         raise UserError(f"Invalid reuse value: {reuse!r} (a list of study names)")
-    if reuse and extra:
-        raise UserError(
-            "a study with reuse cannot have extra_evals (reused runs have no checkpoint)"
-        )
     return tuple(reuse)
 
 
@@ -277,7 +346,7 @@ def load_study(path: str | Path, *, runs_root: Path, results_root: Path) -> Stud
     baseline = _parse_baseline(data.get("baseline"), axes)
     exclude = _parse_exclude(data.get("exclude"), axes)
     extra = _parse_extra_evals(data.get("extra_evals"), ev)
-    reuse = _parse_reuse(data.get("reuse"), extra)
+    reuse = _parse_reuse(data.get("reuse"))
     study = Study(
         name=name,
         base=base,
@@ -290,9 +359,26 @@ def load_study(path: str | Path, *, runs_root: Path, results_root: Path) -> Stud
         extra_evals=extra,
         reuse=reuse,
     )
-    for spec in expand(study, runs_root=runs_root, results_root=results_root):
+    specs = expand(study, runs_root=runs_root, results_root=results_root)
+    for spec in specs:
         spec.config()
+        if spec.pipeline is not None:
+            _check_pipeline_cell(spec, source_spec(study, spec, specs))
     return study
+
+
+def _check_pipeline_cell(spec: RunSpec, source: RunSpec) -> None:
+    clash = [k for k in _PIPELINE_SET if spec.settings.get(k) is not None]
+    if clash:
+        raise UserError(
+            f"Invalid pipeline value: cell {spec.cell!r} sets {clash[0]!r}, which the pipeline sets"
+        )
+    k = spec.pipeline["rewind_epoch"] if spec.pipeline else None
+    if k is not None and k not in (source.config().save_epochs or ()):
+        raise UserError(
+            f"Invalid pipeline value: rewind_epoch {k} of {spec.cell!r} needs save_epochs [{k}] "
+            f"in its source cell {source.cell!r}"
+        )
 
 
 def extra_eval_file(extra: dict[str, Any]) -> str:
@@ -316,6 +402,9 @@ def _cells(study: Study) -> list[tuple[str, dict[str, str], dict[str, Any]]]:
             labels[axis] = label
         if _excluded(study, labels):
             continue
+        given = [s for _, s in combo if "pipeline" in s]
+        if len(given) > 1:
+            raise UserError(f"Invalid pipeline value: two axes give cell {labels} a pipeline")
         cells.append(("_".join(labels.values()) or "base", labels, settings))
     return cells
 
@@ -329,10 +418,33 @@ def expand(study: Study, *, runs_root: Path, results_root: Path) -> list[RunSpec
             cell=cell,
             labels=labels,
             seed=seed,
-            settings={**settings, "seed": seed},
+            settings={k: v for k, v in settings.items() if k != "pipeline"} | {"seed": seed},
             run_dir=runs_root / study.name / cell / f"s{seed}",
             result_dir=results_root / study.name / cell / f"s{seed}",
+            pipeline=settings.get("pipeline"),
         )
         for seed in study.seeds
         for cell, labels, settings in cells
     ]
+
+
+def source_spec(study: Study, spec: RunSpec, specs: list[RunSpec] | None = None) -> RunSpec:
+    """The run a pipeline cell's run starts from: its ``source_cell``'s run of the same seed
+    (a cell of the study that is not itself a pipeline; UserError otherwise)."""
+    if spec.pipeline is None:
+        raise UserError(f"{spec.cell} is not a pipeline cell")
+    name = spec.pipeline["source_cell"]
+    root = spec.run_dir.parents[2]
+    results = spec.result_dir.parents[2]
+    for other in specs or expand(study, runs_root=root, results_root=results):
+        if other.cell == name and other.seed == spec.seed:
+            if other.pipeline is not None:
+                raise UserError(
+                    f"Invalid pipeline value: source_cell {name!r} of {spec.cell!r} is itself a "
+                    "pipeline cell"
+                )
+            return other
+    raise UserError(
+        f"Invalid pipeline value: source_cell {name!r} of {spec.cell!r} is not a cell of "
+        f"{study.name} (excluded, or misspelt)"
+    )
