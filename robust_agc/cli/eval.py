@@ -6,6 +6,8 @@ Examples::
     robust-agc eval --state-dict w.pt --arch small-cnn --dataset fashion-mnist --eps 0.1
     robust-agc eval ckpt.pt --attacks clean,pgd,autoattack --version apgd-ce,apgd-t --state st.json
     robust-agc eval ckpt.pt --attacks clean,autoattack,fmn --eps-grid 0,0.05,0.1,0.2 --out e.json
+    robust-agc eval --robustbench Ding2020MMA --dataset cifar10 --norm Linf --model-dir models \
+        --data-dir data --eps 0.031 --n-examples 1000
     torchrun --nproc-per-node 2 -m robust_agc eval ckpt.pt --batch-size 32 --out eval.json
 
 Under ``torchrun`` (WORLD_SIZE > 1) the processes share the chunks of every stage (gloo on CPU,
@@ -40,9 +42,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     src.add_argument("--arch", default=None, help="registered architecture of --state-dict")
     src.add_argument(
-        "--robustbench", default=None, metavar="NAME", help="a RobustBench zoo model (optional dep)"
+        "--robustbench",
+        default=None,
+        metavar="NAME",
+        help="a RobustBench zoo model, read offline from --model-dir (needs robustbench importable)",
     )
-    src.add_argument("--model-dir", default=None, help="RobustBench model folder")
+    src.add_argument(
+        "--model-dir", default=None, help="RobustBench's folder: DATASET/NORM/NAME.pt below it"
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
     data.add_argument("--data-dir", default=None, help="where to find the dataset")
