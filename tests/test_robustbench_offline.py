@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -180,3 +181,22 @@ def test_robustbench_not_importable_is_one_line(monkeypatch):
     ) as e:
         ev.load_model(NAME, source="robustbench", dataset="cifar10", model_dir="m")
     assert "\n" not in str(e.value) and "autoattack" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("Nope2020", r"'Nope2020' is not in RobustBench's cifar10 Linf zoo \(\d+ models: \w+, "),
+        (NAME, r"RobustBench checkpoint not found: .*/cifar10/Linf/Ding2020MMA\.pt"),
+    ],
+)
+def test_cli_bad_robustbench_model_is_one_line(zoo, tmp_path, capsys, name, message):
+    from robust_agc.cli import main
+
+    out = tmp_path / "r.json"
+    argv = ["eval", "--robustbench", name, "--dataset", "cifar10", "--model-dir", str(tmp_path)]
+    argv += ["--eps", "0.031", "--attacks", "clean", "--no-progress", "--out", str(out)]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
