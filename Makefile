@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP  := $(VENV)/.installed
-# adv-lib needs visdom, built from source with setuptools<81 (pkg_resources): build-constraints.txt.
+# adv-lib (dev extra: the fmn cross-check) needs visdom, built from source with setuptools<81
+# (pkg_resources): build-constraints.txt.
 DEMO_OUT ?= runs/demo
 # The demo's evaluation runs on DEMO_PROCS processes (torchrun, gloo, one thread each); the result
 # is the one a single process gives with the same --batch-size.

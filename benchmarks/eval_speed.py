@@ -1,5 +1,5 @@
 """Our AutoAttack evaluation (robust_agc.eval.benchmark) against pyautoattack called directly,
-or (``--attack fmn``) our ``fmn`` stage against adv-lib's ``fmn`` called directly.
+or (``--attack fmn``) our ``fmn`` stage against foolbox's FMN attack called directly.
 
 Same model, same first-N Fashion-MNIST test points, same seed, eps and batch size, in one process.
 Prints both wall-clock times, the ratio ours/direct (target <= 1.0) and whether the per-point robust
@@ -7,6 +7,7 @@ flags (FMN: the per-point radii) are identical (target: identical).
 
     .venv/bin/python benchmarks/eval_speed.py --n 50 --version standard --model mlp
     .venv/bin/python benchmarks/eval_speed.py --attack fmn --n 200 --fmn-steps 100 --model mlp
+    .venv/bin/python benchmarks/eval_speed.py --attack fmn --norm L1 --n 200 --fmn-steps 100
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs of each, ABBA order")
     p.add_argument("--attack", default="autoattack", choices=["autoattack", "fmn"])
     p.add_argument("--fmn-steps", type=int, default=100, help="FMN steps (--attack fmn)")
-    p.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="FMN's norm")
+    p.add_argument("--norm", default="Linf", choices=["Linf", "L2", "L1", "L0"], help="FMN's norm")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -157,11 +158,19 @@ def _abba(funcs: dict[str, object], repeat: int) -> tuple[dict[str, list[float]]
 
 
 def _fmn_speed(args: argparse.Namespace, model: nn.Module, xs, ys) -> None:
-    """Our ``fmn`` stage (``benchmark(attacks="clean,fmn")``) against adv-lib's ``fmn`` called
-    on the same clean-correct points in the same ``--batch-size`` chunks."""
-    from adv_lib.attacks import fmn
+    """Our ``fmn`` stage (``benchmark(attacks="clean,fmn")``) against foolbox's FMN attack called
+    through its public ``attack(fmodel, x, y, epsilons=None)`` on the same clean-correct points in
+    the same ``--batch-size`` chunks (L2 and L0: the class with our corrected projection, which is
+    what the stage runs; L-inf and L1: foolbox's own class)."""
+    import foolbox as fb
 
-    p = math.inf if args.norm == "Linf" else 2.0
+    from robust_agc.eval import ThreatModel
+    from robust_agc.eval.fmn import fmn_attack_class
+
+    threat = ThreatModel.parse(args.norm)
+    attack_cls = fmn_attack_class(threat)
+    p = {"Linf": math.inf, "L2": 2.0, "L1": 1.0, "L0": 0.0}[args.norm]
+    model.requires_grad_(False)  # both sides: no weight gradients
 
     def ours():
         t0 = time.perf_counter()
@@ -177,13 +186,13 @@ def _fmn_speed(args: argparse.Namespace, model: nn.Module, xs, ys) -> None:
             ok = model(xs).argmax(1) == ys
         radii = [0.0 if not o else math.inf for o in ok.tolist()]
         idx = ok.nonzero().flatten().tolist()
+        fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=xs.device)
+        attack = attack_cls(steps=args.fmn_steps)
         for i in range(0, len(idx), args.batch_size):
             chunk = torch.tensor(idx[i : i + args.batch_size])
-            adv = fmn(model, xs[chunk], ys[chunk], norm=p, steps=args.fmn_steps)
-            with torch.no_grad():
-                broken = model(adv).argmax(1) != ys[chunk]
+            adv, _, success = attack(fmodel, xs[chunk], ys[chunk], epsilons=None)
             norms = (adv.double() - xs[chunk].double()).flatten(1).norm(p=p, dim=1)
-            for j, b, r in zip(chunk.tolist(), broken.tolist(), norms.tolist()):
+            for j, b, r in zip(chunk.tolist(), success.tolist(), norms.tolist(), strict=True):
                 radii[j] = r if b else math.inf
         return time.perf_counter() - t0, radii
 
@@ -195,13 +204,14 @@ def _fmn_speed(args: argparse.Namespace, model: nn.Module, xs, ys) -> None:
     print(
         f"model={args.model} n={args.n} attack=fmn norm={args.norm} steps={args.fmn_steps} "
         f"eps={args.eps} batch={args.batch_size} threads={torch.get_num_threads()} "
-        f"torch={torch.__version__} cpu={platform.processor() or platform.machine()}"
+        f"torch={torch.__version__} foolbox={fb.__version__} "
+        f"cpu={platform.processor() or platform.machine()}"
     )
     runs = "  ".join(f"{k}=[{', '.join(f'{t:.2f}' for t in v)}]" for k, v in times.items())
     print(f"runs (s): {runs}")
     print(
-        f"ours {t_ours:.2f} s  direct adv-lib fmn {t_direct:.2f} s  (sums over runs)  "
-        f"ratio {t_ours / t_direct:.3f}"
+        f"ours {t_ours:.2f} s  direct foolbox {attack_cls.__name__} {t_direct:.2f} s  "
+        f"(sums over runs)  ratio {t_ours / t_direct:.3f}"
     )
     print(f"per-point radii identical: {same}")
     if not same:

@@ -113,7 +113,7 @@ BAD_ARGS = [
     ({"eps": None}, ValueError, r"Invalid eps value: None"),
     ({"eps": -0.1}, ValueError, r"Invalid eps value: -0.1"),
     ({"eps": float("nan")}, ValueError, r"Invalid eps value: nan"),
-    ({"threat_model": "L1"}, ValueError, r"Invalid threat_model value: 'L1'"),
+    ({"threat_model": "L3"}, ValueError, r"Invalid threat_model value: 'L3'"),
     ({"n_examples": 0}, ValueError, r"Invalid n_examples value: 0"),
     ({"n_examples": 10_000}, ValueError, r"Invalid n_examples value: 10000"),
     ({"batch_size": 0}, ValueError, r"Invalid batch_size value: 0"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import types
 
 import pytest
 import torch
@@ -126,34 +125,11 @@ def test_load_model_errors(tmp_path, cnn, setup, kwargs, error, match):
 
 
 def test_robustbench_missing_is_user_error(monkeypatch):
+    """More in tests/test_robustbench_offline.py (the zoo read offline)."""
     monkeypatch.setitem(sys.modules, "robustbench", None)
-    monkeypatch.setitem(sys.modules, "robustbench.utils", None)
+    monkeypatch.setitem(sys.modules, "robustbench.model_zoo", None)
     with pytest.raises(UserError, match="robustbench"):
         ev.load_model("Carmon2019Unlabeled", source="robustbench", dataset="cifar10")
-
-
-def test_robustbench_path_with_fake_module(monkeypatch):
-    calls = {}
-
-    def fake_load_model(**kw):
-        calls.update(kw)
-        return torch.nn.Linear(3, 2).train()
-
-    utils = types.ModuleType("robustbench.utils")
-    utils.load_model = fake_load_model
-    pkg = types.ModuleType("robustbench")
-    pkg.utils = utils
-    monkeypatch.setitem(sys.modules, "robustbench", pkg)
-    monkeypatch.setitem(sys.modules, "robustbench.utils", utils)
-    model, info = ev.load_model_and_info(
-        "Carmon2019Unlabeled", source="robustbench", dataset="cifar10", threat_model="l2"
-    )
-    assert calls == {
-        "model_name": "Carmon2019Unlabeled",
-        "dataset": "cifar10",
-        "threat_model": "L2",
-    }
-    assert not model.training and info["source"] == "robustbench"
 
 
 def test_cli_eps_from_checkpoint_config_to_stdout(tmp_path, cnn, capsys):

@@ -1,10 +1,13 @@
-"""The ``fmn`` stage (adv-lib's FMN): radii against closed-form minimal radii of a linear model, the
-security curve, the FMN/eps-attack disagreement, resume, plan validation and the CLI."""
+"""The ``fmn`` stage (foolbox's FMN, L2/L0 projections corrected): radii against closed-form minimal
+radii of a linear model in all four norms, foolbox's own L2/L0 defects, pass counts, the model's
+state, the security curve, the FMN/eps-attack disagreement, resume, plan validation and the CLI."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from robust_agc.eval import fmn as fmn_mod
 from robust_agc.eval.attackers import Attackers
 from robust_agc.eval.plan import default_eps_grid
 
-pytest.importorskip("adv_lib")
+fb = pytest.importorskip("foolbox")
 
 N, D, C = 40, 20, 3
 EPS = 0.05
@@ -104,6 +107,112 @@ def test_radii_match_closed_form_minimum(linear, threat, q):
     assert res.passes["fmn"]["backward"] > 0
     assert res.attack_config["fmn"]["steps"] == 300
     assert res.attack_config["fmn"]["norm"] == threat
+
+
+def _exact_sparse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: int) -> list[float]:
+    """Closed-form minimal L1 (``p=1``) or L0 (``p=0``) radius per point inside the box [0, 1]:
+    per rival class ``j``, coordinate ``k`` can lower the margin by ``|dw_k|`` per unit up to its
+    room to the box edge (``x_k`` or ``1 - x_k``); L1 fills the largest ``|dw_k|`` first (a
+    fractional knapsack), L0 counts the fewest coordinates whose full moves exceed the margin."""
+    w = model[1].weight.detach().double()
+    with torch.no_grad():
+        z = model(x).double()
+    out = []
+    for i in range(x.shape[0]):
+        yi, xi = int(y[i]), x[i].flatten().double()
+        if int(z[i].argmax()) != yi:
+            out.append(0.0)
+            continue
+        best = math.inf
+        for j in set(range(C)) - {yi}:
+            dw, margin = w[yi] - w[j], float(z[i, yi] - z[i, j])
+            room = torch.where(dw > 0, xi, 1 - xi)
+            if p == 0:
+                over = torch.sort(dw.abs() * room, descending=True).values.cumsum(0) > margin
+                best = min(best, float(over.nonzero()[0, 0] + 1) if over.any() else math.inf)
+                continue
+            total, rest = 0.0, margin
+            for k in torch.argsort(dw.abs(), descending=True).tolist():
+                g, r = float(dw[k].abs()), float(room[k])
+                if g * r >= rest:
+                    total, rest = total + rest / g, 0.0
+                    break
+                total, rest = total + r, rest - g * r
+            best = min(best, total if rest == 0.0 else math.inf)
+        out.append(best)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("threat", "p"), [("L1", 1), ("L0", 0)])
+def test_sparse_radii_match_closed_form_minimum(linear, threat, p):
+    model, x, y = linear
+    res = _run(model, x, y, threat_model=threat)
+    exact = _exact_sparse(model, x, y, p)
+    attacked = [(r, e) for r, e in zip(res.radii, exact, strict=True) if e > 0]
+    assert len(attacked) >= 10 and all(math.isfinite(e) for _, e in attacked)
+    assert [r == 0 for r in res.radii] == [e == 0 for e in exact]
+    if p == 1:
+        assert all(e - 1e-6 <= r <= e * 1.01 + 1e-6 for r, e in attacked), attacked
+    else:  # counts: never below the minimum, at most one above, mostly exact
+        assert all(e <= r <= e + 1 for r, e in attacked), attacked
+        assert sum(r == e for r, e in attacked) >= 0.8 * len(attacked)
+    assert res.attack_config["fmn"]["implementation"].startswith("foolbox.attacks.L")
+
+
+def test_foolbox_own_l2_and_l0_projections_are_why_we_replace_them(linear):
+    """foolbox 3.3.4 as shipped: L2 radii far above the closed-form minimum (its projection scales
+    by 1), and L0 raising IndexError once its epsilon reaches the input size; ours do neither."""
+    model, x, y = linear
+    fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)
+    adv = fb.attacks.L2FMNAttack(steps=100).run(fmodel, x, fb.criteria.Misclassification(y))
+    exact = _exact(model, x, y, 2)
+    radii = (adv - x).flatten(1).norm(dim=1).tolist()
+    ratios = [r / e for r, e in zip(radii, exact, strict=True) if e]
+    assert len(ratios) >= 10 and statistics.median(ratios) > 2
+    ours = fmn_mod.fmn_attack(model, x, y, threat=ev.ThreatModel.L2, steps=100)
+    ours_r = (ours - x).flatten(1).norm(dim=1).tolist()
+    assert all(r <= e * 1.01 + 1e-6 for r, e in zip(ours_r, exact, strict=True) if e)
+
+    class Robust(nn.Module):  # never misclassifies: FMN's L0 epsilon grows to the input size
+        def forward(self, t):
+            return t.flatten(1)[:, :3] * 0 + torch.tensor([5.0, 0.0, 0.0])
+
+    xr, yr = x[:4], torch.zeros(4, dtype=torch.long)
+    with pytest.raises(IndexError):
+        fb.attacks.L0FMNAttack(steps=100).run(
+            fb.PyTorchModel(Robust().eval(), bounds=(0, 1)), xr, fb.criteria.Misclassification(yr)
+        )
+    assert torch.equal(
+        fmn_mod.fmn_attack(Robust().eval(), xr, yr, threat=ev.ThreatModel.L0, steps=100), xr
+    )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_passes_one_forward_one_backward_per_step(linear):
+    """Counted by the harness's hook: ``steps`` forward and backward passes per attacked point,
+    plus the one forward that re-predicts FMN's image."""
+    model, x, y = linear
+    res = _run(model, x, y, fmn_steps=37)
+    n = res.n_attacked["fmn"]
+    assert res.passes["fmn"] == {"forward": 38 * n, "backward": 37 * n}
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch model is in training mode:UserWarning")
+def test_fmn_attack_leaves_the_model_as_it_was(linear):
+    """Mode, requires_grad flags and .grad untouched; works inside torch.no_grad()."""
+    model, x, y = linear
+    model = copy.deepcopy(model).train()
+    model[1].weight.requires_grad_(True)
+    model[1].bias.requires_grad_(False)
+    with torch.no_grad():
+        adv = fmn_mod.fmn_attack(model.eval(), x, y, threat=ev.ThreatModel.Linf, steps=20)
+    model.train()
+    fmn_mod.fmn_attack(model, x[:4], y[:4], threat=ev.ThreatModel.Linf, steps=5)
+    assert model.training and model[1].training
+    assert model[1].weight.requires_grad and not model[1].bias.requires_grad
+    assert model[1].weight.grad is None and model[1].bias.grad is None
+    assert not adv.requires_grad and adv.shape == x.shape
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -238,6 +347,18 @@ def test_resume_gives_identical_radii(linear, tmp_path, monkeypatch):
 def test_plan_rejects_bad_fmn_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ev.make_plan(eps=EPS, **kwargs)
+
+
+@pytest.mark.parametrize("norm", ["L1", "l0"])
+def test_plan_l1_l0_only_for_fmn_alone(norm):
+    assert (
+        ev.make_plan(eps=2.0, threat_model=norm, attacks="clean,fmn").threat.value == norm.upper()
+    )
+    for attacks in ("clean,autoattack,fmn", "clean,pgd", "clean,square,fmn"):
+        with pytest.raises(ValueError, match=r"Invalid threat_model value: 'L[01]' with .*fmn"):
+            ev.make_plan(eps=2.0, threat_model=norm, attacks=attacks)
+    with pytest.raises(ValueError, match="Invalid threat_model value: 'L3' .*Linf, L2, L1, L0"):
+        ev.make_plan(eps=2.0, threat_model="L3", attacks="clean,fmn")
 
 
 def test_plan_fmn_last_and_defaults():

@@ -6,6 +6,8 @@ Examples::
     robust-agc eval --state-dict w.pt --arch small-cnn --dataset fashion-mnist --eps 0.1
     robust-agc eval ckpt.pt --attacks clean,pgd,autoattack --version apgd-ce,apgd-t --state st.json
     robust-agc eval ckpt.pt --attacks clean,autoattack,fmn --eps-grid 0,0.05,0.1,0.2 --out e.json
+    robust-agc eval --robustbench Ding2020MMA --dataset cifar10 --norm Linf --model-dir models \
+        --data-dir data --eps 0.031 --n-examples 1000
     torchrun --nproc-per-node 2 -m robust_agc eval ckpt.pt --batch-size 32 --out eval.json
 
 Under ``torchrun`` (WORLD_SIZE > 1) the processes share the chunks of every stage (gloo on CPU,
@@ -21,8 +23,6 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
-
-from attacks import NORMS
 
 from ..errors import UserError
 
@@ -42,9 +42,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     src.add_argument("--arch", default=None, help="registered architecture of --state-dict")
     src.add_argument(
-        "--robustbench", default=None, metavar="NAME", help="a RobustBench zoo model (optional dep)"
+        "--robustbench",
+        default=None,
+        metavar="NAME",
+        help="a RobustBench zoo model, read offline from --model-dir (needs robustbench importable)",
     )
-    src.add_argument("--model-dir", default=None, help="RobustBench model folder")
+    src.add_argument(
+        "--model-dir", default=None, help="RobustBench's folder: DATASET/NORM/NAME.pt below it"
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=None, help="dataset (default: the checkpoint's)")
     data.add_argument("--data-dir", default=None, help="where to find the dataset")
@@ -58,7 +63,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="radius; defaults to the checkpoint config's eps only when recorded there",
     )
-    tm.add_argument("--norm", default="Linf", choices=list(NORMS), help="threat model")
+    tm.add_argument(
+        "--norm",
+        default="Linf",
+        help="threat model: Linf or L2 (every attack); L1 or L0 with --attacks clean,fmn only",
+    )
     tm.add_argument(
         "--attacks",
         default="clean,autoattack",
@@ -153,25 +162,34 @@ def _parse_grid(text: str | None) -> list[float] | None:
         raise UserError(f"Invalid eps_grid value: {text!r} (comma-separated numbers)") from None
 
 
-def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: int) -> int:
-    from ..eval import benchmark, make_plan
+def _check_early(args: argparse.Namespace) -> None:
+    """The checks that need no model: run before anything is loaded."""
+    from ..eval import ThreatModel
 
-    model, info = _load(args)
-    cfg = info.get("config") or {}
-    dataset = args.dataset or info.get("dataset")
-    if dataset is None:
-        raise UserError("no dataset: pass --dataset")
-    notes = []
-    eps = args.eps
-    eps_source = "--eps"
-    if eps is None:
-        if cfg.get("eps") is None:
-            raise UserError("--eps is required (the checkpoint config records no eps)")
-        eps = float(cfg["eps"])
-        eps_source = "checkpoint config"
-        notes.append(f"eps={eps} taken from the checkpoint config (no --eps given)")
-        if args.norm != "Linf":
-            notes.append("the checkpoint's eps was recorded for its training threat model")
+    try:
+        ThreatModel.parse(args.norm)
+    except ValueError as e:
+        raise UserError(f"--norm: {e}") from None
+
+
+def _resolve_eps(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[float, str, list[str]]:
+    """``--eps``, else the checkpoint config's; returns ``(eps, source, notes)``."""
+    if args.eps is not None:
+        return args.eps, "--eps", []
+    if cfg.get("eps") is None:
+        raise UserError("--eps is required (the checkpoint config records no eps)")
+    eps = float(cfg["eps"])
+    notes = [f"eps={eps} taken from the checkpoint config (no --eps given)"]
+    if args.norm != "Linf":
+        notes.append("the checkpoint's eps was recorded for its training threat model")
+    return eps, "checkpoint config", notes
+
+
+def _plan_kwargs(args: argparse.Namespace, eps: float) -> dict[str, Any]:
+    """:func:`~robust_agc.eval.benchmark`'s attack settings from the flags, checked by
+    :func:`~robust_agc.eval.make_plan` (a bad value is a UserError)."""
+    from ..eval import make_plan
+
     version: Any = args.version
     if version not in ("standard", "plus", "rand"):
         version = [c.strip() for c in version.split(",") if c.strip()]
@@ -193,6 +211,12 @@ def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: i
         make_plan(**kwargs)
     except ValueError as e:
         raise UserError(str(e)) from None
+    return kwargs
+
+
+def _model_info(info: dict[str, Any], eps_source: str) -> dict[str, Any]:
+    """The record's ``model_info``: the loader's description, the training config's key settings."""
+    cfg = info.get("config") or {}
     model_info = {k: v for k, v in info.items() if k != "config"}
     if cfg:
         model_info["config"] = cfg
@@ -200,6 +224,19 @@ def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: i
             if k in cfg:
                 model_info[k] = cfg[k]
     model_info["eps_source"] = eps_source
+    return model_info
+
+
+def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: int) -> int:
+    from ..eval import benchmark
+
+    _check_early(args)
+    model, info = _load(args)
+    dataset = args.dataset or info.get("dataset")
+    if dataset is None:
+        raise UserError("no dataset: pass --dataset")
+    eps, eps_source, notes = _resolve_eps(args, info.get("config") or {})
+    kwargs = _plan_kwargs(args, eps)
     result = benchmark(
         model,
         dataset=dataset,
@@ -208,26 +245,28 @@ def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: i
         state_file=args.state,
         progress=not args.no_progress,
         run_checks=not args.no_checks,
-        model_info=model_info,
+        model_info=_model_info(info, eps_source),
         architecture=info.get("architecture"),
         notes=notes,
         **kwargs,
     )
     result.attack_config["eps_source"] = eps_source
-    if rank > 0:
-        return 0
+    if rank == 0:
+        _write_result(result, out, overwrite=args.overwrite, world=world)
+    return 0
+
+
+def _write_result(result: Any, out: Path | None, *, overwrite: bool, world: int) -> None:
+    """The record to ``out`` (and a one-line summary on stdout), or the record to stdout."""
     if out is None:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
-    else:
-        result.save(out, overwrite=args.overwrite)
-        stages = ", ".join(
-            f"{st['name']} {st['robust_acc']:.2%}" for st in result.to_dict()["stages"]
-        )
-        fired = [k for k, v in result.flags.items() if v]
-        procs = f" ({world} processes)" if world > 1 else ""
-        print(
-            f"first {result.n_examples} test points, {result.threat_model} eps {result.eps:g}: "
-            f"{stages} (worst case over stages; gradient-masking flags: "
-            f"{', '.join(fired) if fired else 'none'}); result in {out}{procs}"
-        )
-    return 0
+        return
+    result.save(out, overwrite=overwrite)
+    stages = ", ".join(f"{st['name']} {st['robust_acc']:.2%}" for st in result.to_dict()["stages"])
+    fired = [k for k, v in result.flags.items() if v]
+    procs = f" ({world} processes)" if world > 1 else ""
+    print(
+        f"first {result.n_examples} test points, {result.threat_model} eps {result.eps:g}: "
+        f"{stages} (worst case over stages; gradient-masking flags: "
+        f"{', '.join(fired) if fired else 'none'}); result in {out}{procs}"
+    )

@@ -14,7 +14,7 @@
   per-point flags are identical to ``AutoAttack.run_standard_evaluation`` (tested, and checked by
   ``benchmarks/eval_speed.py``); driving the components ourselves gives per-component accuracies
   and timings, a resumable state after every chunk, and no repeated checks or clean passes;
-* the minimum-norm stage ``fmn`` (adv-lib's FMN, :mod:`~robust_agc.eval.fmn`) runs last on every
+* the minimum-norm stage ``fmn`` (foolbox's FMN, L-inf, L2, L1 or L0, :mod:`~robust_agc.eval.fmn`) runs last on every
   clean-correct point and records per-point radii and a security curve over ``eps_grid``; a radius
   ``<= eps`` breaks the point at eps, so ``robust_acc`` stays the per-point worst case over stages;
 * robust accuracy is counted twice (flags, and re-prediction on the adversarial images) and the

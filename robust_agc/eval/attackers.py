@@ -1,6 +1,6 @@
 """The attack behind each unit: PGD from the project's ``attacks`` package, AutoAttack's
 components and the stand-alone Square stage from pyautoattack (:mod:`robust_agc.eval.autoattack`),
-and the minimum-norm FMN stage from adv-lib (:mod:`robust_agc.eval.fmn`).
+and the minimum-norm FMN stage from foolbox (:mod:`robust_agc.eval.fmn`).
 
 :func:`build_attackers` builds them once for a plan; :meth:`Attackers.attack` runs one unit on one
 chunk. A fresh PGD is built for every chunk, seeded with the plan's seed (AutoAttack style), so a
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .autoattack import AutoAttackRunner
-from .fmn import fmn_attack, fmn_config
+from .fmn import fmn_attack, fmn_attack_class, fmn_config
 from .plan import EvalPlan, ThreatModel
 
 __all__ = ["Attackers", "build_attackers", "make_pgd"]
@@ -141,7 +141,7 @@ def build_attackers(
 
     Raises:
         RuntimeError: the ``pgd`` stage without the ``attacks`` package, the ``fmn`` stage
-            without adv-lib, or an unsupported pyautoattack version.
+            without foolbox, or an unsupported pyautoattack version.
     """
 
     def runner(version: str, components: tuple[str, ...]) -> AutoAttackRunner:
@@ -167,8 +167,5 @@ def build_attackers(
     if "pgd" in plan.stages:
         attackers.pgd()  # fail early when the attacks package is missing
     if "fmn" in plan.stages:
-        try:  # fail early when adv-lib is missing
-            import adv_lib.attacks  # noqa: F401
-        except ImportError as e:
-            raise RuntimeError(f"the 'fmn' stage needs adv-lib (pip install adv-lib): {e}") from e
+        fmn_attack_class(plan.threat)  # fail early when foolbox is missing
     return attackers

@@ -1,21 +1,39 @@
 """The minimum-norm stage ``fmn`` and the security curve (``docs/protocols.md`` section 1).
 
 FMN (fast minimum-norm attack, Pintor et al., NeurIPS 2021) looks for the *smallest* adversarial
-perturbation of each point, in L-inf or L2, instead of any perturbation within ``eps``. Its
-outcome is a per-point radius: 0 for a point misclassified clean, the norm of the smallest
+perturbation of each point, in L-inf, L2, L1 or L0, instead of any perturbation within ``eps``.
+Its outcome is a per-point radius: 0 for a point misclassified clean, the norm of the smallest
 adversarial perturbation found, ``inf`` where it found none. A radius is an upper bound on the true
 minimal one: an attack can only overstate robustness.
 
-We call adv-lib's implementation (``adv_lib.attacks.fmn``): it is maintained by Jérôme Rony, a
-co-author of FMN, written in pure PyTorch (no framework conversion, so it runs on our models and
-devices as they are), and covers L-inf, L2, L1 and L0 (only L-inf and L2 are wired here, the
-threat models of the harness). FMN itself is deterministic (it starts from the clean image); each
-chunk is still seeded with the plan's seed like every other stage.
+We call foolbox 3.3.4's implementation (``foolbox.attacks.LInfFMNAttack``, ``L2FMNAttack``,
+``L1FMNAttack``, ``L0FMNAttack``; contributed by FMN's first author,
+https://github.com/bethgelab/foolbox/pull/628), untargeted, with its default step sizes
+(``max_stepsize`` 1, ``min_stepsize`` 0.01, ``gamma`` 0.05), no initial attack, through its
+``run`` method: one forward and one backward pass per step and point, no extra check pass. Why
+foolbox rather than adv-lib (``adv_lib.attacks.fmn``, the previous backend, now only in the
+``dev`` extra for the cross-check ``tests/test_fmn_foolbox.py``): foolbox has all four norms,
+and on L-inf both give identical radii there. That adv-lib's L2 FMN found fewer adversarial
+examples than foolbox's, the first reason given for the move, was foolbox's L2 projection doing
+nothing (below), not a weakness of adv-lib.
 
-Checked against foolbox 3.3.4's FMN (``tests/test_fmn_foolbox.py``, a paired sign test on a
-trained MLP): the L-inf radii agree with foolbox's (ours never significantly larger). In L2,
-adv-lib 0.2.8's FMN finds no adversarial example for most points of that model where foolbox's
-finds one for each (an ``xfail`` there records it): L2 radii from this stage can be overstated.
+Two of foolbox 3.3.4's projections are replaced (its ``project`` method; the rest is foolbox's):
+
+* L2: ``L2FMNAttack.project`` scales ``delta`` by ``norms / norms``, i.e. by 1, so the adaptive
+  norm constraint never acts and the attack is an unconstrained normalized-gradient descent whose
+  first step already has norm ``max_stepsize``: on a linear model its radii are several times the
+  closed-form minimum (``tests/test_fmn.py``). We scale ``delta`` to norm ``<= epsilon`` as FMN's
+  paper does (Algorithm 1). With it the L2 radii of the linear model match the closed form, like
+  adv-lib's; on the Fashion-MNIST MLP of ``tests/test_fmn_foolbox.py`` both correct
+  implementations find an L2 adversarial example for few points at 100-1000 steps (a cause not
+  established yet), so an L2 ``inf`` radius there means "not found", not "robust".
+* L0: ``L0FMNAttack.project`` keeps the ``epsilon + 1`` largest components (it indexes the sorted
+  magnitudes at ``epsilon``), so no radius falls below 2, and it raises ``IndexError`` once
+  ``epsilon`` reaches the number of input values (seen on 28x28 inputs that no step made
+  adversarial, between 200 and 400 steps; the stage's default is 1000). We keep the ``epsilon`` largest, ``epsilon`` within ``[1, d]``.
+
+FMN itself is deterministic (it starts from the clean image); each chunk is still seeded with the
+plan's seed like every other stage.
 
 From the radii, :func:`security_curve` gives the robust accuracy over a grid of radii, and
 :func:`disagreement` compares FMN with the eps-attacks (PGD, AutoAttack, Square) where they ran:
@@ -35,12 +53,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils import frozen_parameters
 from .plan import ThreatModel
 
 __all__ = [
     "EPS_ATTACK_UNITS",
     "disagreement",
     "fmn_attack",
+    "fmn_attack_class",
     "fmn_config",
     "has_eps_attacks",
     "perturbation_radii",
@@ -57,41 +77,115 @@ def _is_eps_unit(unit: str | None) -> bool:
     return any(unit == u or (u.endswith("/") and unit.startswith(u)) for u in EPS_ATTACK_UNITS)
 
 
+_NORM_P: dict[ThreatModel, float] = {
+    ThreatModel.Linf: math.inf,
+    ThreatModel.L2: 2.0,
+    ThreatModel.L1: 1.0,
+    ThreatModel.L0: 0.0,
+}
+_FOOLBOX_CLASSES: dict[ThreatModel, str] = {
+    ThreatModel.Linf: "LInfFMNAttack",
+    ThreatModel.L2: "L2FMNAttack",
+    ThreatModel.L1: "L1FMNAttack",
+    ThreatModel.L0: "L0FMNAttack",
+}
+
+
 def _p(threat: ThreatModel) -> float:
-    return math.inf if threat is ThreatModel.Linf else 2.0
+    return _NORM_P[threat]
+
+
+def _foolbox() -> Any:
+    try:
+        import foolbox
+    except ImportError as e:
+        raise RuntimeError(
+            f"the 'fmn' stage needs foolbox (pip install foolbox==3.3.4): {e}"
+        ) from e
+    return foolbox
+
+
+def fmn_attack_class(threat: ThreatModel) -> Any:
+    """foolbox's FMN class for ``threat``; for L2 and L0 a subclass whose ``project`` is corrected
+    (see the module docstring).
+
+    Raises:
+        RuntimeError: foolbox is not installed.
+    """
+    fb = _foolbox()
+    base = getattr(fb.attacks, _FOOLBOX_CLASSES[threat])
+    if threat is ThreatModel.L2:
+        return type("L2FMN", (base,), {"project": _project_l2})
+    if threat is ThreatModel.L0:
+        return type("L0FMN", (base,), {"project": _project_l0})
+    return base
+
+
+def _project_l2(self: Any, x: Any, x0: Any, epsilon: Any) -> Any:
+    """FMN's L2 projection (Pintor et al. 2021, Algorithm 1): ``x0 + delta`` with ``delta``
+    scaled to norm ``<= epsilon`` per point (eagerpy tensors in, eagerpy tensor out)."""
+    import eagerpy as ep
+
+    delta = (x - x0).raw
+    norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+    factor = torch.minimum(torch.ones_like(norms), epsilon.raw / norms)
+    return x0 + ep.astensor(delta * factor.view(-1, *([1] * (delta.ndim - 1))))
+
+
+def _project_l0(self: Any, x: Any, x0: Any, epsilon: Any) -> Any:
+    """FMN's L0 projection: keep the ``epsilon`` largest-magnitude components of ``delta`` per
+    point (``epsilon`` rounded down, within ``[1, d]``; ties at the threshold are kept)."""
+    import eagerpy as ep
+
+    delta = (x - x0).raw
+    flat = delta.flatten(1)
+    k = epsilon.raw.long().clamp(1, flat.shape[1])
+    kth = flat.abs().sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+    kept = torch.where(flat.abs() >= kth, flat, torch.zeros_like(flat))
+    return x0 + ep.astensor(kept.view_as(delta))
 
 
 def fmn_attack(
     model: nn.Module, x: Tensor, y: Tensor, *, threat: ThreatModel, steps: int
 ) -> Tensor:
-    """adv-lib's FMN (untargeted, its default step sizes) on one chunk; returns the best
-    adversarial images found (the clean image where none was found).
+    """foolbox's FMN (untargeted, its default step sizes; L2 with the corrected projection) on one
+    chunk; returns the best adversarial images found (the clean image where none was found).
+
+    The model keeps its mode, device and parameters' ``requires_grad`` flags, and gets no ``.grad``
+    (foolbox back-propagates with ``loss.backward()``: the parameters are frozen for the call).
 
     Raises:
-        RuntimeError: adv-lib is not installed.
+        RuntimeError: foolbox is not installed.
     """
-    try:
-        from adv_lib.attacks import fmn
-    except ImportError as e:
-        raise RuntimeError(f"the 'fmn' stage needs adv-lib (pip install adv-lib): {e}") from e
-    return fmn(model, x, y, norm=_p(threat), steps=steps).detach()
+    fb = _foolbox()
+    attack = fmn_attack_class(threat)(steps=steps)
+    fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=x.device)  # .to(x.device): a no-op
+    with frozen_parameters(model), torch.enable_grad():
+        adv = attack.run(fmodel, x.detach(), fb.criteria.Misclassification(y))
+    return adv.detach()
 
 
 def fmn_config(threat: ThreatModel, steps: int) -> dict[str, Any]:
-    """The ``attack_config["fmn"]`` record: implementation, version, norm and steps."""
+    """The ``attack_config["fmn"]`` record: implementation, version, norm, steps and settings."""
     try:
-        import adv_lib
+        import foolbox
 
-        version = getattr(adv_lib, "__version__", "unknown")
+        version = getattr(foolbox, "__version__", "unknown")
     except ImportError:
         version = "not installed"
-    return {
-        "implementation": "adv_lib.attacks.fmn",
-        "adv_lib": version,
+    cfg: dict[str, Any] = {
+        "implementation": f"foolbox.attacks.{_FOOLBOX_CLASSES[threat]}",
+        "foolbox": version,
         "norm": threat.value,
         "steps": steps,
         "targeted": False,
+        "max_stepsize": 1.0,
+        "min_stepsize": 0.01,
+        "gamma": 0.05,
     }
+    if threat in (ThreatModel.L2, ThreatModel.L0):
+        cfg["projection"] = "corrected (robust_agc.eval.fmn): FMN paper's, not foolbox 3.3.4's"
+    return cfg
 
 
 def perturbation_radii(

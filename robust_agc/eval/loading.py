@@ -1,4 +1,5 @@
-"""Loading a model to evaluate: our checkpoints, plain state dicts, RobustBench's model zoo.
+"""Loading a model to evaluate: our checkpoints, plain state dicts, RobustBench's model zoo (read
+offline from a folder in RobustBench's layout).
 
 :func:`load_model` returns an eval-ready model (eval mode, sparsity masks folded into the weights);
 :func:`load_model_and_info` also describes where it came from, for the record's ``model_info``.
@@ -95,12 +96,14 @@ def load_model(
       registered architecture (``module.``/``model.`` prefixes stripped, ``weights_only`` loading,
       ``*.weight_mask`` buffers folded in; ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers
       accepted);
-    * ``load_model("Carmon2019Unlabeled", source="robustbench", dataset="cifar10")``: RobustBench's
-      model zoo (optional dependency, needs the internet the first time).
+    * ``load_model("Ding2020MMA", source="robustbench", dataset="cifar10", model_dir="models")``:
+      RobustBench's model zoo read offline from ``models/cifar10/Linf/Ding2020MMA.pt``
+      (the ``robustbench`` package must be importable; nothing is downloaded).
 
     Raises:
         CheckpointError: a missing, corrupt or unsafe file, or weights that do not fit ``arch``.
-        UserError: unknown architecture or dataset, or ``robustbench`` not importable.
+        UserError: unknown architecture or dataset, ``robustbench`` not importable, a name not in
+            its zoo, or no checkpoint in ``model_dir``.
     """
     return load_model_and_info(
         path,
@@ -175,6 +178,35 @@ def _load_state_dict_model(
     }
 
 
+ROBUSTBENCH_DATASETS: tuple[str, ...] = ("cifar10", "cifar100")
+"""The RobustBench datasets whose zoo models :func:`load_model` reads offline."""
+
+
+def _robustbench_zoo(dataset: str, threat: str) -> dict[str, Any]:
+    """RobustBench's model-zoo entries for ``dataset`` and ``threat`` (its ``model_dicts``).
+
+    Raises:
+        UserError: robustbench not importable, or a dataset/threat model outside its zoo.
+    """
+    try:
+        from robustbench.model_zoo import model_dicts
+        from robustbench.model_zoo.enums import BenchmarkDataset
+        from robustbench.model_zoo.enums import ThreatModel as RBThreatModel
+    except ImportError as e:
+        raise UserError(
+            f"RobustBench zoo models need the 'robustbench' package importable, and robustbench "
+            f"1.1.1 is not ({e}): it imports pkg_resources (pip install 'setuptools<81') and "
+            "AutoAttack's package 'autoattack', which is not on PyPI (pip install "
+            "git+https://github.com/fra31/auto-attack); or load a checkpoint or --state-dict"
+        ) from None
+    if dataset not in ROBUSTBENCH_DATASETS:
+        raise UserError(
+            f"Invalid dataset value: {dataset!r} for a RobustBench model (choose "
+            f"{', '.join(ROBUSTBENCH_DATASETS)})"
+        )
+    return dict(model_dicts[BenchmarkDataset(dataset)].get(RBThreatModel(threat), {}))
+
+
 def _load_robustbench(
     name: str,
     *,
@@ -182,25 +214,61 @@ def _load_robustbench(
     threat_model: ThreatModel | str,
     model_dir: str | Path | None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    try:
-        from robustbench.utils import load_model as rb_load_model
-    except ImportError as e:
-        raise UserError(
-            f"RobustBench models need the optional 'robustbench' package, which cannot be imported "
-            f"here ({e}); install it (pip install robustbench) or load a checkpoint/state dict"
-        ) from None
+    """A RobustBench zoo model read offline, as ``robustbench.utils.load_model`` (robustbench
+    1.1.1, https://github.com/RobustBench/robustbench/blob/master/robustbench/utils.py) reads
+    one it has downloaded: the zoo entry's constructor, the checkpoint
+    ``<model_dir>/<dataset>/<threat_model>/<name>.pt`` (its ``"state_dict"`` entry when there is
+    one, else the whole file), ``module.``/``model.`` prefixes stripped. Unlike it: nothing is
+    downloaded, the file is read with ``weights_only=True``, the weights must fit exactly (it
+    relaxes ``strict`` for a list of known-failing models), and ensembles and timm-hosted
+    entries are refused."""
     if dataset is None:
-        raise UserError("a RobustBench model needs --dataset (cifar10, cifar100 or imagenet)")
+        raise UserError(f"a RobustBench model needs --dataset ({', '.join(ROBUSTBENCH_DATASETS)})")
     tm = ThreatModel.parse(threat_model).value
-    kwargs: dict[str, Any] = {"model_name": name, "dataset": dataset, "threat_model": tm}
-    if model_dir is not None:
-        kwargs["model_dir"] = str(model_dir)
-    model = rb_load_model(**kwargs)
+    if tm not in ("Linf", "L2"):
+        raise UserError(f"Invalid threat_model value: {tm!r} for a RobustBench model (Linf or L2)")
+    zoo = _robustbench_zoo(dataset, tm)
+    if name not in zoo:
+        names = sorted(zoo)
+        raise UserError(
+            f"Invalid robustbench value: {name!r} is not in RobustBench's {dataset} {tm} zoo "
+            f"({len(names)} models: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+        )
+    entry = zoo[name]
+    if isinstance(entry.get("gdrive_id"), list):
+        raise UserError(f"RobustBench model {name!r} is an ensemble of checkpoints (not supported)")
+    if model_dir is None:
+        raise UserError(
+            "a RobustBench model needs --model-dir, the folder holding "
+            f"{dataset}/{tm}/{name}.pt (nothing is downloaded)"
+        )
+    path = Path(model_dir) / dataset / tm / f"{name}.pt"
+    if not path.is_file():
+        raise UserError(
+            f"RobustBench checkpoint not found: {path} (robustbench.utils.load_model downloads it "
+            "there on a machine with internet)"
+        )
+    try:
+        model = entry["model"]()
+    except Exception as e:  # e.g. a timm-registered architecture this timm lacks
+        raise UserError(f"cannot build RobustBench model {name!r}: {e}") from None
+    ckpt = load_checkpoint(path)  # weights_only; CheckpointError
+    if isinstance(ckpt.get("last"), dict) and (  # robustbench takes these two models' "last"
+        "Kireev2021Effectiveness" in name or name == "Andriushchenko2020Understanding"
+    ):
+        ckpt = ckpt["last"]
+    state = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
+    try:
+        model.load_state_dict(strip_prefixes(state), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path} does not fit RobustBench model {name!r}: {first}") from None
     return model.eval(), {
         "source": "robustbench",
         "architecture": name,
         "dataset": dataset,
         "threat_model": tm,
+        "path": str(path),
     }
 
 

@@ -17,6 +17,7 @@ from enum import Enum
 __all__ = [
     "AUTOATTACK_COMPONENTS",
     "AUTOATTACK_VERSIONS",
+    "EPS_ATTACK_THREATS",
     "GRADIENT_FREE_UNITS",
     "STAGES",
     "EvalPlan",
@@ -37,15 +38,22 @@ AUTOATTACK_VERSIONS: dict[str, tuple[str, ...]] = {
     "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
     "rand": ("apgd-ce", "apgd-dlr"),
 }
+EPS_ATTACK_THREATS: frozenset[str] = frozenset({"Linf", "L2"})
+"""The threat models of the eps-attacks (PGD, AutoAttack, Square); the ``fmn`` stage takes all."""
 GRADIENT_FREE_UNITS: frozenset[str] = frozenset({"square", "autoattack/square"})
 """The units that use no gradient (the Square check compares them with the gradient attacks)."""
 
 
 class ThreatModel(str, Enum):
-    """Perturbation sets: ``Linf`` and ``L2`` balls of radius ``eps`` (inputs in [0, 1])."""
+    """Perturbation sets: ``Linf``, ``L2``, ``L1`` balls of radius ``eps`` and ``L0`` (at most
+    ``eps`` changed input values), inputs in [0, 1]. The eps-attacks (PGD, AutoAttack, Square)
+    take ``Linf`` and ``L2`` (:data:`EPS_ATTACK_THREATS`); ``L1`` and ``L0`` only the ``fmn``
+    stage."""
 
     Linf = "Linf"
     L2 = "L2"
+    L1 = "L1"
+    L0 = "L0"
 
     @classmethod
     def parse(cls, value: ThreatModel | str) -> ThreatModel:
@@ -142,7 +150,8 @@ def make_plan(
         eps: perturbation radius; required, never defaulted. A Linf ``eps >= 1`` warns
             (``UserWarning``: did you mean eps/255?), attributed to the caller of this function
             (``stacklevel=1``) or to a frame further up.
-        threat_model: ``"Linf"`` or ``"L2"`` (enum or string).
+        threat_model: ``"Linf"``, ``"L2"``, or, for an evaluation whose only attack is ``fmn``
+            (``attacks="clean,fmn"``), ``"L1"`` or ``"L0"`` (enum or string).
         n_examples: how many of the first points to use (all when None).
         attacks: stages in order, from ``clean``, ``pgd``, ``autoattack``, ``square``, ``fmn`` (a
             list or a comma-separated string); ``clean`` always runs first and ``fmn`` (the
@@ -170,6 +179,7 @@ def make_plan(
     tm = ThreatModel.parse(threat_model)
     _check_numbers(n_examples, batch_size, seed, pgd_steps, pgd_restarts, pgd_step_size)
     stages = _parse_attacks(attacks)
+    _check_threat_for_stages(tm, stages)
     aa_version, components = _parse_version(version)
     _check_fmn_steps(fmn_steps)
     grid = default_eps_grid(eps) if eps_grid is None else _check_eps_grid(eps_grid)
@@ -202,6 +212,16 @@ def default_eps_grid(eps: float) -> tuple[float, ...]:
     """The default security-curve grid: 16 radii ``eps * i / 5``, ``i = 0..15``, from 0 to
     ``3 * eps`` (``eps`` itself exactly included, at ``i = 5``)."""
     return tuple(eps * (i / 5) for i in range(16))
+
+
+def _check_threat_for_stages(tm: ThreatModel, stages: Sequence[str]) -> None:
+    eps_stages = [s for s in stages if s not in ("clean", "fmn")]
+    if tm.value not in EPS_ATTACK_THREATS and eps_stages:
+        raise ValueError(
+            f"Invalid threat_model value: {tm.value!r} with {', '.join(eps_stages)} ({tm.value} "
+            "is for the fmn stage alone, attacks 'clean,fmn'; PGD, AutoAttack and Square take "
+            f"{' or '.join(sorted(EPS_ATTACK_THREATS))})"
+        )
 
 
 def _check_fmn_steps(fmn_steps: int) -> None:
