@@ -182,6 +182,19 @@ def test_cli_eps_required_without_config_eps(tmp_path, cnn):
         run_eval(_parse([str(path), "--attacks", "clean", "--no-progress"]))
 
 
+def test_cli_eps_null_in_config_is_the_datasets_default(tmp_path, cnn, capsys):
+    # a run trained without --eps records eps: null and trained at fashion-mnist's 0.1
+    path = _ckpt(tmp_path, cnn, cfg={**CFG, "eps": None})
+    argv = [str(path), "--attacks", "clean", "--n-examples", "4", "--no-progress"]
+    assert run_eval(_parse(argv)) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["eps"] == 0.1 and d["model_info"]["eps_source"] == "checkpoint config"
+    # no dataset to take it from: still required
+    path = _ckpt(tmp_path, cnn, cfg={**CFG, "eps": None, "dataset": "unknown"})
+    with pytest.raises(UserError, match="--eps is required"):
+        run_eval(_parse([*argv[:1], "--dataset", "fashion-mnist", *argv[1:]]))
+
+
 def test_cli_state_dict_needs_one_source(tmp_path, cnn, capsys):
     sd = tmp_path / "w.pt"
     torch.save(cnn.state_dict(), sd)

@@ -102,13 +102,17 @@ def test_readme_commands_parse():
         assert re.search(rf"^{target}:", makefile, re.M), target
     from robust_agc.cli import build_parser
 
-    block = README.read_text().split("## Train, evaluate, report", 1)[1].split("```bash\n", 1)[1]
-    commands = block.split("```", 1)[0].replace("\\\n", " ").splitlines()
     parser = build_parser()
-    parsed = 0
-    for line in commands:
-        argv = line.split("#", 1)[0].split()
-        if argv and argv[0].endswith("robust-agc"):
-            parser.parse_args(argv[1:])
-            parsed += 1
-    assert parsed == 4
+    for section, expected in (
+        ("## Train, evaluate, report", 4),
+        ("## Pruning, smaller networks, security curves, fast training", 6),
+    ):
+        block = README.read_text().split(section, 1)[1].split("```bash\n", 1)[1]
+        commands = block.split("```", 1)[0].replace("\\\n", " ").splitlines()
+        parsed = 0
+        for line in commands:
+            argv = line.split("#", 1)[0].split()
+            if argv and argv[0].endswith("robust-agc"):
+                parser.parse_args(argv[1:])
+                parsed += 1
+        assert parsed == expected, section

@@ -4,6 +4,8 @@ the weights-only round trip, and the CLI (train, export, bad input)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from torch import nn
 from robust_agc.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from robust_agc.cli import main
 from robust_agc.errors import UserError
-from robust_agc.eval import load_model
+from robust_agc.eval import compression_info, load_model
 from robust_agc.models import create_model, list_models
 from robust_agc.optim import AGC
 from robust_agc.sparse import (
@@ -21,6 +23,7 @@ from robust_agc.sparse import (
     export_structured,
     l1_filter_masks,
     layer_widths,
+    maskable_modules,
 )
 
 SHAPES = {"small-cnn": (1, 16, 16), "mnist-cnn": (1, 16, 16)}  # others: (3, 8, 8)
@@ -338,6 +341,19 @@ def test_cli_train_filter_export_and_eval_load(tmp_path, capsys):
     assert sum(p.numel() for p in small.parameters()) < 0.5 * sum(
         p.numel() for p in masked.parameters()
     )
+    # the evaluation record: the training's eps, and the sparsity of the masked model it came from
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(small_path), "--attacks", "clean", "--n-examples", "8", "--no-progress"]
+    assert run_cli(*argv, "--out", str(out)) == 0
+    rec = json.loads(out.read_text())
+    masked_info = compression_info(masked)
+    assert rec["eps"] == 0.1 and rec["structure"] == "structured" == masked_info["structure"]
+    # removing a filter also removes the next layer's weights on its channel: more than the zeros
+    kept = sum(m.weight.numel() for _, m in maskable_modules(small))
+    full = sum(m.weight.numel() for _, m in maskable_modules(masked))
+    assert rec["sparsity"] == pytest.approx(1 - kept / full)
+    assert rec["sparsity"] > masked_info["sparsity"] + 0.1
+    assert rec["footnote"] == "Compressed model"
     # never overwrites without --overwrite
     before = small_path.read_bytes()
     assert run_cli("export", str(run / "last.pt"), "--out", str(small_path)) == 2

@@ -174,12 +174,19 @@ def _check_early(args: argparse.Namespace) -> None:
 
 def _resolve_eps(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[float, str, list[str]]:
     """``--eps``, else the checkpoint config's; returns ``(eps, source, notes)``."""
+    from ..data import DATASET_INFO
+
     if args.eps is not None:
         return args.eps, "--eps", []
-    if cfg.get("eps") is None:
+    if "eps" in cfg and cfg["eps"] is None and cfg.get("dataset") in DATASET_INFO:
+        # a training config's ``eps: null``: the run trained at its dataset's standard L-inf eps
+        eps = DATASET_INFO[cfg["dataset"]].eps_linf
+        notes = [f"eps={eps}: the training's eps ({cfg['dataset']}'s default; no --eps given)"]
+    elif cfg.get("eps") is None:
         raise UserError("--eps is required (the checkpoint config records no eps)")
-    eps = float(cfg["eps"])
-    notes = [f"eps={eps} taken from the checkpoint config (no --eps given)"]
+    else:
+        eps = float(cfg["eps"])
+        notes = [f"eps={eps} taken from the checkpoint config (no --eps given)"]
     if args.norm != "Linf":
         notes.append("the checkpoint's eps was recorded for its training threat model")
     return eps, "checkpoint config", notes
@@ -248,6 +255,7 @@ def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: i
         model_info=_model_info(info, eps_source),
         architecture=info.get("architecture"),
         notes=notes,
+        compression=info.get("compression"),
         **kwargs,
     )
     result.attack_config["eps_source"] = eps_source

@@ -45,6 +45,7 @@ def benchmark(
     model_info: dict[str, Any] | None = None,
     architecture: str | None = None,
     notes: Sequence[str] = (),
+    compression: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` under a threat model, per-point worst case over the given stages.
 
@@ -62,6 +63,9 @@ def benchmark(
             rank 0); a rerun resumes from it, and refuses (UserError) another evaluation's.
         progress: tqdm bars (stderr) with the points remaining per stage (rank 0 only).
         model_info, architecture, notes: caller metadata, model name and remarks, recorded.
+        compression: the record's ``sparsity``, ``structure`` and ``footnote`` when the weights
+            alone do not tell (a physically shrunk model: ``load_model_and_info``'s
+            ``info["compression"]``); default :func:`compression_info` of ``model``.
 
     Returns:
         An :class:`EvalResult` (``sparsity``, ``structure``, ``footnote``: :func:`compression_info`
@@ -94,7 +98,8 @@ def benchmark(
     info = RecordInfo(
         dataset, architecture, dict(model_info or {}), tuple(notes),
         Path(state_file) if state_file is not None else None, progress,
-        compression=compression_info(model),  # the weights as given: masks folded in or not
+        # the weights as given: masks folded in or not (a shrunk model's from its loader)
+        compression=compression_info(model) if compression is None else dict(compression),
     )  # fmt: skip
     return _on_device(model, plan, x, y, torch.device(device), info)
 

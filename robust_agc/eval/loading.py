@@ -69,6 +69,18 @@ def load_model_and_info(
             "epoch": ckpt.get("epoch"),
             "checkpoint_version": ckpt.get("version"),
         }
+        if ckpt.get("widths") is not None:  # ``robust-agc export``: physically smaller
+            from ..models import create_model
+
+            with torch.device("meta"):  # shapes only, no memory
+                full = create_model(
+                    cfg["model"],
+                    num_classes=int(cfg["num_classes"]),
+                    in_channels=int(cfg["in_channels"]),
+                    input_size=int(cfg["input_size"]),
+                )
+            info["export"] = ckpt.get("export")
+            info["compression"] = compression_info(model, full=full)
         return model.eval(), info
     if source == "state_dict":
         return _load_state_dict_model(path, arch=arch, dataset=dataset, map_location=map_location)
@@ -282,8 +294,12 @@ def _zeros_are_structured(zero: Tensor) -> bool:
     return bool((z == covered.expand_as(z)).all())
 
 
-def compression_info(model: nn.Module) -> dict[str, Any]:
+def compression_info(model: nn.Module, *, full: nn.Module | None = None) -> dict[str, Any]:
     """How pruned ``model`` is, measured on its weights (any source, masks folded or not).
+
+    ``full``: for a physically smaller network (``robust-agc export``), the same architecture at
+    full width; ``sparsity`` is then relative to ``full``'s conv and linear weights (removed ones
+    count as zeros) and ``structure`` is ``"structured"`` when anything was removed.
 
     Returns:
         ``{"sparsity", "structure", "footnote"}``: ``sparsity`` the fraction of the conv and linear
@@ -309,6 +325,9 @@ def compression_info(model: nn.Module) -> dict[str, Any]:
             zeros += n
             if n and structured and zero.ndim >= 2:
                 structured = _zeros_are_structured(zero)
+    if full is not None:
+        full_total = sum(m.weight.numel() for _, m in maskable_modules(full))
+        zeros, total = zeros + full_total - total, full_total
     if total == 0:
         return {"sparsity": None, "structure": None, "footnote": None}
     sparsity = zeros / total
