@@ -75,6 +75,9 @@ class EvalResult:
             (:func:`robust_agc.eval.loading.compression_info`: the zero fraction of its conv and
             linear weights; ``"dense"``, ``"unstructured"`` or ``"structured"``; RobustBench's
             ``"Compressed model"`` for a pruned model, else None).
+        preset, preset_record: the preset the evaluation followed (``"apb"``,
+            :mod:`robust_agc.eval.presets`) and its record block (model key, deviations,
+            overrides), else None.
     """
 
     clean_acc: float
@@ -111,6 +114,8 @@ class EvalResult:
     structure: str | None = None
     footnote: str | None = None
     fmn_slice: list[int] | None = None
+    preset: str | None = None
+    preset_record: dict[str, Any] | None = None
 
     @property
     def autoattack_acc(self) -> float | None:
@@ -132,7 +137,8 @@ class EvalResult:
         stage, ``fmn``: ``radii`` (per point, ``"inf"`` where none was found, null outside
         ``slice``), ``slice`` and ``n_points`` (with ``fmn_slice``),
         ``security_curve`` (``[[eps, acc], ...]``) and, where an eps-attack ran, ``disagree``
-        (per point, null where FMN did not run) and ``n_disagree`` (per kind).
+        (per point, null where FMN did not run) and ``n_disagree`` (per kind); with a preset,
+        ``preset`` (its name) and a block under that name.
         """
         stages = []
         for name, acc in self.stage_acc.items():
@@ -194,9 +200,18 @@ class EvalResult:
                 "notes": list(self.notes),
             }
         )
-        if self.radii is not None:
-            d["fmn"] = self._fmn_record()
+        d.update(self._optional_blocks())
         return d
+
+    def _optional_blocks(self) -> dict[str, Any]:
+        """The record's ``fmn`` block (with the fmn stage) and the preset's (with a preset)."""
+        out: dict[str, Any] = {}
+        if self.radii is not None:
+            out["fmn"] = self._fmn_record()
+        if self.preset is not None:
+            out["preset"] = self.preset
+            out[self.preset] = jsonable(self.preset_record or {})
+        return out
 
     def _fmn_record(self) -> dict[str, Any]:
         """The record's ``fmn`` block (see :meth:`to_dict`)."""
