@@ -44,3 +44,23 @@ def test_bad_value_is_one_line_exit_2_nothing_written(tmp_path, state_dict, caps
     assert code == 2, err
     assert len(err.splitlines()) == 1 and message in err and "usage:" not in err, err
     assert not out.exists() and not state.exists() and cap.out == ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--preset", "robustbench"], "Invalid preset value: 'robustbench' (choose apb)"),
+        (
+            ["--preset", "apb"],
+            "Invalid fmn_slice value: 2048:2176 (must lie within the n_examples=4",
+        ),
+        (
+            ["--attacks", "clean,fmn", "--fmn-slice", "3"],
+            "Invalid fmn_slice value: '3' (START:STOP",
+        ),
+        (["--attacks", "clean,fmn", "--fmn-slice", "3:2"], "Invalid fmn_slice value: (3, 2)"),
+        (["--fmn-slice", "0:2"], "Invalid fmn_slice value: (0, 2) (without the fmn stage)"),
+    ],
+)
+def test_bad_preset_or_slice_is_one_line(tmp_path, state_dict, capsys, extra, message):
+    test_bad_value_is_one_line_exit_2_nothing_written(tmp_path, state_dict, capsys, extra, message)

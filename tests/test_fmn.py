@@ -427,3 +427,52 @@ def test_cli_writes_radii_and_curve(tmp_path, capsys):
     assert len(d["fmn"]["radii"]) == 6 and len(d["fmn"]["disagree"]) == 6
     assert d["attack_config"]["fmn"]["steps"] == 20
     assert [s["name"] for s in d["stages"]] == ["clean", "pgd", "fmn"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fmn_slice_attacks_only_its_points_disagreement_on_the_intersection(linear, monkeypatch):
+    """``fmn_slice=(10, 30)``: FMN attacks only the clean-correct points 10..29 (radii None
+    elsewhere, equal to a full run's inside), the curve counts those 20 points, the eps-attack
+    (a fake AutoAttack breaking every point with a huge step) still attacks all 40, and the
+    disagreement is marked only on the slice."""
+    model, x, y = linear
+    ref = _run(model, x, y)
+    real = Attackers.attack
+    w = model[1].weight.detach()
+
+    def fake(self, unit, xb, yb):
+        if unit == "fmn":
+            return real(self, unit, xb, yb)
+        j = (yb + 1) % C
+        return (xb.flatten(1) - 10 * (w[yb] - w[j])).clamp(0, 1).view_as(xb)
+
+    monkeypatch.setattr(Attackers, "attack", fake)
+    res = _run(model, x, y, attacks="clean,autoattack,fmn", version=["apgd-ce"], fmn_slice=(10, 30))
+    assert res.radii[10:30] == ref.radii[10:30]
+    assert all(r is None for r in res.radii[:10] + res.radii[30:])
+    assert res.n_attacked["fmn"] == sum(1 for r in ref.radii[10:30] if r > 0)
+    assert res.n_attacked["autoattack/apgd-ce"] == sum(1 for r in ref.radii if r > 0)
+    inside = ref.radii[10:30]
+    for e, a in res.security_curve:  # eps-attack broke every clean-correct point: 0 from eps on
+        assert a == (0.0 if e >= EPS else sum(1 for r in inside if r > e) / 20)
+    assert all(d is None for d in res.fmn_disagree[:10] + res.fmn_disagree[30:])
+    assert res.fmn_disagree[10:30] == ["eps_attack_only" if r > EPS else None for r in inside]
+    rec = res.to_dict()
+    assert rec["fmn"]["slice"] == [10, 30] and rec["fmn"]["n_points"] == 20
+    assert rec["attack_config"]["fmn"]["slice"] == [10, 30]
+    assert json.loads(json.dumps(rec))["fmn"]["radii"][0] is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fmn_slice": (5, 5)}, "Invalid fmn_slice value"),
+        ({"fmn_slice": (-1, 5)}, "Invalid fmn_slice value"),
+        ({"fmn_slice": (0, 5), "attacks": "clean,pgd"}, "without the fmn stage"),
+        ({"fmn_slice": (0, 50), "n_examples": 20}, "must lie within the n_examples=20"),
+    ],
+)
+def test_plan_rejects_bad_fmn_slice(kwargs, match):
+    kwargs.setdefault("attacks", "clean,fmn")
+    with pytest.raises(ValueError, match=match):
+        ev.make_plan(eps=EPS, **kwargs)

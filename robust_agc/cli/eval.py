@@ -56,6 +56,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--n-examples", type=int, default=None, help="first N test points (default: all)"
     )
+    data.add_argument(
+        "--preset",
+        default=None,
+        help="a benchmark's settings for every option not given: apb (Adversarial Pruning "
+        "Benchmark: AutoAttack Linf 0.031 on 10000 points, FMN 200 steps on 2048:2176)",
+    )
     tm = parser.add_argument_group("threat model and attacks")
     tm.add_argument(
         "--eps",
@@ -65,23 +71,30 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     tm.add_argument(
         "--norm",
-        default="Linf",
-        help="threat model: Linf or L2 (every attack); L1 or L0 with --attacks clean,fmn only",
+        default=None,
+        help="threat model (default Linf): Linf or L2; L1 or L0 with --attacks clean,fmn only",
     )
     tm.add_argument(
         "--attacks",
-        default="clean,autoattack",
-        help="stages in order: clean,pgd,autoattack,square,fmn (fmn: minimal radii, always last)",
+        default=None,
+        help="stages in order: clean,pgd,autoattack,square,fmn (fmn: minimal radii, always last); "
+        "default clean,autoattack",
     )
     tm.add_argument(
         "--version",
-        default="standard",
+        default=None,
         help="AutoAttack version (standard, plus, rand) or components, e.g. apgd-ce,apgd-t",
     )
     tm.add_argument("--pgd-steps", type=int, default=50)
     tm.add_argument("--pgd-restarts", type=int, default=10)
     tm.add_argument("--pgd-step-size", type=float, default=None, help="default 2.5*eps/steps")
-    tm.add_argument("--fmn-steps", type=int, default=1000, help="steps of the fmn stage")
+    tm.add_argument("--fmn-steps", type=int, default=None, help="steps of the fmn stage (1000)")
+    tm.add_argument(
+        "--fmn-slice",
+        default=None,
+        metavar="START:STOP",
+        help="the fmn stage attacks only these of the evaluated points (default: all)",
+    )
     tm.add_argument(
         "--eps-grid",
         default=None,
@@ -90,7 +103,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     tm.add_argument("--seed", type=int, default=0)
     tm.add_argument("--no-checks", action="store_true", help="skip the gradient-masking checks")
     run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=256)
+    run.add_argument("--batch-size", type=int, default=None, help="points per chunk (256)")
     run.add_argument("--device", default="cpu")
     run.add_argument("--out", default=None, help="result JSON (stdout when not given)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -152,24 +165,89 @@ def run_eval(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _parse_grid(text: str | None) -> list[float] | None:
+CLI_DEFAULTS: dict[str, Any] = {
+    "attacks": "clean,autoattack",
+    "version": "standard",
+    "norm": "Linf",
+    "batch_size": 256,
+    "fmn_steps": 1000,
+}
+"""The defaults of the options a preset can set (their flags default to None, meaning "not
+given")."""
+
+
+def _parse_grid(text: str | list[float] | None) -> list[float] | None:
     """``--eps-grid``'s comma-separated numbers (checked later by make_plan), or None."""
-    if text is None:
-        return None
+    if text is None or isinstance(text, list):
+        return text
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UserError(f"Invalid eps_grid value: {text!r} (comma-separated numbers)") from None
 
 
-def _check_early(args: argparse.Namespace) -> None:
-    """The checks that need no model: run before anything is loaded."""
+def _parse_slice(text: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``--fmn-slice START:STOP`` (checked later by make_plan), or None."""
+    if text is None or isinstance(text, tuple):
+        return text
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise UserError(f"Invalid fmn_slice value: {text!r} (START:STOP, e.g. 2048:2176)") from None
+
+
+def _apply_preset(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill the options not given from ``--preset`` (or from :data:`CLI_DEFAULTS` without one);
+    returns the options given explicitly that differ from the preset's values (the record's
+    overrides).
+
+    With a preset, an ``--eps`` given explicitly also moves the security curve's default grid,
+    and ``--attacks`` without ``fmn`` drops the preset's ``fmn_slice``.
+    """
+    from ..eval.presets import PRESETS
+
+    preset = None
+    if args.preset is not None:
+        preset = PRESETS.get(args.preset)
+        if preset is None:
+            raise UserError(
+                f"Invalid preset value: {args.preset!r} (choose {', '.join(sorted(PRESETS))})"
+            )
+    settings = preset.settings if preset is not None else {}
+    keys = sorted({*CLI_DEFAULTS, *settings})
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    overrides = {k: v for k, v in given.items() if k in settings and v != settings[k]}
+    for key in keys:
+        if key not in given:
+            setattr(args, key, settings[key] if key in settings else CLI_DEFAULTS[key])
+    if preset is None:
+        return overrides
+    if "eps" in settings and "eps" not in given:
+        args.eps_source = f"preset {preset.name}"
+    stages = [a.strip() for a in str(args.attacks).split(",")]
+    if "fmn" not in stages and "fmn_slice" not in given:
+        args.fmn_slice = None
+    if "fmn" in stages and args.eps_grid is None and args.eps is not None:
+        args.eps_grid = preset.eps_grid(args.eps)
+    return overrides
+
+
+def _check_early(args: argparse.Namespace) -> dict[str, Any]:
+    """The checks that need no model, run before anything is loaded; fills the preset's
+    settings and returns its overrides."""
     from ..eval import ThreatModel
 
+    args.eps_grid = _parse_grid(args.eps_grid)
+    args.fmn_slice = _parse_slice(args.fmn_slice)
+    overrides = _apply_preset(args)
     try:
         ThreatModel.parse(args.norm)
     except ValueError as e:
         raise UserError(f"--norm: {e}") from None
+    return overrides
 
 
 def _resolve_eps(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[float, str, list[str]]:
@@ -177,7 +255,7 @@ def _resolve_eps(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[float, 
     from ..data import DATASET_INFO
 
     if args.eps is not None:
-        return args.eps, "--eps", []
+        return args.eps, getattr(args, "eps_source", None) or "--eps", []
     if "eps" in cfg and cfg["eps"] is None and cfg.get("dataset") in DATASET_INFO:
         # a training config's ``eps: null``: the run trained at its dataset's standard L-inf eps
         eps = DATASET_INFO[cfg["dataset"]].eps_linf
@@ -212,7 +290,8 @@ def _plan_kwargs(args: argparse.Namespace, eps: float) -> dict[str, Any]:
         "pgd_restarts": args.pgd_restarts,
         "pgd_step_size": args.pgd_step_size,
         "fmn_steps": args.fmn_steps,
-        "eps_grid": _parse_grid(args.eps_grid),
+        "eps_grid": args.eps_grid,
+        "fmn_slice": args.fmn_slice,
     }
     try:
         make_plan(**kwargs)
@@ -237,7 +316,7 @@ def _model_info(info: dict[str, Any], eps_source: str) -> dict[str, Any]:
 def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: int) -> int:
     from ..eval import benchmark
 
-    _check_early(args)
+    overrides = _check_early(args)
     model, info = _load(args)
     dataset = args.dataset or info.get("dataset")
     if dataset is None:
@@ -259,9 +338,37 @@ def _run_eval(args: argparse.Namespace, out: Path | None, *, rank: int, world: i
         **kwargs,
     )
     result.attack_config["eps_source"] = eps_source
+    if args.preset is not None:
+        _record_preset(result, args.preset, info, dataset, overrides)
     if rank == 0:
         _write_result(result, out, overwrite=args.overwrite, world=world)
     return 0
+
+
+def _record_preset(
+    result: Any, name: str, info: dict[str, Any], dataset: str, overrides: dict[str, Any]
+) -> None:
+    """The preset's block in the record (APB: model key, FMN accuracy at 8/255, deviations)."""
+    from ..eval.presets import apb_record
+
+    cfg = info.get("config") or {}
+    method = cfg.get("sparse_method") or info.get("sparse_method")
+    if method and cfg.get("optimizer"):
+        method = f"{method}-{cfg['optimizer']}"
+    result.preset = name
+    result.preset_record = apb_record(
+        method=method,
+        architecture=info.get("architecture"),
+        dataset=dataset,
+        structure=result.structure,
+        sparsity=result.sparsity,
+        radii=result.radii,
+        overrides=overrides,
+        threat_model=result.threat_model,
+    )
+    if overrides:
+        given = ", ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+        result.notes.append(f"preset {name} with explicit overrides: {given}")
 
 
 def _write_result(result: Any, out: Path | None, *, overwrite: bool, world: int) -> None:

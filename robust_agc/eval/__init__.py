@@ -40,7 +40,8 @@ The package, in the order an evaluation uses it:
   processes of a distributed evaluation; :mod:`~robust_agc.eval.passes`: counting model passes;
 * :mod:`~robust_agc.eval.checks`: the gradient-masking checks;
 * :mod:`~robust_agc.eval.result`: :class:`EvalResult` and its JSON record;
-* :mod:`~robust_agc.eval.loading`: :func:`load_model` and :func:`load_model_and_info`.
+* :mod:`~robust_agc.eval.loading`: :func:`load_model` and :func:`load_model_and_info`;
+* :mod:`~robust_agc.eval.presets`: benchmark presets (``apb``, the Adversarial Pruning Benchmark).
 """
 
 from .entry import benchmark

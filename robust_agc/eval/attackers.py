@@ -131,6 +131,8 @@ class Attackers:
             cfg["square"] = self.square.config()["square"]
         if "fmn" in p.stages:
             cfg["fmn"] = fmn_config(p.threat, p.fmn_steps)
+            if p.fmn_slice is not None:
+                cfg["fmn"]["slice"] = list(p.fmn_slice)
         return cfg
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..utils import eval_mode, frozen_parameters
 from .loading import compression_info
 from .plan import EvalPlan, ThreatModel, make_plan
@@ -38,6 +39,7 @@ def benchmark(
     pgd_step_size: float | None = None,
     fmn_steps: int = 1000,
     eps_grid: Sequence[float] | None = None,
+    fmn_slice: tuple[int, int] | None = None,
     state_file: str | Path | None = None,
     progress: bool = True,
     data_dir: str | Path | None = None,
@@ -55,7 +57,7 @@ def benchmark(
             in ``data_dir``); the first ``n_examples`` points, unshuffled. Exclusive with ``x``/``y``.
         x, y: explicit points (floats in [0, 1], NCHW) and labels.
         threat_model, eps, n_examples, attacks, version, batch_size, seed, pgd_steps, pgd_restarts,
-            pgd_step_size, run_checks, fmn_steps, eps_grid: the attack settings, checked by
+            pgd_step_size, run_checks, fmn_steps, eps_grid, fmn_slice: the attack settings, checked by
             :func:`~robust_agc.eval.plan.make_plan` (``eps`` required; default ``clean`` then
             AutoAttack ``"standard"``, 256-point chunks, seed 0; ``fmn``: radii and curve).
         device: where to run; the model is moved there and back if needed.
@@ -73,28 +75,25 @@ def benchmark(
 
     Raises:
         ValueError: invalid arguments (torch wording: ``Invalid <name> value: ...``).
-        UserError: a state file from another evaluation, or unavailable data.
+        UserError: a state file from another evaluation, unavailable data, or an ``fmn_slice``
+            beyond the points there are.
         RuntimeError: distributed ranks called with different points, model or attacks.
     """
     plan = make_plan(
-        eps=eps,
-        threat_model=threat_model,
-        n_examples=n_examples,
-        attacks=attacks,
-        version=version,
-        batch_size=batch_size,
-        seed=seed,
-        pgd_steps=pgd_steps,
-        pgd_restarts=pgd_restarts,
-        pgd_step_size=pgd_step_size,
-        run_checks=run_checks,
-        fmn_steps=fmn_steps,
-        eps_grid=eps_grid,
+        eps=eps, threat_model=threat_model, n_examples=n_examples, attacks=attacks,
+        version=version, batch_size=batch_size, seed=seed, pgd_steps=pgd_steps,
+        pgd_restarts=pgd_restarts, pgd_step_size=pgd_step_size, run_checks=run_checks,
+        fmn_steps=fmn_steps, eps_grid=eps_grid, fmn_slice=fmn_slice,
         stacklevel=2,  # the warning points at benchmark's caller
-    )
+    )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model value: expected an nn.Module, got {type(model).__name__}")
     x, y, dataset = resolve_points(dataset, x, y, n_examples, data_dir)
+    if plan.fmn_slice is not None and plan.fmn_slice[1] > x.shape[0]:
+        raise UserError(  # a ValueError; the CLI prints it on one line
+            f"Invalid fmn_slice value: {plan.fmn_slice[0]}:{plan.fmn_slice[1]} (only "
+            f"{x.shape[0]} points)"
+        )
     info = RecordInfo(
         dataset, architecture, dict(model_info or {}), tuple(notes),
         Path(state_file) if state_file is not None else None, progress,

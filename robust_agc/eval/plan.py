@@ -84,6 +84,8 @@ class EvalPlan:
         run_checks: run the gradient-masking checks that cost model passes.
         fmn_steps: the ``fmn`` stage's steps; ``eps_grid`` the radii of the security curve
             (strictly increasing, from :func:`default_eps_grid` unless given).
+        fmn_slice: ``(start, stop)``: the ``fmn`` stage attacks only points ``start..stop-1`` of
+            the evaluated points (None: all of them).
     """
 
     threat: ThreatModel
@@ -100,6 +102,11 @@ class EvalPlan:
     run_checks: bool = True
     fmn_steps: int = FMN_STEPS
     eps_grid: tuple[float, ...] = ()
+    fmn_slice: tuple[int, int] | None = None
+
+    def in_fmn_slice(self, i: int) -> bool:
+        """Whether the ``fmn`` stage attacks point ``i`` (:attr:`fmn_slice`)."""
+        return self.fmn_slice is None or self.fmn_slice[0] <= i < self.fmn_slice[1]
 
     @property
     def units(self) -> tuple[str, ...]:
@@ -142,6 +149,7 @@ def make_plan(
     run_checks: bool = True,
     fmn_steps: int = FMN_STEPS,
     eps_grid: Sequence[float] | None = None,
+    fmn_slice: tuple[int, int] | None = None,
     stacklevel: int = 1,
 ) -> EvalPlan:
     """Check :func:`robust_agc.eval.benchmark`'s scalar arguments and return the plan.
@@ -150,8 +158,7 @@ def make_plan(
         eps: perturbation radius; required, never defaulted. A Linf ``eps >= 1`` warns
             (``UserWarning``: did you mean eps/255?), attributed to the caller of this function
             (``stacklevel=1``) or to a frame further up.
-        threat_model: ``"Linf"``, ``"L2"``, or, for an evaluation whose only attack is ``fmn``
-            (``attacks="clean,fmn"``), ``"L1"`` or ``"L0"`` (enum or string).
+        threat_model: ``"Linf"``, ``"L2"``; ``"L1"``, ``"L0"`` with ``attacks="clean,fmn"`` only.
         n_examples: how many of the first points to use (all when None).
         attacks: stages in order, from ``clean``, ``pgd``, ``autoattack``, ``square``, ``fmn`` (a
             list or a comma-separated string); ``clean`` always runs first and ``fmn`` (the
@@ -167,10 +174,11 @@ def make_plan(
             step ``2.5 * eps / steps``).
         run_checks: run the gradient-masking checks (:mod:`robust_agc.eval.checks`); the count
             agreement and Square checks are always recorded.
-        fmn_steps: steps of the ``fmn`` stage (default :data:`FMN_STEPS`, FMN paper's budget).
-        eps_grid: the radii of the security curve (non-empty, strictly increasing, finite,
-            ``>= 0``); default :func:`default_eps_grid` (16 values from 0 to ``3 * eps``). Only
-            used with the ``fmn`` stage.
+        fmn_steps, eps_grid, fmn_slice: the ``fmn`` stage: its steps (default :data:`FMN_STEPS`,
+            FMN paper's budget); the security curve's radii (non-empty, strictly increasing,
+            finite, ``>= 0``; default :func:`default_eps_grid`, 16 from 0 to ``3 * eps``); the
+            points it attacks, ``(start, stop)``, ``0 <= start < stop <= n_examples`` (e.g. APB's
+            2048:2176; None: every point).
 
     Raises:
         ValueError: an invalid argument (``Invalid <name> value: ...``).
@@ -181,8 +189,7 @@ def make_plan(
     stages = _parse_attacks(attacks)
     _check_threat_for_stages(tm, stages)
     aa_version, components = _parse_version(version)
-    _check_fmn_steps(fmn_steps)
-    grid = default_eps_grid(eps) if eps_grid is None else _check_eps_grid(eps_grid)
+    grid, fmn_slice = _check_fmn(eps, fmn_steps, eps_grid, fmn_slice, stages, n_examples)
     if tm is ThreatModel.Linf and eps >= 1.0:
         warnings.warn(
             f"eps={eps} for Linf on inputs in [0, 1] covers the whole input range "
@@ -205,6 +212,7 @@ def make_plan(
         run_checks=bool(run_checks),
         fmn_steps=fmn_steps,
         eps_grid=grid,
+        fmn_slice=fmn_slice,
     )
 
 
@@ -222,6 +230,41 @@ def _check_threat_for_stages(tm: ThreatModel, stages: Sequence[str]) -> None:
             "is for the fmn stage alone, attacks 'clean,fmn'; PGD, AutoAttack and Square take "
             f"{' or '.join(sorted(EPS_ATTACK_THREATS))})"
         )
+
+
+def _check_fmn(
+    eps: float,
+    fmn_steps: int,
+    eps_grid: Sequence[float] | None,
+    fmn_slice: tuple[int, int] | None,
+    stages: Sequence[str],
+    n_examples: int | None,
+) -> tuple[tuple[float, ...], tuple[int, int] | None]:
+    _check_fmn_steps(fmn_steps)
+    grid = default_eps_grid(eps) if eps_grid is None else _check_eps_grid(eps_grid)
+    return grid, _check_fmn_slice(fmn_slice, stages, n_examples)
+
+
+def _check_fmn_slice(
+    fmn_slice: tuple[int, int] | None, stages: Sequence[str], n_examples: int | None
+) -> tuple[int, int] | None:
+    if fmn_slice is None:
+        return None
+    ok = (
+        isinstance(fmn_slice, tuple | list)
+        and len(fmn_slice) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in fmn_slice)
+    )
+    if not ok or not 0 <= fmn_slice[0] < fmn_slice[1]:
+        raise ValueError(f"Invalid fmn_slice value: {fmn_slice!r} (start:stop, 0 <= start < stop)")
+    if "fmn" not in stages:
+        raise ValueError(f"Invalid fmn_slice value: {fmn_slice!r} (without the fmn stage)")
+    if n_examples is not None and fmn_slice[1] > n_examples:
+        raise ValueError(
+            f"Invalid fmn_slice value: {fmn_slice[0]}:{fmn_slice[1]} (must lie within the "
+            f"n_examples={n_examples} points the other stages use)"
+        )
+    return (fmn_slice[0], fmn_slice[1])
 
 
 def _check_fmn_steps(fmn_steps: int) -> None:

@@ -64,16 +64,20 @@ class EvalResult:
         world_size: processes that shared the evaluation (``torch.distributed``); the per-point
             results do not depend on it.
         radii: with the ``fmn`` stage, per point the smallest adversarial perturbation's norm
-            FMN found (0: misclassified clean; ``inf``: none found), else None.
+            FMN found (0: misclassified clean; ``inf``: none found; None: outside ``fmn_slice``),
+            else None. ``fmn_slice``: ``[start, stop]`` when FMN attacked only those points.
         eps_grid, security_curve: the grid and ``[(eps, robust_acc), ...]`` over it, from the
             radii and (for grid radii ``>= eps``) the eps-attacks' verdicts
-            (:func:`robust_agc.eval.fmn.security_curve`).
+            (:func:`robust_agc.eval.fmn.security_curve`), over the points FMN attacked.
         fmn_disagree: per point, ``"eps_attack_only"``, ``"fmn_only"`` or None
             (:func:`robust_agc.eval.fmn.disagreement`); None when no eps-attack ran.
         sparsity, structure, footnote: how pruned the evaluated model is
             (:func:`robust_agc.eval.loading.compression_info`: the zero fraction of its conv and
             linear weights; ``"dense"``, ``"unstructured"`` or ``"structured"``; RobustBench's
             ``"Compressed model"`` for a pruned model, else None).
+        preset, preset_record: the preset the evaluation followed (``"apb"``,
+            :mod:`robust_agc.eval.presets`) and its record block (model key, deviations,
+            overrides), else None.
     """
 
     clean_acc: float
@@ -102,13 +106,16 @@ class EvalResult:
     number_forward_passes: int | float = 1
     world_size: int = 1
     machine: dict[str, Any] = field(default_factory=dict)
-    radii: list[float] | None = None
+    radii: list[float | None] | None = None
     eps_grid: list[float] | None = None
     security_curve: list[tuple[float, float]] | None = None
     fmn_disagree: list[str | None] | None = None
     sparsity: float | None = None
     structure: str | None = None
     footnote: str | None = None
+    fmn_slice: list[int] | None = None
+    preset: str | None = None
+    preset_record: dict[str, Any] | None = None
 
     @property
     def autoattack_acc(self) -> float | None:
@@ -127,9 +134,11 @@ class EvalResult:
         ``stages``, ``per_point_robust``, ``per_point_broken_by``, ``flags``, ``flag_details``,
         ``seed``, ``timings``, ``passes``, ``world_size``, ``attack_config``, ``versions``,
         ``machine``, ``model_info``, ``notes``, ``sparsity``, ``structure``; with the ``fmn``
-        stage, ``fmn``: ``radii`` (per point, ``"inf"`` where none was found),
+        stage, ``fmn``: ``radii`` (per point, ``"inf"`` where none was found, null outside
+        ``slice``), ``slice`` and ``n_points`` (with ``fmn_slice``),
         ``security_curve`` (``[[eps, acc], ...]``) and, where an eps-attack ran, ``disagree``
-        (per point) and ``n_disagree`` (per kind).
+        (per point, null where FMN did not run) and ``n_disagree`` (per kind); with a preset,
+        ``preset`` (its name) and a block under that name.
         """
         stages = []
         for name, acc in self.stage_acc.items():
@@ -191,9 +200,18 @@ class EvalResult:
                 "notes": list(self.notes),
             }
         )
-        if self.radii is not None:
-            d["fmn"] = self._fmn_record()
+        d.update(self._optional_blocks())
         return d
+
+    def _optional_blocks(self) -> dict[str, Any]:
+        """The record's ``fmn`` block (with the fmn stage) and the preset's (with a preset)."""
+        out: dict[str, Any] = {}
+        if self.radii is not None:
+            out["fmn"] = self._fmn_record()
+        if self.preset is not None:
+            out["preset"] = self.preset
+            out[self.preset] = jsonable(self.preset_record or {})
+        return out
 
     def _fmn_record(self) -> dict[str, Any]:
         """The record's ``fmn`` block (see :meth:`to_dict`)."""
@@ -201,6 +219,9 @@ class EvalResult:
             "radii": jsonable(list(self.radii or [])),
             "security_curve": [[e, a] for e, a in (self.security_curve or [])],
         }
+        if self.fmn_slice is not None:
+            rec["slice"] = list(self.fmn_slice)
+            rec["n_points"] = sum(1 for r in self.radii or [] if r is not None)
         if self.fmn_disagree is not None:
             rec["disagree"] = list(self.fmn_disagree)
             rec["n_disagree"] = {

@@ -337,8 +337,12 @@ def _unit_chunks(s: Session, unit: str, state: EvalState) -> tuple[list[list[int
         targets = list(state.current["targets"])
         done_batches = int(state.current["batches_done"])
     elif unit == "fmn":  # every clean-correct point: the radius does not depend on eps
-        targets = [i for i, b in enumerate(state.broken_by) if b != "clean"]
-        state.radii = [0.0 if b == "clean" else float("inf") for b in state.broken_by]
+        fmn_pts = [s.plan.in_fmn_slice(i) for i in range(s.n)]  # None outside the slice
+        targets = [i for i, b in enumerate(state.broken_by) if b != "clean" and fmn_pts[i]]
+        state.radii = [
+            (0.0 if b == "clean" else float("inf")) if f else None
+            for b, f in zip(state.broken_by, fmn_pts, strict=True)
+        ]
     else:
         targets = [i for i, r in enumerate(state.robust) if r]
     if state.current is None or state.current.get("unit") != unit:
@@ -521,19 +525,31 @@ def assemble_result(
 
 
 def _fmn_fields(plan: EvalPlan, state: EvalState) -> dict[str, Any]:
-    """The ``fmn`` stage's result fields: radii, security curve (with the eps-attacks' verdicts
-    where they ran) and the per-point disagreement; empty when the stage did not run."""
+    """The ``fmn`` stage's result fields: radii (None outside ``fmn_slice``), the security curve
+    over the points FMN attacked (with their eps-attack verdicts where those ran) and the
+    per-point disagreement on those points; empty when the stage did not run."""
     if "fmn" not in plan.stages or state.radii is None:
         return {}
     radii = list(state.radii)
+    on = [i for i, r in enumerate(radii) if r is not None]
     eps_units = has_eps_attacks(plan.units)
+    broken = [state.broken_by[i] for i in on]
+    curve = security_curve(
+        [radii[i] for i in on], plan.eps_grid, eps=plan.eps, broken_by=broken if eps_units else ()
+    )
+    disagree: list[str | None] | None = None
+    if eps_units:
+        disagree = [None] * len(radii)
+        for i, d in zip(
+            on, disagreement([radii[i] for i in on], broken, eps=plan.eps), strict=True
+        ):
+            disagree[i] = d
     return {
         "radii": radii,
         "eps_grid": list(plan.eps_grid),
-        "security_curve": security_curve(
-            radii, plan.eps_grid, eps=plan.eps, broken_by=state.broken_by if eps_units else ()
-        ),
-        "fmn_disagree": disagreement(radii, state.broken_by, eps=plan.eps) if eps_units else None,
+        "security_curve": curve,
+        "fmn_disagree": disagree,
+        "fmn_slice": list(plan.fmn_slice) if plan.fmn_slice is not None else None,
     }
 
 

@@ -41,7 +41,8 @@ class EvalState:
         unit_acc, timings, n_attacked, n_broken, passes: per unit, as in :class:`~robust_agc.eval.EvalResult`
             (``passes`` as ``[forward, backward]``).
         radii: per point, the ``fmn`` stage's radius (0 misclassified clean, ``inf`` none
-            found or not yet attacked), or None before that stage starts.
+            found or not yet attacked; None outside the plan's ``fmn_slice``), or None before that
+            stage starts.
         resumed: whether :meth:`load` found a state to resume from.
     """
 
@@ -57,7 +58,7 @@ class EvalState:
         self.n_attacked: dict[str, int] = {}
         self.n_broken: dict[str, int] = {}
         self.passes: dict[str, list[int]] = {}
-        self.radii: list[float] | None = None
+        self.radii: list[float | None] | None = None
         self.resumed = False
 
     def load(self) -> None:
@@ -114,7 +115,7 @@ class EvalState:
         self.n_broken = dict(d.get("n_broken", {}))
         self.passes = {k: [int(v[0]), int(v[1])] for k, v in d.get("passes", {}).items()}
         radii = d.get("radii")  # saved through jsonable: inf as "inf"
-        self.radii = None if radii is None else [float(r) for r in radii]
+        self.radii = None if radii is None else [None if r is None else float(r) for r in radii]
 
     def save(self) -> None:
         """Write the fingerprint and :meth:`snapshot` to :attr:`path` atomically (no-op without)."""
