@@ -31,6 +31,7 @@ def state_dict(tmp_path):
         (["--norm", "L0", "--attacks", "clean,pgd,fmn"], "'L0' with pgd (L0 is for the fmn"),
         (["--eps-grid", ",", "--attacks", "clean,fmn"], "Invalid eps_grid value: [] (empty)"),
         (["--eps-grid", "0.2,0.1", "--attacks", "clean,fmn"], "must be strictly increasing"),
+        (["--n-examples", "20000"], "Invalid n_examples value: 20000 (only 10000 points)"),
     ],
 )
 def test_bad_value_is_one_line_exit_2_nothing_written(tmp_path, state_dict, capsys, extra, message):

@@ -157,7 +157,7 @@ def resolve_points(
         raise ValueError(f"Invalid y value: expected integer labels, got dtype {y.dtype}")
     if n_examples is not None:
         if n_examples > x.shape[0]:
-            raise ValueError(f"Invalid n_examples value: {n_examples} (only {x.shape[0]} points)")
+            raise UserError(f"Invalid n_examples value: {n_examples} (only {x.shape[0]} points)")
         x, y = x[:n_examples], y[:n_examples]
     if x.shape[0] == 0:
         raise ValueError("Invalid x value: no points")
