@@ -46,42 +46,9 @@ from attacks import PGD  # noqa: E402
 from robust_agc.models import create_model  # noqa: E402
 from robust_agc.sparse import apply_structured_masks, export_structured  # noqa: E402
 from robust_agc.utils.machine import cpu_capability, cpu_model  # noqa: E402
+from robust_agc.utils.speed import count_flops, time_inference  # noqa: E402
 
 SHAPES = {"small-cnn": (1, 28), "mnist-cnn": (1, 28)}  # others: (3, 32)
-
-
-def flops(model: nn.Module, shape: tuple[int, ...]) -> float:
-    """Conv/linear FLOPs (2 per multiply-add) of one input of ``shape``."""
-    total = 0.0
-
-    def hook(m: nn.Module, inputs: object, out: torch.Tensor) -> None:
-        nonlocal total
-        total += 2.0 * out.numel() / m.weight.shape[0] * m.weight.numel()
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
-    ]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, *shape))
-    for h in handles:
-        h.remove()
-    return total
-
-
-def time_inference(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
-    """Images/s of each model, the models interleaved batch by batch (after one warm-up each)."""
-    times: list[list[float]] = [[] for _ in models]
-    with torch.no_grad():
-        for r in range(repeats + 1):
-            for i, model in enumerate(models):
-                model.eval()
-                t0 = time.perf_counter()
-                model(x)
-                if r:
-                    times[i].append(time.perf_counter() - t0)
-    return [x.shape[0] / statistics.median(t) for t in times]
 
 
 def time_pgd_at(
@@ -152,7 +119,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     base: dict[str, float] = {}
     for (label, model), inf, at in zip(named, infs, ats):
         params = sum(p.numel() for p in model.parameters())
-        f = flops(model, (c, s, s))
+        f = count_flops(model, (c, s, s))
         aa = time_autoattack(model, xa, eps, args.aa_iters)
         if label == "dense":
             base = {"f": f, "inf": inf, "at": at, "aa": aa}

@@ -12,7 +12,11 @@ restricts one to the matching cells) and ``reuse`` (names of other studies whose
 identical configuration and final evaluation are copied instead of retrained, with their extra
 evaluations where the other study made them with the same options; a setting that a stored
 ``config.yaml`` predates counts as its default, and ``eps: null`` in an evaluation as the run's
-eps). Example::
+eps) and ``speed`` (``{cells: [glob, ...], batch_size, repeats, warmup}``: each matching run's
+evaluated checkpoint is exported to a physically smaller network and its inference speed timed
+against the full-width architecture, :func:`robust_agc.cli.export.measure_export_speed`, with the
+driver's ``--threads``, into ``speed.json``; handled as an extra evaluation: after the extra
+evaluations, skipped by ``--no-extra``, rebuilt when its checkpoint is gone). Example::
 
     base: {model: small-cnn, epochs: 8, ...}
     grid:
@@ -85,6 +89,7 @@ from robust_agc.reporting import studies
 from robust_agc.reporting.studies import (
     DEFAULT_THREADS,
     EVAL_DEFAULTS,
+    SPEED_FILE,
     STUDY_KEYS,
     TARGET_METRICS,
     RunSpec,
@@ -128,6 +133,8 @@ __all__ = [
     "STUDY_KEYS",
     "TARGET_METRICS",
     "extra_eval_file",
+    "measure_speed",
+    "SPEED_FILE",
 ]
 
 
@@ -220,19 +227,20 @@ def _finished(folder: Path, epochs: int) -> bool:
     return bool((summary.get("collapse_guard") or {}).get("stopped"))
 
 
+def _extra_names(spec: RunSpec, study: Study) -> list[str]:
+    """The files of the run's extra evaluations, its speed record (``speed.json``) included."""
+    names = [extra_eval_file(e) for e in study.extra_evals_for(spec.seed, spec.cell)]
+    return names + [SPEED_FILE] * study.measures_speed(spec.cell)
+
+
 def _result_names(spec: RunSpec, study: Study, *, extra: bool = True) -> list[str]:
-    names = list(RESULT_FILES)
-    if extra:
-        names += [extra_eval_file(e) for e in study.extra_evals_for(spec.seed, spec.cell)]
-    return names
+    return list(RESULT_FILES) + (_extra_names(spec, study) if extra else [])
 
 
 def _evals_done(folder: Path, spec: RunSpec, study: Study, *, extra: bool) -> bool:
     if study.eval is not None and not (folder / EVAL_FILE).is_file():
         return False
-    return not extra or all(
-        (folder / extra_eval_file(e)).is_file() for e in study.extra_evals_for(spec.seed, spec.cell)
-    )
+    return not extra or all((folder / n).is_file() for n in _extra_names(spec, study))
 
 
 def _resolved_eval(ev: dict[str, Any] | None, eps: float | None) -> dict[str, Any] | None:
@@ -437,6 +445,36 @@ def _evaluate(spec: RunSpec, ev: dict[str, Any], out: str, state: str, threads: 
     rc = cli_main(argv)
     if rc != 0:
         raise RuntimeError(f"robust-agc eval exited with status {rc} for {spec.run_dir}")
+
+
+def measure_speed(spec: RunSpec, study: Study, threads: int) -> dict[str, Any]:
+    """Export the run's evaluated checkpoint (the study's ``eval`` checkpoint, a pipeline's last
+    stage's) to a physically smaller network and time its inference against the full-width
+    architecture with ``threads`` torch threads (:func:`robust_agc.cli.export.measure_export_speed`,
+    the study's ``speed`` options); the record, with the run it belongs to and the command that
+    remakes it, is written to the run folder's ``speed.json`` and returned."""
+    import torch
+
+    from robust_agc.cli.export import measure_export_speed
+
+    assert study.eval is not None and study.speed is not None
+    ckpt = _checkpoint_dir(spec) / study.eval["checkpoint"]
+    opts = {k: study.speed[k] for k in ("batch_size", "repeats", "warmup")}
+    torch.set_num_threads(threads)
+    logger.info("speed %s/%s/s%d (%s)", spec.study, spec.cell, spec.seed, ckpt)
+    rec = measure_export_speed(ckpt, **opts)
+    rec["checkpoint"] = study.eval["checkpoint"]
+    rec["run"] = f"{spec.study}/{spec.cell}/s{spec.seed}"
+    rec["command"] = (
+        f"python experiments/run_study.py experiments/configs/{spec.study}.yaml --threads "
+        f"{threads} --only {spec.cell} --seeds {spec.seed} (speed: "
+        + ", ".join(f"{k} {v}" for k, v in opts.items())
+        + "; robust_agc.cli.export.measure_export_speed)"
+    )
+    tmp = spec.run_dir / (SPEED_FILE + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(spec.run_dir / SPEED_FILE)
+    return rec
 
 
 # ------------------------------------------------------------------------------ pipeline cells
@@ -644,6 +682,9 @@ def execute(
         out = extra_eval_file(e)
         if not (spec.run_dir / out).is_file() and not (spec.result_dir / out).is_file():
             _evaluate(spec, e, out, f"state_final_{e['name']}.json", threads)
+    timed = (spec.run_dir / SPEED_FILE).is_file() or (spec.result_dir / SPEED_FILE).is_file()
+    if extra and study.measures_speed(spec.cell) and not timed:
+        measure_speed(spec, study, threads)
     if spec.pipeline is None:
         _copy_results(spec, study, missing_only=stored)
     else:

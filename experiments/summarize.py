@@ -42,6 +42,13 @@ with the from-scratch runs (``--clock wall`` counts the last stage only). A comp
 the first: each cell's total gradient evaluations (a pipeline's ``pipeline.json``
 ``grad_evals_total``) and its ratio to its baseline cell's (:func:`compute_rows`).
 
+Speed (a study with a ``speed`` entry: run_study.py writes each matching run's ``speed.json``, its
+evaluated checkpoint exported to the physically smaller network and timed against the full-width
+architecture in one process): a table of accuracy against cost (:func:`speed_rows`): the final
+and extra evaluations' accuracy, the training time and its ratio to the baseline cell, the exported
+network's inference images/s, its ratio to the baseline cell's images/s and to the full-width
+network timed in the same process, and the exported over full-width FLOPs and parameters.
+
     .venv/bin/python experiments/summarize.py experiments/configs/main_adversarial.yaml
 """
 
@@ -83,6 +90,8 @@ __all__ = [
     "collapse_info",
     "compute_rows",
     "format_compute",
+    "speed_rows",
+    "format_speed",
     "main",
 ]
 
@@ -218,6 +227,113 @@ def format_compute(rows: list[dict[str, Any]], baseline: dict[str, str] | None) 
         + " |"
         for r in rows
     ]
+    return head + "\n".join(lines) + "\n"
+
+
+SPEED_FILE = "speed.json"  # run_study.py's speed record of a run
+
+
+def _speed(run: Run) -> dict[str, Any] | None:
+    path = Path(run.path) / SPEED_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _speed_value(run: Run, *keys: str) -> float | None:
+    rec: Any = _speed(run)
+    for k in keys:
+        rec = rec.get(k) if isinstance(rec, dict) else None
+    return float(rec) if isinstance(rec, int | float) else None
+
+
+def speed_rows(
+    cells: list[CellRuns],
+    baseline: dict[str, str] | None,
+    clock: str = "cpu_time_s",
+    extra_evals: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """Per cell, accuracy against measured cost (lists hold one value per run, None where
+    missing): ``eval_clean``/``eval_robust`` (``eval.json``), ``extra`` (name -> robust accuracy
+    of each extra evaluation), ``train_time`` (final ``clock``), ``time_ratio`` (mean train time
+    over the baseline cell's), ``images_per_s`` (the exported network's, ``speed.json``),
+    ``vs_baseline`` (mean images/s over the baseline cell's mean), ``speedup`` (each record's
+    exported over full-width images/s, timed in one process), ``flops_ratio`` and
+    ``params_ratio`` (exported over full width), ``threads`` (of the records)."""
+    rows = []
+    for c in cells:
+        rs = c.runs
+        base = _partner_cell(c, cells, baseline["axis"], baseline["value"]) if baseline else None
+        times = [_final(r, clock) for r in rs]
+        ips = [_speed_value(r, "exported", "images_per_s") for r in rs]
+        row: dict[str, Any] = {
+            "cell": c.cell,
+            "n": len(rs),
+            "eval_clean": [_eval_acc(r, "clean_acc") for r in rs],
+            "eval_robust": [_eval_acc(r, "robust_acc") for r in rs],
+            "extra": {
+                n: [_eval_acc(r, "robust_acc", extra_eval_file({"name": n})) for r in rs]
+                for n in extra_evals
+            },
+            "train_time": times,
+            "images_per_s": ips,
+            "speedup": [_speed_value(r, "speedup") for r in rs],
+            "flops_ratio": [_speed_value(r, "flops_ratio") for r in rs],
+            "params_ratio": [_speed_value(r, "params_ratio") for r in rs],
+            "threads": sorted(
+                {int(t) for t in (_speed_value(r, "settings", "threads") for r in rs) if t}
+            ),
+        }
+        ref_t = _mean([_final(r, clock) for r in base.runs]) if base else None
+        ref_i = (
+            _mean([_speed_value(r, "exported", "images_per_s") for r in base.runs])
+            if base
+            else None
+        )
+        row["time_ratio"] = _ratio(_mean(times), ref_t)
+        row["vs_baseline"] = _ratio(_mean(ips), ref_i)
+        rows.append(row)
+    return rows
+
+
+def format_speed(
+    rows: list[dict[str, Any]], baseline: dict[str, str] | None, clock: str = "cpu_time_s"
+) -> str:
+    """Markdown table of :func:`speed_rows` (accuracies in %, mean ± std over the runs)."""
+    names = list(rows[0]["extra"]) if rows else []
+    ref = f"the {baseline['axis']}={baseline['value']} cell" if baseline else "a baseline cell"
+    threads = sorted({t for r in rows for t in r["threads"]})
+    head = (
+        f"\nAccuracy against measured cost. Training {CLOCK_WORDS.get(clock, clock)} and its "
+        f"ratio to {ref}'s; inference (speed.json, threads {threads or '-'}): the exported "
+        "(physically shrunk) network's images/s, its ratio to "
+        f"{ref}'s images/s, and to the full-width network timed in the same process "
+        "(interleaved); FLOPs and parameters of the exported over the full-width network. "
+        "`-`: no record (a cell without a speed entry).\n\n"
+        "| cell | runs | eval clean | eval robust | "
+        + "".join(f"{n} robust (runs) | " for n in names)
+        + f"train {clock} | × {ref} | img/s | img/s × {ref} | img/s × full width "
+        "(same process) | FLOPs ratio | params ratio |\n" + "| --- " * (12 + len(names)) + "|\n"
+    )
+    lines = []
+    for r in rows:
+        extra = "".join(
+            f" {mean_std(v, pct=True)} ({sum(x is not None for x in v)}) |"
+            for v in r["extra"].values()
+        )
+        lines.append(
+            f"| {r['cell']} | {r['n']} | {mean_std(r['eval_clean'], pct=True)} | "
+            f"{mean_std(r['eval_robust'], pct=True)} |{extra} "
+            f"{mean_std(r['train_time'], digits=0)} | "
+            + ("-" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}")
+            + f" | {mean_std(r['images_per_s'], digits=0)} | "
+            + ("-" if r["vs_baseline"] is None else f"{r['vs_baseline']:.2f}")
+            + f" | {mean_std(r['speedup'], digits=2)} | {mean_std(r['flops_ratio'], digits=3)} | "
+            f"{mean_std(r['params_ratio'], digits=3)} |"
+        )
     return head + "\n".join(lines) + "\n"
 
 
@@ -857,6 +973,9 @@ def main(argv: list[str] | None = None) -> int:
             for s in expand(study, runs_root=RUNS_ROOT, results_root=Path(args.results))
         ):
             print(format_compute(compute_rows(cells, study.baseline), study.baseline), end="")
+        if study.speed is not None:
+            rows = speed_rows(cells, study.baseline, clock, names)
+            print(format_speed(rows, study.baseline, clock), end="")
         flagged = flagged_runs(cells)
         if any(r.evals for c in cells for r in c.runs):
             print(

@@ -309,7 +309,8 @@ def test_reuse_copies_identical_runs_only(tmp_path: Path, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["lr_sweep", "main_adversarial", "standard", "ablations", "variance_probe"]
+    "name",
+    ["lr_sweep", "main_adversarial", "standard", "ablations", "variance_probe", "structured"],
 )
 def test_shipped_configs_parse(name: str) -> None:
     study = load_study(CONFIGS / f"{name}.yaml")
@@ -788,3 +789,99 @@ def test_pruning_study_splits_the_from_scratch_budget_and_reuses_the_sparse_runs
     assert len(scratch) == 3 * 2 * 2 * 3
     assert all(reusable_source(s, study) is not None for s in scratch)
     assert all(s.config().epochs == 8 for s in scratch)
+
+
+def test_structured_study_cells_seeds_reuse_and_speed(tmp_path: Path) -> None:
+    """structured.yaml: dense + unstructured 90% (copied from main_adversarial) + filter
+    static/RigL at 50/75/90%, 3 seeds, AutoAttack on seed 2, speed records for dense and filter
+    cells only."""
+    study = load_study(CONFIGS / "structured.yaml", runs_root=tmp_path / "runs")
+    specs = expand(study, runs_root=tmp_path / "runs")
+    cells = list(dict.fromkeys(s.cell for s in specs))
+    assert study.seeds == [0, 1, 2] and len(specs) == 9 * 3
+    filt = {(s.config().sparse_method, s.config().sparsity) for s in specs if "filter" in s.cell}
+    assert filt == {(m, d) for m in ("static", "rigl") for d in (0.5, 0.75, 0.9)}
+    assert all(s.config().sparse_structure == "filter" for s in specs if "filter" in s.cell)
+    assert study.baseline == {"axis": "sparse", "value": "dense", "metric": "val_robust_acc"}
+    main = load_study(CONFIGS / "main_adversarial.yaml")
+    for s in specs:  # the main study's data, budget, recipe and evaluation for every run
+        cfg = s.config()
+        assert (cfg.epochs, cfg.optimizer, cfg.lr, cfg.eps, cfg.sparse_init) == (
+            8, "sgd", 0.05, 0.1, "erk")  # fmt: skip
+        assert [e["name"] for e in study.extra_evals_for(s.seed, s.cell)] == (
+            ["autoattack"] if s.seed == 2 else []
+        )
+    assert study.eval == main.eval
+    assert study.extra_evals[0] | {"cells": None} == main.extra_evals[0] | {"cells": None}
+    # the unstructured cells are the main study's SGD runs (stored in the repository): copied
+    for s in specs:
+        src = reusable_source(s, study)
+        if s.cell in ("rigl90", "static90"):
+            assert run_status(s, study) == "reuse"
+            assert src is not None and src.parent.name == f"{s.cell}_sgd"
+            assert src.parents[1].name == "main_adversarial"
+        else:
+            assert src is None and run_status(s, study) == "new"
+    assert [c for c in cells if study.measures_speed(c)] == ["dense"] + [
+        f"filter-{m}{d}" for m in ("static", "rigl") for d in (50, 75, 90)
+    ]
+    assert study.speed["batch_size"] == 128 and study.speed["repeats"] >= 10
+
+
+@pytest.mark.parametrize(
+    "speed,message",
+    [
+        ({"repeats": 0}, "repeats"),
+        ({"batch_size": "x"}, "batch_size"),
+        ({"cells": "filter*"}, "cells"),
+        ({"threads": 2}, "keys"),
+    ],
+)
+def test_bad_speed_entries_are_refused(tmp_path: Path, speed: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        _load(tmp_path, {"eval": {"n_examples": 8}, "speed": speed})
+    with pytest.raises(UserError, match="needs an eval"):
+        _load(tmp_path, {"speed": {}})
+
+
+def test_speed_record_of_a_filter_run_and_its_status(tmp_path: Path) -> None:
+    """A tiny real filter-sparse run: the driver exports its best.pt, times it against the full
+    width into speed.json (stored with the results), and a missing record makes the run
+    unfinished; --no-extra leaves it for later."""
+    f75 = {"name": "f75", "sparse_method": "static", "sparse_structure": "filter", "sparsity": 0.75}
+    data = {
+        "study": "tiny",
+        "base": {**TINY_BASE, "epochs": 1},
+        "grid": {"m": [f75, {"name": "dense", "sparse_method": "dense"}]},
+        "seeds": [0],
+        "eval": {"attacks": "clean", "n_examples": 8, "eps": 0.1},
+        "speed": {"cells": ["f*"], "batch_size": 16, "repeats": 3, "warmup": 1},
+    }
+    path = _write(tmp_path, data)
+    roots = ["--runs-root", str(tmp_path / "runs"), "--results-root", str(tmp_path / "results")]
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    f75, dense = expand(study, runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    assert study.measures_speed("f75") and not study.measures_speed("dense")
+    assert main([str(path), "--threads", "1", "--no-extra", *roots]) == 0
+    assert run_status(f75, study, extra=False) == "done"
+    assert run_status(f75, study) == "eval"  # trained, checkpoint there, speed record missing
+    assert not (f75.result_dir / "speed.json").exists()
+    assert main([str(path), "--threads", "1", *roots]) == 0
+    assert run_status(f75, study) == run_status(dense, study) == "done"
+    assert not (dense.result_dir / "speed.json").exists()
+    rec = json.loads((f75.result_dir / "speed.json").read_text())
+    assert rec["run"] == "tiny/f75/s0" and rec["checkpoint"] == "best.pt"
+    want = {"batch_size": 16, "repeats": 3, "warmup": 1, "threads": 1}
+    assert {k: rec["settings"][k] for k in want} == want
+    assert rec["machine"]["threads"] == 1 and rec["torch"] and "--threads 1" in rec["command"]
+    d, e = rec["dense"], rec["exported"]
+    assert len(d["times_s"]) == len(e["times_s"]) == 3
+    assert e["params"] < d["params"] and e["flops"] < d["flops"]
+    assert rec["flops_ratio"] == pytest.approx(e["flops"] / d["flops"])
+    assert rec["speedup"] == pytest.approx(e["images_per_s"] / d["images_per_s"])
+    assert d["widths"]["features.2"] > e["widths"]["features.2"]
+    assert e["widths"]["classifier.6"] == d["widths"]["classifier.6"] == 10  # the output layer
+    # a fresh machine (no checkpoint) missing the record rebuilds the run for it
+    (f75.result_dir / "speed.json").unlink()
+    shutil.rmtree(f75.run_dir)
+    assert run_status(f75, study) == "rebuild"

@@ -23,6 +23,7 @@ from summarize import (
     main,
     mean_ci,
     paired_rows,
+    speed_rows,
     to_target_rows,
 )
 
@@ -501,3 +502,78 @@ def test_pipeline_cells_count_the_whole_chain(tmp_path: Path, capsys) -> None:
     assert main([str(path), "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "| lwm | 1 | yes | 400 | 1.00 |" in out and "| dense | 1 | no | 200 | 0.50 |" in out
+
+
+def test_speed_table_against_hand_computed_values(tmp_path: Path, capsys) -> None:
+    """Fabricated speed.json records: img/s, its ratio to the dense cell and to the full width
+    in the same process, FLOPs ratio; training time and its ratio to the dense cell."""
+    data = {
+        "study": "st",
+        "base": {"epochs": 2},
+        "grid": {
+            "sparse": [
+                {"name": "dense", "sparse_method": "dense"},
+                {"name": "f50", "sparse_method": "static", "sparse_structure": "filter"},
+                {"name": "u90", "sparse_method": "static"},
+            ]
+        },
+        "seeds": [0, 1],
+        "eval": {"n_examples": 10, "eps": 0.1},
+        "extra_evals": [{"name": "autoattack", "seeds": [1], "n_examples": 5}],
+        "speed": {"cells": ["dense", "f*"]},
+        "baseline": {"axis": "sparse", "value": "dense"},
+    }
+    path = tmp_path / "st.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    results = tmp_path / "results"
+    study = load_study(path, runs_root=tmp_path / "runs", results_root=results)
+    # cell -> (cpu time per seed, (exported img/s, full-width img/s) per seed, flops ratio)
+    cost = {
+        "dense": ([100.0, 120.0], [(1000.0, 1000.0), (1100.0, 1000.0)], 1.0),
+        "f50": ([40.0, 50.0], [(3000.0, 1000.0), (3300.0, 1100.0)], 0.25),
+        "u90": ([105.0, 115.0], None, None),
+    }
+    for spec in expand(study, runs_root=tmp_path / "runs", results_root=results):
+        times, speeds, fr = cost[spec.cell]
+        t = times[spec.seed]
+        files: dict = {"eval": {"clean_acc": 0.8, "robust_acc": 0.5 + 0.1 * spec.seed}}
+        if spec.seed == 1:
+            files["eval_autoattack"] = {"clean_acc": 0.8, "robust_acc": 0.4}
+        if speeds is not None:
+            e, d = speeds[spec.seed]
+            files["speed"] = {
+                "settings": {"threads": 1},
+                "dense": {"images_per_s": d},
+                "exported": {"images_per_s": e},
+                "speedup": e / d,
+                "flops_ratio": fr,
+                "params_ratio": fr / 2,
+            }
+        _store(
+            spec.result_dir,
+            spec.config().to_dict(),
+            [_row(1, 0.4, t / 2, 10), _row(2, 0.5, t, 20)],
+            {},
+            **files,
+        )
+    cells = collect_cells(study, results)
+    rows = {r["cell"]: r for r in speed_rows(cells, study.baseline, "cpu_time_s", ["autoattack"])}
+    f50, u90, dense = rows["f50"], rows["u90"], rows["dense"]
+    assert f50["train_time"] == [40.0, 50.0]
+    assert f50["time_ratio"] == pytest.approx(45.0 / 110.0)
+    assert f50["images_per_s"] == [3000.0, 3300.0]
+    assert f50["vs_baseline"] == pytest.approx(3150.0 / 1050.0)  # over the dense cell's img/s
+    assert f50["speedup"] == pytest.approx([3.0, 3.0])  # over the full width, same process
+    assert f50["flops_ratio"] == [0.25, 0.25] and f50["threads"] == [1]
+    assert f50["extra"]["autoattack"] == [None, 0.4]
+    assert dense["speedup"] == pytest.approx([1.0, 1.1]) and dense["vs_baseline"] == 1.0
+    assert u90["images_per_s"] == [None, None] and u90["vs_baseline"] is None
+    assert u90["time_ratio"] == pytest.approx(1.0)
+    assert main([str(path), "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "img/s × the sparse=dense cell" in out and "FLOPs ratio" in out
+    line = next(x for x in out.splitlines() if x.startswith("| f50 | 2 | 80.00"))
+    assert "| 45 ± 7 | 0.41 | 3150 ± 212 | 3.00 | 3.00 ± 0.00 | 0.250 ± 0.000 |" in line
+    assert "| u90 | 2 |" in out and "| - | - | - | - | - |" in next(
+        x for x in out.splitlines() if x.startswith("| u90 | 2 | 80")
+    )

@@ -6,21 +6,30 @@ tensors: ``model`` (the small state dict), ``config`` (the training config),
 ``widths`` (layer name -> output width, from which the registry rebuilds the architecture) and
 ``export`` (parameter counts before and after). ``robust-agc eval`` and
 :func:`robust_agc.eval.load_model` read it like any checkpoint (``weights_only`` loading).
+
+:func:`measure_export_speed` times the shrunk network of a checkpoint against its full-width
+(dense) architecture in one process (the study driver's ``speed.json``, ``experiments/run_study.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from .. import __version__
 from ..checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from ..errors import UserError
-from ..sparse import export_structured
+from ..sparse import export_structured, layer_widths
+from ..utils.machine import machine_info
+from ..utils.speed import count_flops, inference_times
 
-__all__ = ["add_export_command", "export_checkpoint", "run_export"]
+__all__ = ["add_export_command", "export_checkpoint", "measure_export_speed", "run_export"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +60,8 @@ def export_checkpoint(
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise UserError(f"{dst} exists (pass --overwrite to replace it)")
-    ckpt = load_checkpoint(src)
-    model = build_model_from_checkpoint(ckpt)
+    ckpt, model, small, widths = _shrink(src)
     cfg = dict(ckpt["config"])
-    shape = (int(cfg["in_channels"]), int(cfg["input_size"]), int(cfg["input_size"]))
-    small, widths = export_structured(model, shape)
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in small.parameters())
     if after == before:
@@ -74,6 +80,81 @@ def export_checkpoint(
     }
     save_checkpoint(out, dst)
     return record
+
+
+def _shrink(src: str | Path) -> tuple[dict[str, Any], nn.Module, nn.Module, dict[str, int]]:
+    """``(checkpoint, full-width model with masks folded, shrunk model, its widths)``."""
+    ckpt = load_checkpoint(src)
+    model = build_model_from_checkpoint(ckpt)
+    cfg = ckpt["config"]
+    shape = (int(cfg["in_channels"]), int(cfg["input_size"]), int(cfg["input_size"]))
+    small, widths = export_structured(model, shape)
+    return ckpt, model, small, widths
+
+
+def measure_export_speed(
+    src: str | Path, *, batch_size: int = 128, repeats: int = 30, warmup: int = 5
+) -> dict[str, Any]:
+    """Inference speed of checkpoint ``src``'s shrunk network (:func:`export_structured`) and of
+    its full-width architecture (the masks folded: a dense network's speed), timed in this
+    process with torch's current thread count.
+
+    One batch of ``batch_size`` uniform [0, 1) inputs (generator seed 0); eval-mode forward passes
+    of the two networks interleaved batch by batch, ``warmup`` untimed rounds, then ``repeats``
+    timed ones (:func:`robust_agc.utils.speed.inference_times`); images/s = batch size over the
+    median pass. A checkpoint without removable channels (dense, unstructured masks) is timed as
+    well: its shrunk network is the full-width one, so the ratio measures the timing noise.
+
+    Returns:
+        A JSON-ready record: ``settings`` (batch size, repeats, warm-up, threads, input shape),
+        ``machine`` (:func:`~robust_agc.utils.machine_info`), ``torch``, ``dense`` and
+        ``exported`` (``images_per_s``, ``params``, ``flops`` of one image, ``widths``,
+        ``times_s`` of each timed pass), ``speedup`` (exported over dense images/s),
+        ``flops_ratio`` and ``params_ratio`` (exported over dense).
+    """
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise UserError(
+            f"Invalid speed settings: batch_size {batch_size}, repeats {repeats}, warmup {warmup}"
+        )
+    ckpt, dense, small, widths = _shrink(src)
+    cfg = ckpt["config"]
+    shape = (int(cfg["in_channels"]), int(cfg["input_size"]), int(cfg["input_size"]))
+    x = torch.rand((batch_size, *shape), generator=torch.Generator().manual_seed(0))
+    times = inference_times([dense, small], x, repeats, warmup)
+    parts = {}
+    for key, net, wid, t in (
+        ("dense", dense, layer_widths(dense), times[0]),
+        ("exported", small, widths, times[1]),
+    ):
+        parts[key] = {
+            "images_per_s": batch_size / statistics.median(t),
+            "params": sum(p.numel() for p in net.parameters()),
+            "flops": count_flops(net, shape),
+            "widths": wid,
+            "times_s": t,
+        }
+    d, e = parts["dense"], parts["exported"]
+    return {
+        "checkpoint": str(src),
+        "model": cfg.get("model"),
+        "settings": {
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "warmup": warmup,
+            "threads": torch.get_num_threads(),
+            "input_shape": list(shape),
+            "input": "uniform [0, 1), torch.Generator seed 0",
+            "timing": "eval-mode forward, dense and exported interleaved, median of the repeats",
+        },
+        "machine": machine_info(),
+        "torch": torch.__version__,
+        "version": __version__,
+        "dense": d,
+        "exported": e,
+        "speedup": e["images_per_s"] / d["images_per_s"],
+        "flops_ratio": e["flops"] / d["flops"],
+        "params_ratio": e["params"] / d["params"],
+    }
 
 
 def run_export(args: argparse.Namespace) -> int:

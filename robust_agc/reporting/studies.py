@@ -31,6 +31,8 @@ __all__ = [
     "PIPELINE_KEYS",
     "STUDY_KEYS",
     "TARGET_METRICS",
+    "SPEED_DEFAULTS",
+    "SPEED_FILE",
     "RunSpec",
     "Study",
     "expand",
@@ -54,9 +56,17 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "fmn_steps": 1000,  # used when attacks has fmn
     "eps_grid": None,  # fmn's security-curve grid (a list); None: the harness's default
 }
+SPEED_DEFAULTS: dict[str, Any] = {
+    "cells": None,  # glob patterns of the cells measured; None: every cell
+    "batch_size": 128,
+    "repeats": 30,
+    "warmup": 5,
+}
+"""Options of a study's ``speed`` entry (:func:`robust_agc.cli.export.measure_export_speed`)."""
+SPEED_FILE = "speed.json"  # a run's speed record (run folder and stored results)
 STUDY_KEYS = frozenset(
     {"study", "description", "base", "grid", "seeds", "eval", "baseline", "exclude"}
-    | {"extra_evals", "reuse"}
+    | {"extra_evals", "reuse", "speed"}
 )
 
 PIPELINE_KEYS: dict[str, str] = {
@@ -87,6 +97,15 @@ class Study:
     exclude: tuple[dict[str, frozenset[str]], ...] = ()
     extra_evals: tuple[dict[str, Any], ...] = ()  # each: name, seeds (None: all), eval options
     reuse: tuple[str, ...] = ()
+    speed: dict[str, Any] | None = None  # SPEED_DEFAULTS keys; None: no speed records
+
+    def measures_speed(self, cell: str) -> bool:
+        """Whether the runs of ``cell`` get a speed record (``speed.json``): the study has a
+        ``speed`` entry whose ``cells`` patterns (none: every cell) match it."""
+        if self.speed is None:
+            return False
+        globs = self.speed.get("cells")
+        return globs is None or any(fnmatch.fnmatchcase(cell, g) for g in globs)
 
     def extra_evals_for(self, seed: int, cell: str | None = None) -> list[dict[str, Any]]:
         """The extra evaluations that apply to runs of this seed (and, given, of this cell: an
@@ -318,6 +337,26 @@ def _parse_reuse(reuse: Any) -> tuple[str, ...]:
     return tuple(reuse)
 
 
+def _parse_speed(speed: Any) -> dict[str, Any] | None:
+    """A study's ``speed`` entry: which cells' runs get a ``speed.json`` (their evaluated
+    checkpoint exported and timed against its full-width architecture) and the timing options."""
+    if speed is None:
+        return None
+    if not isinstance(speed, dict) or set(speed) - set(SPEED_DEFAULTS):
+        raise UserError(f"Invalid speed value: {speed!r} (keys: {', '.join(SPEED_DEFAULTS)})")
+    out = {**SPEED_DEFAULTS, **speed}
+    cells = out["cells"]
+    if cells is not None and (
+        not isinstance(cells, list) or not cells or not all(isinstance(c, str) for c in cells)
+    ):
+        raise UserError(f"Invalid speed value: cells {cells!r} (a list of cell-name glob patterns)")
+    for key, low in (("batch_size", 1), ("repeats", 1), ("warmup", 0)):
+        v = out[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UserError(f"Invalid speed value: {key} {v!r} (an integer >= {low})")
+    return out
+
+
 def _read_study_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"study file not found: {path}")
@@ -347,6 +386,9 @@ def load_study(path: str | Path, *, runs_root: Path, results_root: Path) -> Stud
     exclude = _parse_exclude(data.get("exclude"), axes)
     extra = _parse_extra_evals(data.get("extra_evals"), ev)
     reuse = _parse_reuse(data.get("reuse"))
+    speed = _parse_speed(data.get("speed"))
+    if speed is not None and ev is None:
+        raise UserError("Invalid speed value: a speed record needs an eval (its checkpoint)")
     study = Study(
         name=name,
         base=base,
@@ -358,6 +400,7 @@ def load_study(path: str | Path, *, runs_root: Path, results_root: Path) -> Stud
         exclude=exclude,
         extra_evals=extra,
         reuse=reuse,
+        speed=speed,
     )
     specs = expand(study, runs_root=runs_root, results_root=results_root)
     for spec in specs:
