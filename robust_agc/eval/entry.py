@@ -65,13 +65,11 @@ def benchmark(
             rank 0); a rerun resumes from it, and refuses (UserError) another evaluation's.
         progress: tqdm bars (stderr) with the points remaining per stage (rank 0 only).
         model_info, architecture, notes: caller metadata, model name and remarks, recorded.
-        compression: the record's ``sparsity``, ``structure`` and ``footnote`` when the weights
-            alone do not tell (a physically shrunk model: ``load_model_and_info``'s
-            ``info["compression"]``); default :func:`compression_info` of ``model``.
+        compression: the record's ``sparsity``, ``structure`` and ``footnote``; default
+            :func:`compression_info` of ``model`` (a shrunk model's: its loader's ``info``).
 
     Returns:
-        An :class:`EvalResult` (``sparsity``, ``structure``, ``footnote``: :func:`compression_info`
-        of ``model``); distributed, every rank (same arguments) returns rank 0's.
+        An :class:`EvalResult`; distributed, every rank (same arguments) returns rank 0's.
 
     Raises:
         ValueError: invalid arguments (torch wording: ``Invalid <name> value: ...``).
@@ -97,7 +95,6 @@ def benchmark(
     info = RecordInfo(
         dataset, architecture, dict(model_info or {}), tuple(notes),
         Path(state_file) if state_file is not None else None, progress,
-        # the weights as given: masks folded in or not (a shrunk model's from its loader)
         compression=compression_info(model) if compression is None else dict(compression),
     )  # fmt: skip
     return _on_device(model, plan, x, y, torch.device(device), info)
