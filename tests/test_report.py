@@ -311,6 +311,30 @@ def test_security_curves_one_line_per_model_mean_over_seeds(tmp_path, runs):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_security_curve_labels_are_study_cells_and_never_run_locations(tmp_path):
+    base = {"model": "small-cnn", "sparse_method": "rigl", "sparsity": 0.9}
+    c = [(0.0, 0.8), (0.1, 0.5)]
+
+    def rec(study, cell, opt):
+        method = "dense" if cell == "dense" else "rigl"
+        cfg = {**base, "sparse_method": method, "optimizer": opt, "out": f"runs/{study}/{cell}"}
+        return _curve_record(tmp_path / study / cell / "s0" / "eval.json", cfg, c, aa=None, seed=0)
+
+    one = [rec("sc", "rigl90", "sgd"), rec("sc", "dense", "sgd")]
+    two = [*one, rec("sc_agc", "rigl90", "agc")]
+    labels = [c.label for c in rp.security_curves([rp.load_eval_result(p) for p in one])]
+    assert labels == ["rigl90", "dense"]  # run_study's layout: the cell names
+    labels = [c.label for c in rp.security_curves([rp.load_eval_result(p) for p in two])]
+    assert labels == ["sc/rigl90", "sc/dense", "sc_agc/rigl90"]  # cells shared by two studies
+    # outside that layout: the settings that differ, never where the runs were written
+    flat = [tmp_path / "flat" / f"{o}.json" for o in ("sgd", "agc")]
+    for p, src in zip(flat, two[1:]):
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(src.read_text())
+    labels = [c.label for c in rp.security_curves([rp.load_eval_result(p) for p in flat])]
+    assert labels == ["optimizer=sgd, sparse_method=dense", "optimizer=agc, sparse_method=rigl"]
+
+
 def test_report_without_fmn_records_draws_no_security_curve(runs, tmp_path):
     md = rp.build_report([runs], tmp_path / "o").read_text()
     assert "Security curves" not in md and not (tmp_path / "o" / "security_curve.png").exists()

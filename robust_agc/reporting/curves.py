@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .groups import IGNORED_CONFIG_KEYS, cell_labels
 from .runs import flatten_config
 from .tables import eval_group_key
 
@@ -67,13 +68,21 @@ def _eps_attack(d: dict[str, Any]) -> tuple[str | None, float | None]:
 
 
 def _curve_labels(groups: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
-    """Per group, the model config keys whose values differ between groups (the method keys
-    when only one group), else the architecture or the first record's file name."""
+    """Per group, its study cell when the records lie in run_study's ``<cell>/s<seed>`` folders
+    (:func:`~robust_agc.reporting.groups.cell_labels`), else the model config keys whose values
+    differ between groups (the method keys when only one group; never
+    :data:`~robust_agc.reporting.groups.IGNORED_CONFIG_KEYS`), else the architecture or the first
+    record's file name."""
+    cells = cell_labels({k: [Path(d["_path"]).parent for d in ds] for k, ds in groups.items()})
+    if cells is not None:
+        return cells
     cfgs = {
         k: flatten_config((ds[0].get("model_info") or {}).get("config") or {})
         for k, ds in groups.items()
     }
-    keys = sorted({kk for c in cfgs.values() for kk in c if kk != "seed"})
+    keys = sorted(
+        {kk for c in cfgs.values() for kk in c if kk.rsplit(".", 1)[-1] not in IGNORED_CONFIG_KEYS}
+    )
     differing = [k for k in keys if len({repr(c.get(k)) for c in cfgs.values()}) > 1]
     if not differing:
         differing = [k for k in _METHOD_KEYS if k in keys]

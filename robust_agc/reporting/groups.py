@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..config import EXECUTION_KEYS
@@ -14,6 +15,7 @@ from .runs import Run
 
 __all__ = [
     "IGNORED_CONFIG_KEYS",
+    "cell_labels",
     "config_group_key",
     "facet_groups",
     "group_labels",
@@ -48,22 +50,27 @@ def group_runs(
     return groups
 
 
-def _cell_names(groups: dict[str, list[Run]]) -> dict[str, str] | None:
-    """The study cell of each group when runs are stored as ``<cell>/s<seed>`` (run_study's
-    layout) and every group is exactly one cell; else None."""
-    names = {}
-    for k, runs in groups.items():
-        cells = {r.path.parent.name for r in runs}
-        if len(cells) != 1 or not all(_SEED_DIR.fullmatch(r.path.name) for r in runs):
+def cell_labels(dirs: dict[str, Sequence[Path]]) -> dict[str, str] | None:
+    """The study cell of each group of run folders when they are stored as
+    ``<study>/<cell>/s<seed>`` (run_study's layout) and every group is exactly one cell: the cell's
+    name, or ``<study>/<cell>`` when several studies share cell names; else None."""
+    names: dict[str, tuple[str, str]] = {}
+    for k, paths in dirs.items():
+        cells = {(p.parent.parent.name, p.parent.name) for p in paths}
+        if len(cells) != 1 or not all(_SEED_DIR.fullmatch(p.name) for p in paths):
             return None
         names[k] = cells.pop()
-    return names if len(set(names.values())) == len(names) else None
+    if len(set(names.values())) != len(names):
+        return None
+    if len({cell for _, cell in names.values()}) == len(names):
+        return {k: cell for k, (_, cell) in names.items()}
+    return {k: f"{study}/{cell}" for k, (study, cell) in names.items()}
 
 
 def group_labels(groups: dict[str, list[Run]]) -> dict[str, str]:
     """Short label per group: its study cell name (``<cell>/s<seed>`` layout), else the config
     keys that differ between groups."""
-    cells = _cell_names(groups)
+    cells = cell_labels({k: [r.path for r in runs] for k, runs in groups.items()})
     if cells is not None:
         return cells
     cfgs = {k: json.loads(k) for k in groups}
