@@ -335,6 +335,25 @@ def test_security_curve_labels_are_study_cells_and_never_run_locations(tmp_path)
     assert labels == ["optimizer=sgd, sparse_method=dense", "optimizer=agc, sparse_method=rigl"]
 
 
+def test_security_table_counts_the_points_each_attack_alone_broke(tmp_path):
+    cfg = {"model": "small-cnn", "sparse_method": "rigl", "sparsity": 0.9}
+    c = [(0.0, 0.8), (0.1, 0.5)]
+    paths = []
+    for seed, (fmn_only, att_only) in enumerate([(3, 1), (6, 0)]):
+        p = _curve_record(tmp_path / f"r{seed}.json", cfg, c, aa=0.6, seed=seed)
+        d = json.loads(p.read_text())
+        d["fmn"]["n_disagree"] = {"fmn_only": fmn_only, "eps_attack_only": att_only}
+        p.write_text(json.dumps(d))
+        paths.append(p)
+    (curve,) = rp.security_curves([rp.load_eval_result(p) for p in paths])
+    assert curve.disagree == {"fmn_only": 4.5, "eps_attack_only": 0.5}
+    assert "| 60.00 (autoattack) | 4.5 / 0.5 | 0 to 0.1 (2 radii) |" in rp.security_table([curve])
+    # a record without the counts: no column value rather than a mean over some records
+    no_counts = _curve_record(tmp_path / "r9.json", cfg, c, aa=0.6, seed=9)
+    (curve,) = rp.security_curves([rp.load_eval_result(p) for p in [*paths, no_counts]])
+    assert curve.disagree is None and "| 60.00 (autoattack) | - |" in rp.security_table([curve])
+
+
 def test_report_without_fmn_records_draws_no_security_curve(runs, tmp_path):
     md = rp.build_report([runs], tmp_path / "o").read_text()
     assert "Security curves" not in md and not (tmp_path / "o" / "security_curve.png").exists()

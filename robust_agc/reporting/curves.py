@@ -37,6 +37,9 @@ class SecurityCurve:
             or None; ``eps_attack_acc`` the mean of its cumulative robust accuracy (the worst
             case up to that stage, without FMN), None when no eps-attack ran.
         paths: the record files averaged.
+        disagree: the mean over the records of the points broken at eps by FMN only
+            (``"fmn_only"``: its radius <= eps, the eps-attack missed them) and by the eps-attack
+            only (``"eps_attack_only"``); None when a record has no such count.
     """
 
     label: str
@@ -49,6 +52,7 @@ class SecurityCurve:
     eps_attack: str | None
     eps_attack_acc: float | None
     paths: tuple[str, ...]
+    disagree: dict[str, float] | None = None
 
 
 def _record_curve(d: dict[str, Any]) -> list[tuple[float, float]] | None:
@@ -65,6 +69,15 @@ def _eps_attack(d: dict[str, Any]) -> tuple[str | None, float | None]:
         if st.get("name") in EPS_ATTACK_STAGES:
             found = (st["name"], float(st["robust_acc"]))
     return found
+
+
+def _mean_disagreement(ds: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    """The mean of the records' ``fmn.n_disagree`` counts; None unless every record has them."""
+    counts = [(d.get("fmn") or {}).get("n_disagree") for d in ds]
+    if not counts or not all(isinstance(c, dict) for c in counts):
+        return None
+    keys = ("fmn_only", "eps_attack_only")
+    return {k: statistics.fmean(float(c.get(k, 0)) for c in counts) for k in keys}
 
 
 def _curve_labels(groups: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
@@ -131,6 +144,7 @@ def security_curves(evals: Sequence[dict[str, Any]]) -> list[SecurityCurve]:
                 eps_attack=points[0][0],
                 eps_attack_acc=statistics.fmean(att_accs) if len(att_accs) == len(ds) else None,
                 paths=tuple(str(d["_path"]) for d in ds),
+                disagree=_mean_disagreement(ds),
             )
         )
     return out
@@ -139,11 +153,13 @@ def security_curves(evals: Sequence[dict[str, Any]]) -> list[SecurityCurve]:
 def security_table(curves: Sequence[SecurityCurve]) -> str:
     """Markdown table of security curves (:func:`~robust_agc.reporting.plots.security_curves`):
     per model, the records averaged, the radius, the curve's robust accuracy at eps (worst case
-    over every stage, FMN included; ``-`` when eps is not on the grid), the eps-attack's and the
-    grid's range."""
+    over every stage, FMN included; ``-`` when eps is not on the grid), the eps-attack's, the
+    points each of the two broke at eps and the other did not (mean over records), and the grid's
+    range."""
     head = (
         "| model | dataset | threat | records | eps | curve at eps (%) | eps-attack at eps (%) | "
-        "grid |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "broken at eps by FMN only / eps-attack only (points) | grid |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
     )
     rows = []
     for c in curves:
@@ -153,9 +169,14 @@ def security_table(curves: Sequence[SecurityCurve]) -> str:
             if c.eps_attack_acc is not None
             else "-"
         )
+        split = (
+            f"{c.disagree['fmn_only']:g} / {c.disagree['eps_attack_only']:g}"
+            if c.disagree is not None and c.eps_attack is not None
+            else "-"
+        )
         rows.append(
             f"| {c.label} | {c.dataset} | {c.threat_model} | {len(c.paths)} | {c.eps} | "
-            f"{'-' if at_eps is None else f'{100 * at_eps:.2f}'} | {attack} | "
+            f"{'-' if at_eps is None else f'{100 * at_eps:.2f}'} | {attack} | {split} | "
             f"{c.eps_grid[0]:g} to {c.eps_grid[-1]:g} ({len(c.eps_grid)} radii) |"
         )
     return head + "\n".join(rows) + "\n"

@@ -280,8 +280,10 @@ _ATTACK_NAMES = {"autoattack": "AutoAttack", "pgd": "PGD", "square": "Square"}
 def security_curve_plot(evals: Sequence[dict[str, Any]], path: str | Path) -> Path | None:
     """Draw :func:`security_curves` into ``path`` (PNG): robust accuracy (%) against the radius,
     one line per model (± std band over seeds), one panel per dataset and threat model, and the
-    eps-attack's robust accuracy at eps marked on each curve (a star of the line's colour).
-    Returns ``path``, or None (nothing written) when no record has a security curve."""
+    eps-attack's robust accuracy at eps marked on each curve (a star of the line's colour). Up to
+    10 models per panel take matplotlib's default colours, more take ``tab20``'s paired shades
+    (models 2k and 2k+1 share a hue: order the inputs pairwise to compare pairs); the legend lies
+    beside the panel. Returns ``path``, or None (nothing written) when no record has a curve."""
     curves = security_curves(evals)
     if not curves:
         return None
@@ -289,22 +291,25 @@ def security_curve_plot(evals: Sequence[dict[str, Any]], path: str | Path) -> Pa
     for c in curves:
         panels.setdefault((c.dataset, c.threat_model), []).append(c)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(8.5 * len(panels), 4.5), squeeze=False)
     for ax, ((dataset, threat), cs) in zip(axes[0], panels.items()):
-        for c in cs:
+        colors = plt.get_cmap("tab20").colors if len(cs) > 10 else [None] * len(cs)
+        stars = set()
+        for c, color in zip(cs, colors):
             pct = [100.0 * a for a in c.robust_acc]
             line = band(ax, c.eps_grid, pct, c.std, scale=100.0, floor=0.0, marker=".",
-                        label=c.label)  # fmt: skip
+                        label=c.label, color=color)  # fmt: skip
             if c.eps_attack_acc is not None and c.eps is not None:
-                name = _ATTACK_NAMES.get(c.eps_attack or "", c.eps_attack)
+                stars.add(_ATTACK_NAMES.get(c.eps_attack or "", c.eps_attack))
                 ax.plot([c.eps], [100.0 * c.eps_attack_acc], "*", ms=12, mec="black",
-                        color=line.get_color(), label=f"{c.label}: {name} at eps")  # fmt: skip
+                        color=line.get_color())  # fmt: skip
         ax.set_xlabel(f"perturbation radius ({threat} norm)")
         ax.set_ylabel("robust accuracy (%)")
-        ax.set_title(f"security curves, {dataset} {threat} (FMN radii)", fontsize=9)
+        marks = f"; stars: {', '.join(sorted(stars))} at eps" if stars else ""
+        ax.set_title(f"security curves, {dataset} {threat} (FMN radii{marks})", fontsize=9)
         ax.set_ylim(bottom=0.0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     written = _save(fig, Path(path))
     plt.close(fig)
     return written
