@@ -77,8 +77,11 @@ GROUPS: dict[str, Group] = {
             "test_sparse_schedulers.py",
             "test_masks_contract.py",
         ),
-        # checks a warning's stacklevel, which mutmut's trampolines shift by one frame
-        ("test_sparse_masks.py::test_extreme_sparsity_warns",),
+        # check warnings' stacklevel, which mutmut's trampolines shift by one frame
+        (
+            "test_sparse_masks.py::test_extreme_sparsity_warns",
+            "test_masks_contract.py::test_attach_warnings_point_at_the_caller",
+        ),
     ),
     "pgd": Group(
         ("attacks/pgd.py",),

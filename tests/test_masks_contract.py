@@ -12,7 +12,12 @@ import torch
 from torch import nn
 
 from robust_agc.sparse import SparseMasks, apply_masks
-from robust_agc.sparse.masks import EVER_BUFFER, MASK_BUFFER, training_flops_ratio
+from robust_agc.sparse.masks import (
+    EVER_BUFFER,
+    MASK_BUFFER,
+    check_generator,
+    training_flops_ratio,
+)
 
 
 class ConvLinear(nn.Module):
@@ -366,3 +371,134 @@ def test_integer_and_wide_complex_state_are_zeroed_at_pruned_positions() -> None
         assert torch.equal(st["visits"], torch.where(mask, 3, 0))
         assert torch.equal(st["acc"], torch.where(mask, 3 + 6j, 0j).to(torch.complex128))
         assert bool((opt.state[m.bias]["visits"] == 3).all())  # biases are not masked
+
+
+class ThreeLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 5)
+        self.c = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+def test_generator_errors_name_the_value() -> None:
+    with pytest.raises(TypeError, match=r"^Invalid generator value: True$"):
+        check_generator(True)  # a bool is not an int seed
+    with pytest.raises(TypeError, match=r"^Invalid generator value: 'x' \(expected"):
+        check_generator("x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_generator_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"^Invalid generator value: a cuda(:0)? generator"):
+        check_generator(torch.Generator(device="cuda"))
+
+
+def test_seeds_drawn_from_the_global_rng_are_reproducible_and_distinct() -> None:
+    """``generator=None`` seeds from torch's global RNG over a wide range: 200 draws never repeat
+    a seed (and so never repeat a mask), and ``torch.manual_seed`` replays them."""
+    torch.manual_seed(0)
+    seeds = [check_generator(None).initial_seed() for _ in range(200)]
+    assert len(set(seeds)) == len(seeds)
+    torch.manual_seed(0)
+    assert [check_generator(None).initial_seed() for _ in range(200)] == seeds
+
+
+def test_apply_masks_errors_name_the_accepted_values_and_the_fix() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"^Invalid distribution value: 'gauss' \(choose from uniform, er, erk\)$",
+    ):
+        apply_masks(TwoLayers(), sparsity=0.5, distribution="gauss", generator=0)
+    model = TwoLayers()
+    apply_masks(model, sparsity=0.5, generator=0)
+    with pytest.raises(
+        ValueError,
+        match=r"^Invalid model value: 'a' already has a 'weight_mask' buffer "
+        r"\(use SparseMasks.from_model\)$",
+    ):
+        apply_masks(model, sparsity=0.5, generator=0)
+    with pytest.raises(
+        ValueError, match=r"^Invalid model value: no conv/linear weight left to mask$"
+    ):
+        apply_masks(nn.Sequential(nn.Linear(3, 2)), sparsity=0.5, skip_last=True, generator=0)
+
+
+def test_skip_last_leaves_only_the_last_layer_dense() -> None:
+    model = ThreeLayers()
+    masks = apply_masks(model, sparsity=0.5, skip_last=True, generator=0)
+    assert masks.names == ["a", "b"]
+    assert not hasattr(model.c, MASK_BUFFER)
+
+
+def test_apply_masks_records_its_target_density() -> None:
+    masks = apply_masks(TwoLayers(), sparsity=0.75, distribution="er", generator=0)
+    assert (masks.distribution, masks.target_density) == ("er", 0.25)
+
+
+def test_the_extreme_sparsity_warning_starts_above_99_percent() -> None:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        apply_masks(ThreeLayers(), sparsity=0.99, distribution="uniform", generator=0)
+    assert not [r for r in record if "under 1%" in str(r.message)]  # exactly 1% left
+    with pytest.warns(UserWarning) as record:
+        apply_masks(ThreeLayers(), sparsity=0.995, distribution="uniform", generator=0)
+    messages = [str(r.message) for r in record if "under 1%" in str(r.message)]
+    assert messages == ["sparsity 0.995 leaves under 1% of the weights"]
+
+
+def test_attach_warnings_point_at_the_caller() -> None:
+    """Deselected in the mutation run (mutmut's trampolines add a frame): planted bugs judge it."""
+    model = TwoLayers()
+    masks = _masked(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    masks.attach(opt)
+    foreign = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.warns(UserWarning) as record:
+        masks.attach(opt)
+        masks.attach(foreign)
+    assert len(record) == 2
+    assert all(r.filename == __file__ for r in record)
+
+
+def test_repr_names_the_class_and_its_summary() -> None:
+    masks = apply_masks(TwoLayers(), sparsity=0.5, distribution="uniform", generator=0)
+    assert repr(masks) == "SparseMasks(layers=2, density=0.5000, distribution='uniform')"
+
+
+class HalfPrecisionMomentum(torch.optim.Optimizer):
+    """SGD with its momentum kept in bfloat16 for float32 weights (a low-precision optimizer
+    state): the masks zero tensors of two element sizes for the same mask."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["momentum"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                st["momentum"].mul_(0.9).add_(p.grad.to(torch.bfloat16))
+                p.data.add_(st["momentum"].to(p.dtype), alpha=-group["lr"])
+
+
+def test_low_precision_state_of_full_precision_weights_is_zeroed() -> None:
+    model = TwoLayers()
+    masks = _masked(model)
+    opt = HalfPrecisionMomentum(model.parameters())
+    masks.attach(opt)
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+    for m in (model.a, model.b):
+        mom = opt.state[m.weight]["momentum"]
+        assert mom.dtype == torch.bfloat16
+        assert bool((mom[~m.weight_mask] == 0).all()) and bool((mom[m.weight_mask] != 0).all())
+        assert bool((m.weight[~m.weight_mask] == 0).all())
