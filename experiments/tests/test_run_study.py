@@ -795,8 +795,13 @@ def test_structured_study_cells_seeds_reuse_and_speed(tmp_path: Path) -> None:
     """structured.yaml: dense + unstructured 90% (copied from main_adversarial) + filter
     static/RigL at 50/75/90%, 3 seeds, AutoAttack on seed 2, speed records for dense and filter
     cells only."""
-    study = load_study(CONFIGS / "structured.yaml", runs_root=tmp_path / "runs")
-    specs = expand(study, runs_root=tmp_path / "runs")
+    # a results folder without this study's stored runs, holding the main study's (read only)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "main_adversarial").symlink_to(CONFIGS.parent / "results" / "main_adversarial")
+    roots = {"runs_root": tmp_path / "runs", "results_root": results}
+    study = load_study(CONFIGS / "structured.yaml", **roots)
+    specs = expand(study, **roots)
     cells = list(dict.fromkeys(s.cell for s in specs))
     assert study.seeds == [0, 1, 2] and len(specs) == 9 * 3
     filt = {(s.config().sparse_method, s.config().sparsity) for s in specs if "filter" in s.cell}
