@@ -39,6 +39,7 @@ __all__ = [
     "MASK_BUFFER",
     "EVER_BUFFER",
     "MASKABLE_TYPES",
+    "check_mask_args",
     "SchedulerView",
     "SparseMasks",
     "apply_masks",
@@ -511,6 +512,25 @@ def fill_state(state: dict[str, Any], shape: torch.Size, zero_at: Tensor) -> Non
             v.masked_fill_(zero_at, 0)
 
 
+def check_mask_args(model: nn.Module, sparsity: float, distribution: str) -> None:
+    """The checks every mask builder makes of its model, sparsity and layer distribution.
+
+    Raises:
+        TypeError: ``model`` is not a module, or ``sparsity`` not a number.
+        ValueError: ``sparsity`` outside ``[0, 1)``, or an unknown ``distribution``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model value: {type(model).__name__} (expected nn.Module)")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"Invalid sparsity value: {sparsity!r} (expected a float)")
+    if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
+        raise ValueError(f"Invalid sparsity value: {sparsity}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(
+            f"Invalid distribution value: {distribution!r} (choose from {', '.join(DISTRIBUTIONS)})"
+        )
+
+
 def apply_masks(
     model: nn.Module,
     *,
@@ -541,16 +561,7 @@ def apply_masks(
         is the top-``k`` of uniform random scores (``k`` from
         :func:`~robust_agc.sparse.distributions.layer_counts`), never Bernoulli.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Invalid model value: {type(model).__name__} (expected nn.Module)")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"Invalid sparsity value: {sparsity!r} (expected a float)")
-    if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
-        raise ValueError(f"Invalid sparsity value: {sparsity}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"Invalid distribution value: {distribution!r} (choose from {', '.join(DISTRIBUTIONS)})"
-        )
+    check_mask_args(model, sparsity, distribution)
     gen = check_generator(generator)
     layers = maskable_modules(model)
     for name, m in layers:

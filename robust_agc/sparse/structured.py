@@ -51,8 +51,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .distributions import DISTRIBUTIONS, layer_densities
-from .masks import MASK_BUFFER, SparseMasks, check_generator, maskable_modules
+from .distributions import layer_densities
+from .masks import MASK_BUFFER, SparseMasks, check_generator, check_mask_args, maskable_modules
 
 __all__ = [
     "CRITERIA",
@@ -388,16 +388,7 @@ class StructuredMasks(SparseMasks):
 
 
 def _check_args(model: nn.Module, sparsity: float, distribution: str, criterion: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"Invalid model value: {type(model).__name__} (expected nn.Module)")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"Invalid sparsity value: {sparsity!r} (expected a float)")
-    if not 0.0 <= sparsity < 1.0 or math.isnan(sparsity):
-        raise ValueError(f"Invalid sparsity value: {sparsity}")
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(
-            f"Invalid distribution value: {distribution!r} (choose from {', '.join(DISTRIBUTIONS)})"
-        )
+    check_mask_args(model, sparsity, distribution)
     if criterion not in CRITERIA:
         raise ValueError(f"Invalid criterion value: {criterion!r} (choose from random, l1)")
 
