@@ -440,6 +440,59 @@ def test_state_with_other_clean_predictions_is_refused(routed, uninterrupted, tm
         _run(model, x, y, state_file=state)
 
 
+def test_resume_keeps_the_earlier_sessions_timings(routed, uninterrupted, tmp_path):
+    """Timings are summed over sessions: resumed from a state, a finished unit keeps the seconds
+    the earlier session spent on it, and the unit in progress adds its new seconds to them."""
+    model, x, y = routed
+    ref, saved = uninterrupted
+    checked = 0
+    for k, text in enumerate(saved):
+        snap = json.loads(text)
+        if not snap["done"] or snap["current"] is None:
+            continue
+        state = tmp_path / f"state{k}.json"
+        state.write_text(text, encoding="utf-8")
+        res = _run(model, x, y, state_file=state)
+        for unit in snap["done"]:
+            assert res.timings[unit] == snap["timings"][unit], (k, unit)
+        cur = snap["current"]["unit"]
+        if snap["current"]["batches_done"] < _chunks(ref.n_attacked[cur]):  # chunks left
+            assert res.timings[cur] > snap["timings"][cur] > 0, (k, cur)
+            checked += 1
+        else:
+            assert res.timings[cur] == snap["timings"][cur], (k, cur)
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("key", ["unit_acc", "timings", "n_attacked", "n_broken", "current"])
+def test_state_missing_an_entry_is_refused_untouched(routed, uninterrupted, tmp_path, key):
+    """A state that lacks an entry every snapshot writes (truncated or hand-edited) is refused by
+    name, not resumed with that entry empty (a finished unit would lose its accuracy or time)."""
+    model, x, y = routed
+    _, saved = uninterrupted
+    snap = json.loads(saved[len(saved) // 2])
+    del snap[key]
+    state = tmp_path / "state.json"
+    text = json.dumps(snap)
+    state.write_text(text, encoding="utf-8")
+    with pytest.raises(UserError, match=rf"lacks {key}; delete it"):
+        _run(model, x, y, state_file=state)
+    assert state.read_text(encoding="utf-8") == text
+
+
+def test_state_without_pass_counts_resumes(routed, uninterrupted, tmp_path):
+    """A state written before the pass counts existed (no ``passes``) still resumes, to the same
+    verdicts; the pass counts then cover only the resumed session."""
+    model, x, y = routed
+    ref, saved = uninterrupted
+    snap = json.loads(saved[len(saved) // 2])
+    del snap["passes"]
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps(snap), encoding="utf-8")
+    res = _run(model, x, y, state_file=state)
+    assert res.broken_by == ref.broken_by and res.robust_acc == ref.robust_acc
+
+
 class _Stop(Exception):
     """Raised by a patched method to interrupt an evaluation at a known point."""
 

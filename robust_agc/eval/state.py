@@ -28,6 +28,10 @@ __all__ = ["STATE_FORMAT", "EvalState", "fingerprint", "open_state", "sha256_ten
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "robust_agc.eval_state/1"
+# what every snapshot has had since the first format-1 file (``passes`` and ``radii`` came later)
+_REQUIRED = (
+    "robust", "broken_by", "done", "current", "unit_acc", "timings", "n_attacked", "n_broken"
+)  # fmt: skip
 """The ``format`` field of a state file."""
 
 
@@ -104,15 +108,28 @@ class EvalState:
         return snap
 
     def restore(self, d: dict[str, Any]) -> None:
-        """Take the progress from a :meth:`snapshot` (or a saved file)."""
+        """Take the progress from a :meth:`snapshot` (or a saved file).
+
+        Raises:
+            UserError: an entry every snapshot has is missing (a truncated or hand-edited file:
+                resuming without it would lose a finished unit's accuracy or time). ``passes``
+                may be absent (files written before the pass counts, 2026-11-28): they start at
+                zero.
+        """
+        missing = [k for k in _REQUIRED if k not in d]
+        if missing:
+            raise UserError(
+                f"evaluation state {self.path} lacks {', '.join(missing)}; delete it or choose "
+                "another --state file"
+            )
         self.robust = [bool(v) for v in d["robust"]]
         self.broken_by = list(d["broken_by"])
         self.done = list(d["done"])
-        self.current = d.get("current")
-        self.unit_acc = dict(d.get("unit_acc", {}))
-        self.timings = dict(d.get("timings", {}))
-        self.n_attacked = dict(d.get("n_attacked", {}))
-        self.n_broken = dict(d.get("n_broken", {}))
+        self.current = d["current"]
+        self.unit_acc = dict(d["unit_acc"])
+        self.timings = dict(d["timings"])
+        self.n_attacked = dict(d["n_attacked"])
+        self.n_broken = dict(d["n_broken"])
         self.passes = {k: [int(v[0]), int(v[1])] for k, v in d.get("passes", {}).items()}
         radii = d.get("radii")  # saved through jsonable: inf as "inf"
         self.radii = None if radii is None else [None if r is None else float(r) for r in radii]
