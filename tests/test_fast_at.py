@@ -279,6 +279,37 @@ def test_detector_flags_a_gap_and_a_drop_on_a_synthetic_sequence():
     assert guard.flagged == [4, 6] and guard.last_good_epoch == 7 and guard.best_robust == 0.35
 
 
+def test_detector_flags_non_finite_weights_as_diverged():
+    # at chance, no gap, no best epoch yet: only the weights tell
+    assert detect_collapse(0.1, 0.1, None, gap=0.3, drop=0.2, finite=False) == ["diverged"]
+    guard = CollapseGuard("warn", gap=0.3, drop=0.2)
+    rec = {"epoch": 1, "val_robust_acc": 0.1, "val_fgsm_acc": 0.1, "nonfinite_weights": True}
+    assert guard.check(rec) == ["diverged"] and rec["collapse"] and guard.flagged == [1]
+    assert guard.last_good_epoch == 0 and guard.best_robust is None
+
+
+def test_a_run_whose_weights_become_nan_is_flagged_diverged(splits, caplog):
+    # The fast_at study's bsr90_gradalign cell, found diverging at its third step: BSR-Net starts
+    # the zero classifier head at theta = 1e-12, where GradAlign's scale-invariant cosine has a
+    # weight gradient of order 1 / theta. The epoch is flagged and the log says why.
+    cfg = _cfg(
+        epochs=1, train_attack="fgsm", grad_align=0.2, sparse_method="bsr", sparsity=0.9, lr=0.05
+    )
+    t = Trainer(cfg, splits=splits)
+    with caplog.at_level(logging.WARNING, logger="robust_agc.train"):
+        t.fit()
+    rec = t.state.metrics[0]
+    assert not all(bool(torch.isfinite(p).all()) for p in t.model.parameters())
+    assert rec["nonfinite_weights"] is True
+    assert rec["collapse"] and "diverged" in rec["collapse_reasons"]
+    assert "training diverged" in caplog.text
+    # the same run without GradAlign stays finite and records nothing new
+    t = Trainer(dataclasses.replace(cfg, grad_align=0.0), splits=splits)
+    t.fit()
+    assert "nonfinite_weights" not in t.state.metrics[0]
+    assert not t.state.metrics[0]["collapse"]
+
+
 def _scripted(monkeypatch, pgd: list[float], fgsm: list[float]) -> None:
     """Per-epoch evaluation replaced by a script (epoch e gets index e - 1): a forced collapse."""
 

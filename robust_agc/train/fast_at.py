@@ -10,8 +10,8 @@ perturbation, and the catastrophic-overfitting guard.
   https://arxiv.org/abs/2001.03994, section 5.2) shows as PGD accuracy collapsing while single-step
   (FGSM) accuracy stays high or rises; the guard watches the per-epoch validation accuracies and
   flags an epoch when PGD accuracy falls far below FGSM accuracy on the same points, or far below
-  the best PGD accuracy of the epochs not flagged. What the trainer does then is
-  ``docs/usage.md`` ("Fast adversarial training").
+  the best PGD accuracy of the epochs not flagged, or when training diverged (the weights are no
+  longer finite). What the trainer does then is ``docs/usage.md`` ("Fast adversarial training").
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def detect_collapse(
     *,
     gap: float,
     drop: float,
+    finite: bool = True,
 ) -> list[str]:
     """The reasons to suspect catastrophic overfitting in one epoch's accuracies (empty: none).
 
@@ -89,10 +90,14 @@ def detect_collapse(
         best_pgd_acc: the best PGD accuracy of earlier epochs not flagged (``None``: none yet).
         gap: flag ``"gap"`` when ``fgsm_acc - pgd_acc > gap``.
         drop: flag ``"drop"`` when ``best_pgd_acc - pgd_acc > drop``.
+        finite: whether the model's weights are finite after the epoch; flag ``"diverged"``
+            when not. A diverged run sits at chance from then on, with no gap and, when it
+            diverged before any epoch beat chance, no drop either: its accuracies alone would
+            not flag it.
 
     A NaN accuracy (no points) flags nothing.
     """
-    reasons = []
+    reasons = [] if finite else ["diverged"]
     if fgsm_acc is not None and fgsm_acc - pgd_acc > gap:
         reasons.append("gap")
     if best_pgd_acc is not None and best_pgd_acc - pgd_acc > drop:
@@ -127,12 +132,18 @@ class CollapseGuard:
         self.rolled_back_to: int | None = None
 
     def check(self, rec: dict[str, Any]) -> list[str]:
-        """Judge one epoch's record (``epoch``, ``val_robust_acc``, ``val_fgsm_acc``): add
-        ``collapse`` (and ``collapse_reasons`` when flagged) to it, update the state, return the
-        reasons (empty: a good epoch)."""
+        """Judge one epoch's record (``epoch``, ``val_robust_acc``, ``val_fgsm_acc``, and
+        ``nonfinite_weights`` when the trainer found non-finite weights): add ``collapse`` (and
+        ``collapse_reasons`` when flagged) to it, update the state, return the reasons (empty: a
+        good epoch)."""
         pgd = float(rec["val_robust_acc"])
         reasons = detect_collapse(
-            rec.get("val_fgsm_acc"), pgd, self.best_robust, gap=self.gap, drop=self.drop
+            rec.get("val_fgsm_acc"),
+            pgd,
+            self.best_robust,
+            gap=self.gap,
+            drop=self.drop,
+            finite=not rec.get("nonfinite_weights", False),
         )
         rec["collapse"] = bool(reasons)
         if reasons:

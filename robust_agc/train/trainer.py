@@ -603,6 +603,14 @@ class Trainer:
         st.train_time_s += train_time
         st.cpu_time_s += time.process_time() - c0
         rec["lr"] = self.optimizer.param_groups[0]["lr"]
+        if not self._weights_finite():
+            rec["nonfinite_weights"] = True
+            logger.warning(
+                "epoch %d: training diverged: the model's weights are not finite (training "
+                "loss %s); the model is at chance from here on",
+                rec["epoch"],
+                rec["train_loss"],
+            )
         rec.update(self.evaluate())
         rec.update(self.sparse_report())
         st.epoch += 1
@@ -619,6 +627,13 @@ class Trainer:
         )
         st.metrics.append(rec)
         return rec
+
+    def _weights_finite(self) -> bool:
+        """Whether every floating parameter and buffer of the model is finite (one reduction
+        per tensor; with float16 loss scaling a non-finite step is skipped, so only a real
+        divergence makes this false)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
     def _log_epoch(self, rec: dict[str, Any]) -> None:
         logger.info(
