@@ -17,8 +17,12 @@ physically smaller network::
 
     masks = apply_structured_masks(model, sparsity=0.5, structure="filter", input_shape=(3, 32, 32))
     small, widths = export_structured(model, (3, 32, 32))
+
+:func:`input_activity` tells which units of a (pruned) network still carry information about
+the input, when a sparse model predicts one class.
 """
 
+from .activity import ActivityReport, LayerActivity, input_activity
 from .distributions import DISTRIBUTIONS, layer_counts, layer_densities
 from .export import (
     densify_state_dict,
@@ -64,6 +68,9 @@ from .structured import (
 )
 
 __all__ = [
+    "ActivityReport",
+    "LayerActivity",
+    "input_activity",
     "STRUCTURES",
     "ChannelGroup",
     "StructuredMasks",
