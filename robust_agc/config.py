@@ -483,10 +483,18 @@ class TrainConfig:
         if self.sparse_structure == "unstructured":
             return
         if self.init_from is not None:
-            raise UserError(
-                f"Invalid combination: --sparse-structure {self.sparse_structure} with "
-                "--init-from (the pruning pipelines make unstructured masks)"
-            )
+            # From a trained source, the one structured selection is L1 filter pruning (Li et al.
+            # 2017): HYDRA's scores and IMP's rewinding are per weight here.
+            why = None
+            if self.sparse_structure != "filter" or self.prune != "lwm":
+                why = "a source is pruned structurally only by filters with --prune lwm (L1 norm)"
+            elif self.rewind_from is not None:
+                why = "--rewind-from (rewinding is for unstructured IMP)"
+            if why is not None:
+                raise UserError(
+                    f"Invalid combination: --sparse-structure {self.sparse_structure} with "
+                    f"--init-from: {why}"
+                )
         allowed = structured_methods(self.sparse_structure)
         if self.sparse_method not in allowed:
             raise UserError(

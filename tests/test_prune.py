@@ -362,3 +362,73 @@ def test_init_from_keeps_a_sparse_sources_masks_and_refuses_another_sparsity(lwm
         summary["source"]["grad_evals_total"]
         == json.loads((lwm / "pipeline.json").read_text())["grad_evals_total"]
     )
+
+
+# ------------------------------------------------------------- structured: L1 filter pruning
+def test_lwm_by_filters_keeps_the_largest_l1_filters_and_shrinks(source, tmp_path):
+    """``prune --method lwm --sparse-structure filter``: Li et al.'s L1 filter pruning of the
+    dense source (per coupled group, ERK counts as from scratch), fine-tuned with whole filters
+    removed, folded to the unmodified architecture, and physically shrinkable."""
+    out = tmp_path / "p"
+    assert run_cli("prune", source / "best.pt", "--method", "lwm", "--sparsity", 0.5,
+                   "--sparse-structure", "filter", "--sparse-init", "erk", *TINY,
+                   "--out", out) == 0  # fmt: skip
+    src = load_source(source / "best.pt").state
+    best = torch.load(out / "1-lwm" / "best.pt", weights_only=True)
+    assert best["config"]["sparse_structure"] == "filter"
+    masks = masks_of(best["model"])
+    kept_any = False
+    for name, m in masks.items():
+        rows = m.flatten(1)
+        kept = rows.all(1)
+        assert torch.equal(kept, rows.any(1)), name  # whole filters (rows) kept or removed
+        if name == "classifier.6":  # the head's outputs cannot be removed
+            assert bool(kept.all())
+            continue
+        l1 = src[f"{name}.weight"].abs().flatten(1).sum(1)
+        if not bool(kept.all()):
+            kept_any = True
+            assert l1[kept].min() >= l1[~kept].max(), name
+        assert torch.all(best["model"][f"{name}.weight"][~kept] == 0), name
+        bias = best["model"].get(f"{name}.bias")
+        if bias is not None:
+            assert torch.all(bias[~kept] == 0), name
+    assert kept_any
+    plain = torch.load(out / "model.pt", weights_only=True)
+    create_model("small-cnn", in_channels=1, input_size=28).load_state_dict(plain, strict=True)
+    # the fine-tuned checkpoint exports to a physically smaller network
+    small = tmp_path / "small.pt"
+    assert run_cli("export", out / "1-lwm" / "best.pt", "--out", small) == 0
+    n_small = sum(v.numel() for v in torch.load(small, weights_only=True)["model"].values())
+    assert n_small < sum(v.numel() for v in plain.values())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "hydra"], "only by filters with --prune lwm"),
+        (["--method", "lwm", "--sparse-structure", "channel"], "only by filters with --prune lwm"),
+        (["--method", "imp", "--rounds", "2"], "only by filters with --prune lwm"),
+    ],
+)
+def test_structured_pruning_other_than_l1_filters_is_refused(
+    source, tmp_path, capsys, extra, message
+):
+    out = tmp_path / "p"
+    argv = ["prune", source / "best.pt", "--sparsity", 0.5, *extra]
+    if "--sparse-structure" not in extra:
+        argv += ["--sparse-structure", "filter"]
+    assert run_cli(*argv, *TINY, "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_l1_filter_pruning_of_a_sparse_source_is_refused(lwm, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert run_cli("train", "--init-from", lwm / "1-lwm" / "best.pt", "--prune", "lwm",
+                   "--sparse-structure", "filter", "--sparse-method", "static",
+                   "--sparsity", "0.95", *TINY, "--out", out) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert "starts from a dense source" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

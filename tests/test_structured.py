@@ -367,9 +367,24 @@ def test_cli_train_filter_export_and_eval_load(tmp_path, capsys):
         (["--sparse-method", "set", "--sparse-structure", "filter"], "Invalid combination"),
         (["--sparse-method", "bsr", "--sparse-structure", "channel"], "Invalid combination"),
         (["--sparse-structure", "filter"], "Invalid combination"),  # dense
-        (  # the pruning pipelines' masks are unstructured: refused before any file is read
+        (  # from a source, only L1 filter pruning: refused before any file is read
             ["--sparse-method", "static", "--sparse-structure", "filter", "--init-from", "x.pt"],
-            "--init-from",
+            "only by filters with --prune lwm",
+        ),
+        (
+            [
+                "--sparse-method",
+                "static",
+                "--sparse-structure",
+                "filter",
+                "--init-from",
+                "x.pt",
+                "--prune",
+                "lwm",
+                "--rewind-from",
+                "y.pt",
+            ],
+            "--rewind-from",
         ),
     ],
 )

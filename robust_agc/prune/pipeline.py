@@ -23,6 +23,10 @@ Stages (``S`` the target sparsity, ``E`` = ``--epochs``):
 The stages' settings are the source run's configuration (sparse and pruning settings and where it
 ran left out), overridden by the caller's; unless given, ``--sparse-init`` is ``uniform``
 (HYDRA's per-layer density) and ``--sparse-method`` of the trained masks ``static``.
+``--sparse-structure filter`` with ``lwm`` prunes whole filters of a dense source by their L1
+norm (Li et al. 2017, :func:`~robust_agc.sparse.l1_filter_masks`); ``model.pt`` is then the
+folded full-width network, and ``robust-agc export`` shrinks the stage's ``best.pt``. HYDRA and
+IMP are per weight only.
 ``--resume`` continues an interrupted pipeline: finished stages are kept, the interrupted one
 resumes from its ``last.pt`` (bit-identical on CPU), the rest run. Equal-compute accounting:
 ``pipeline.json`` sums every stage's ``grad_evals`` and training time, with and without the
@@ -73,7 +77,8 @@ _NOT_INHERITED = (
     EXECUTION_KEYS
     | DERIVED_KEYS
     | {"sparse_method", "sparsity", "sparse_init", "update_interval", "drop_fraction"}
-    | {"update_end", "dense_first_layer", "prune_scope", "save_epochs", *_SET_BY_PIPELINE}
+    | {"update_end", "dense_first_layer", "prune_scope", "save_epochs", "sparse_structure"}
+    | set(_SET_BY_PIPELINE)
     | {f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("bsr_")}
 )
 
@@ -126,6 +131,12 @@ def plan_stages(
         raise UserError(
             f"Invalid sparsity value: {sparsity} is lower than the source's {1.0 - d0:.6g} "
             f"({source.path}); pruning only removes weights"
+        )
+    if method != "lwm" and base.sparse_structure != "unstructured":
+        # HYDRA's scores and IMP's rounds select single weights here: refused before any stage
+        raise UserError(
+            f"Invalid combination: --sparse-structure {base.sparse_structure} with --method "
+            f"{method}: a source is pruned structurally only by filters with --prune lwm (L1 norm)"
         )
     rep = dataclasses.replace
     if method == "lwm":

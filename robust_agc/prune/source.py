@@ -15,7 +15,8 @@ With a sparse method and no ``--prune``, a sparse source's masks are kept as the
 ``--sparsity`` must be the source's), and a dense source gets random masks (the ``masks``
 stream, exact counts, surviving weights not rescaled). ``--prune lwm`` chooses the masks by the
 source weights' magnitude (:mod:`~robust_agc.prune.magnitude`), among the source's active
-positions; ``--rewind-from CKPT`` then replaces the weights by that checkpoint's (IMP's
+positions (with ``--sparse-structure filter``: whole filters by their L1 norm, Li et al. 2017,
+from a dense source); ``--rewind-from CKPT`` then replaces the weights by that checkpoint's (IMP's
 rewinding) and keeps the masks. ``--prune hydra`` parametrises the weights with importance
 scores (:mod:`~robust_agc.prune.scores`).
 
@@ -40,7 +41,14 @@ from ..config import TrainConfig
 from ..data import DATASET_INFO
 from ..errors import CheckpointError, UserError
 from ..models import create_model
-from ..sparse import MASK_BUFFER, SIGN_BUFFER, SparseMasks, apply_masks, maskable_modules
+from ..sparse import (
+    MASK_BUFFER,
+    SIGN_BUFFER,
+    SparseMasks,
+    apply_masks,
+    l1_filter_masks,
+    maskable_modules,
+)
 from .magnitude import magnitude_masks, register_masks
 from .scores import attach_scores, fold_score_state, score_keys
 
@@ -240,6 +248,8 @@ def source_masks(
     cfg: TrainConfig, model: nn.Module, source: InitSource, *, generator: torch.Generator
 ) -> SparseMasks:
     """The initial masks of a run started from ``source`` (see the module docstring)."""
+    if cfg.sparse_structure == "filter":  # --prune lwm (TrainConfig refuses the rest)
+        return _l1_filter_masks(cfg, model, source)
     if cfg.prune == "lwm":
         layers = maskable_modules(model)[1 if cfg.dense_first_layer else 0 :]
         have = source.masks or {}
@@ -269,6 +279,27 @@ def source_masks(
         rescale_init=False,
         generator=generator,
     )
+
+
+def _l1_filter_masks(cfg: TrainConfig, model: nn.Module, source: InitSource) -> SparseMasks:
+    """``--prune lwm --sparse-structure filter``: the filters of largest L1 norm of a dense
+    source, per coupled group, at the counts of ``--sparse-init`` (Li et al. 2017)."""
+    if source.masks is not None:
+        raise UserError(
+            f"Invalid source value: {source.path} is sparse; L1 filter pruning "
+            "(--sparse-structure filter --prune lwm) starts from a dense source"
+        )
+    info = DATASET_INFO[cfg.dataset]
+    try:
+        return l1_filter_masks(
+            model,
+            cfg.sparsity,
+            input_shape=(info.in_channels, info.input_size, info.input_size),
+            distribution=cfg.sparse_init,
+            dense_first_layer=cfg.dense_first_layer,
+        )
+    except ValueError as e:
+        raise UserError(f"{e} (source {source.path})") from None
 
 
 def preflight(cfg: TrainConfig) -> InitSource | None:

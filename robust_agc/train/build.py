@@ -115,6 +115,8 @@ def build_masks(
     says; filter/channel masks (``--sparse-structure``) need one input's ``input_shape``."""
     if cfg.sparse_method == "dense":
         return None
+    if source is not None:
+        return source_masks(cfg, model, source, generator=stream_generator(cfg.seed, "masks"))
     if cfg.sparse_structure != "unstructured":
         if input_shape is None:
             raise ValueError(f"Invalid input_shape value: None ({cfg.sparse_structure} masks)")
@@ -127,8 +129,6 @@ def build_masks(
             dense_first_layer=cfg.dense_first_layer,
             generator=stream_generator(cfg.seed, "masks"),
         )
-    if source is not None:
-        return source_masks(cfg, model, source, generator=stream_generator(cfg.seed, "masks"))
     return apply_masks(
         model,
         sparsity=cfg.sparsity,
