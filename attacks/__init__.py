@@ -11,7 +11,13 @@ from typing import Any
 
 from torch import nn
 
-from .adapters import TorchattacksAdapter, as_torchattacks
+from .adapters import (
+    TORCHATTACKS_PREFIX,
+    TorchattacksAdapter,
+    as_torchattacks,
+    check_torchattacks_name,
+    torchattacks_attack,
+)
 from .base import BN_MODES, NORMS, Attack, frozen_parameters
 from .fgsm import FGSM
 from .fgsmrs import FGSMRS
@@ -29,8 +35,11 @@ __all__ = [
     "PGD",
     "PGDL2",
     "TRADESAttack",
+    "TORCHATTACKS_PREFIX",
     "TorchattacksAdapter",
     "as_torchattacks",
+    "check_attack_name",
+    "torchattacks_attack",
     "create_attack",
     "frozen_parameters",
     "list_attacks",
@@ -59,16 +68,28 @@ def list_attacks() -> list[str]:
 
 
 def create_attack(name: str, model: nn.Module, **kwargs: Any) -> Attack:
-    """Build a registered attack: ``create_attack("pgd", model, eps=0.1, steps=10)``.
+    """Build a registered attack: ``create_attack("pgd", model, eps=0.1, steps=10)``, or one of
+    torchattacks by ``"torchattacks:NAME"`` (``eps``, ``alpha``, ``steps``, ``bn_mode``, ``seed``;
+    :func:`~attacks.adapters.torchattacks_attack`).
 
     Args:
         name: one of :func:`list_attacks` (``"pgd"``, ``"pgd-l2"``, ``"fgsm"``, ``"fgsm-rs"``,
-            ``"n-fgsm"``, ``"trades"``).
+            ``"n-fgsm"``, ``"trades"``), or ``"torchattacks:NAME"``.
         model: the classifier to attack.
         **kwargs: the attack's arguments (``eps`` is always required).
     """
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"Invalid attack value: {name!r} (choose from {', '.join(list_attacks())})"
-        )
+    if name.startswith(TORCHATTACKS_PREFIX):
+        return torchattacks_attack(name, model, **kwargs)
+    check_attack_name(name)
     return _REGISTRY[name](model, **kwargs)
+
+
+def check_attack_name(name: str) -> None:
+    """Raise :class:`ValueError` unless :func:`create_attack` knows ``name``."""
+    if name.startswith(TORCHATTACKS_PREFIX):
+        check_torchattacks_name(name)
+    elif name not in _REGISTRY:
+        raise ValueError(
+            f"Invalid attack value: {name!r} (choose from {', '.join(list_attacks())}, or "
+            f"{TORCHATTACKS_PREFIX}NAME)"
+        )

@@ -19,7 +19,13 @@ from torch import Tensor
 from .base import Attack
 from .validation import check_int
 
-__all__ = ["TorchattacksAdapter", "as_torchattacks"]
+__all__ = ["TORCHATTACKS_PREFIX", "TorchattacksAdapter", "as_torchattacks", "torchattacks_attack"]
+
+#: ``"torchattacks:NAME"`` names torchattacks' class ``NAME`` where an attack name is expected.
+TORCHATTACKS_PREFIX = "torchattacks:"
+
+# the settings a trainer passes by name: a class is usable when its other arguments have defaults
+_SETTINGS = ("eps", "alpha", "steps")
 
 
 class TorchattacksAdapter(Attack):
@@ -87,6 +93,31 @@ class TorchattacksAdapter(Attack):
         """From the wrapped attack's ``steps`` (and ``n_restarts``), or the override."""
         return self._cost
 
+    # A budget or step size set on the adapter after construction (a trainer's radius warm-up)
+    # reaches the wrapped attack too, when it has that attribute; at construction the wrapped
+    # attack keeps its own (``eps`` may then only override the projection).
+    @property
+    def eps(self) -> float | None:
+        """The budget projected onto; setting it also sets the wrapped attack's ``eps``."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: float | None) -> None:
+        self._eps = value
+        wrapped = getattr(self, "attack", None)
+        if wrapped is not None and value is not None and hasattr(wrapped, "eps"):
+            wrapped.eps = value
+
+    @property
+    def alpha(self) -> float | None:
+        """The wrapped attack's step size (``None`` when it has none); settable."""
+        return getattr(self.attack, "alpha", None)
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        if hasattr(self.attack, "alpha"):
+            self.attack.alpha = value
+
     def _perturb(self, x: Tensor, y: Tensor) -> Tensor:
         g = self._get_generator()
         if g is None:
@@ -140,3 +171,64 @@ def as_torchattacks(attack: Attack) -> Any:
             return attack(images, labels)
 
     return _Wrapped()
+
+
+def _torchattacks_class(name: str) -> tuple[type, list[str]]:
+    """torchattacks' attack class ``name`` and which of ``eps``/``alpha``/``steps`` it takes."""
+    import inspect
+
+    import torchattacks
+
+    cls = getattr(torchattacks, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torchattacks.attack.Attack)):
+        raise ValueError(
+            f"Invalid attack value: {TORCHATTACKS_PREFIX}{name} (no such attack in torchattacks)"
+        )
+    params = list(inspect.signature(cls).parameters.values())
+    if not params or params[0].name != "model":
+        raise ValueError(
+            f"Invalid attack value: {TORCHATTACKS_PREFIX}{name} (not built from a model)"
+        )
+    missing = [
+        p.name
+        for p in params[1:]
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and p.name not in _SETTINGS
+    ]
+    if missing:
+        raise ValueError(
+            f"Invalid attack value: {TORCHATTACKS_PREFIX}{name} (needs {', '.join(missing)}, "
+            "which only eps, alpha and steps can be given here)"
+        )
+    return cls, [p.name for p in params if p.name in _SETTINGS]
+
+
+def torchattacks_attack(
+    name: str,
+    model: torch.nn.Module,
+    *,
+    eps: float,
+    alpha: float | None = None,
+    steps: int | None = None,
+    bn_mode: str = "eval",
+    seed: int | None = None,
+) -> TorchattacksAdapter:
+    """Build torchattacks' ``name`` (``"PGD"`` or ``"torchattacks:PGD"``) on ``model`` with the
+    given ``eps``, ``alpha`` and ``steps`` (each passed only when the class takes it), wrapped in
+    a :class:`TorchattacksAdapter`.
+
+    Raises:
+        ValueError: no such attack class, or one with a required argument other than these.
+    """
+    name = name.removeprefix(TORCHATTACKS_PREFIX)
+    cls, takes = _torchattacks_class(name)
+    given = {"eps": eps, "alpha": alpha, "steps": steps}
+    kwargs = {k: given[k] for k in takes if given[k] is not None}
+    return TorchattacksAdapter(cls(model, **kwargs), bn_mode=bn_mode, seed=seed)
+
+
+def check_torchattacks_name(name: str) -> None:
+    """Raise :class:`ValueError` unless ``name`` (``"torchattacks:NAME"`` or ``"NAME"``) is an
+    attack class that :func:`torchattacks_attack` can build."""
+    _torchattacks_class(name.removeprefix(TORCHATTACKS_PREFIX))

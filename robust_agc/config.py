@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from attacks import BN_MODES
+from attacks import BN_MODES, check_attack_name
 
 from .data import AUGMENTATIONS, list_datasets
 from .errors import UserError
@@ -238,7 +238,9 @@ class TrainConfig:
     train_attack: str | None = _f(
         None,
         "adversarial",
-        "attack used in training instead of the objective's own (attacks.list_attacks(), or torchattacks:NAME)",
+        "attack used in training instead of the objective's own (attacks.list_attacks(), or "
+        "torchattacks:NAME: torchattacks' class NAME built with --eps, the step size and "
+        "--attack-steps where it takes them)",
     )
     eps_warmup_epochs: float = _f(
         0.0, "adversarial", "ramp the radius linearly from 0 over this many epochs"
@@ -445,6 +447,11 @@ class TrainConfig:
 
     def _validate_fast_at(self) -> None:
         """The fast adversarial training settings and the combinations they exclude."""
+        if self.train_attack is not None:
+            try:
+                check_attack_name(self.train_attack)
+            except ValueError as e:
+                raise UserError(str(e).replace("attack value", "train_attack value", 1)) from None
         checks: list[tuple[str, bool]] = [
             ("nfgsm_noise", self.nfgsm_noise is None or 0 <= self.nfgsm_noise < math.inf),
             ("grad_align", 0 <= self.grad_align < math.inf),

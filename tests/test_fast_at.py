@@ -259,6 +259,54 @@ def test_resume_with_free_replays_grad_align_and_the_guard_is_bit_identical(spli
     )
 
 
+# ------------------------------------------------------------ torchattacks as the training attack
+def test_torchattacks_training_attack_gets_the_settings_warm_up_and_bn_mode(splits):
+    import torchattacks
+
+    from attacks import TorchattacksAdapter
+
+    cfg = _cfg(train_attack="torchattacks:PGD", attack_steps=2, eps_warmup_epochs=1,
+               attack_bn_mode="train")  # fmt: skip
+    t = Trainer(cfg, splits=splits)
+    assert isinstance(t.attack, TorchattacksAdapter) and type(t.attack.attack) is torchattacks.PGD
+    assert t.attack.bn_mode == "train"
+    ta = t.attack.attack
+    assert (ta.eps, ta.steps) == (EPS, 2) and ta.alpha == pytest.approx(2.5 * EPS / 2)
+    seen = []
+    real = torchattacks.PGD.forward
+
+    def spy(self, x, y):
+        seen.append((self.eps, self.alpha))
+        return real(self, x, y)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torchattacks.PGD, "forward", spy)
+        t.fit()
+    # the radius warm-up reaches the wrapped attack: eps and the step grow over epoch 1's 3 steps
+    assert [round(e / EPS, 6) for e, _ in seen[:3]] == [round(k / 3, 6) for k in (1, 2, 3)]
+    assert all(a == pytest.approx(e * 2.5 / 2) for e, a in seen)
+    # 1 training pass + 2 attack steps per example and epoch
+    assert t.state.grad_evals == 2 * 48 * (1 + 2)
+
+
+def test_attack_bn_mode_reaches_our_training_attacks(splits):
+    for name in ("fgsm", "fgsm-rs", "n-fgsm", "pgd"):
+        t = Trainer(_cfg(train_attack=name, attack_bn_mode="train"), splits=splits)
+        assert t.attack.bn_mode == "train", name
+        assert Trainer(_cfg(train_attack=name), splits=splits).attack.bn_mode == "eval", name
+
+
+def test_resume_with_a_torchattacks_training_attack_is_bit_identical(splits):
+    cfg = _cfg(train_attack="torchattacks:PGD", attack_steps=2)  # random start: global RNG
+    ref = Trainer(cfg, splits=splits)
+    ref.fit()
+    resumed = Trainer(cfg, splits=splits)
+    resumed.load_state_dict(_fit_first_epoch(cfg, splits))
+    resumed.fit()
+    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 # -------------------------------------------------------------------------------------- the guard
 def test_detector_flags_a_gap_and_a_drop_on_a_synthetic_sequence():
     assert detect_collapse(0.5, 0.4, None, gap=0.3, drop=0.2) == []
@@ -398,6 +446,10 @@ def test_defaults_add_no_state_and_no_evaluation_pass(splits):
         (["--train-attack", "n-fgsm", "--nfgsm-noise", "-1"], "Invalid nfgsm_noise value: -1"),
         (["--nfgsm-noise", "2"], "--nfgsm-noise applies to --train-attack n-fgsm only"),
         (["--free-replays", "2", "--train-attack", "pgd"], "drop --train-attack"),
+        (["--train-attack", "pdg"], "Invalid train_attack value: 'pdg' (choose from"),
+        (["--train-attack", "torchattacks:PDG"], "no such attack in torchattacks"),
+        (["--train-attack", "torchattacks:MultiAttack"], "not built from a model"),
+        (["--train-attack", "torchattacks:LGV"], "needs trainloader"),
         (["--free-replays", "2", "--objective", "natural"], "needs an adversarial objective"),
         (["--on-collapse", "rollback", "--val-size", "0"], "needs validation points"),
         (["--grad-align", "1", "--amp", "fp16"], "not loss-scaled"),

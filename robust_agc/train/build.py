@@ -195,15 +195,17 @@ def resolve_step_size(cfg: TrainConfig, eps: float) -> float:
 
 def _train_attack_kwargs(cfg: TrainConfig, *, eps: float, step_size: float) -> dict[str, Any]:
     """The arguments ``--train-attack``'s class takes: the single-step attacks take no ``steps``
-    (FGSM no ``alpha`` either: its step is ``eps``), N-FGSM its noise multiplier."""
+    (FGSM no ``alpha`` either: its step is ``eps``), N-FGSM its noise multiplier; every one
+    ``--attack-bn-mode``."""
+    mode = {"bn_mode": cfg.attack_bn_mode}
     if cfg.train_attack == "fgsm":
-        return {"eps": eps}
+        return {"eps": eps, **mode}
     if cfg.train_attack == "fgsm-rs":
-        return {"eps": eps, "alpha": step_size}
+        return {"eps": eps, "alpha": step_size, **mode}
     if cfg.train_attack == "n-fgsm":
         noise = 2.0 if cfg.nfgsm_noise is None else cfg.nfgsm_noise
-        return {"eps": eps, "alpha": step_size, "noise": noise}
-    return {"eps": eps, "alpha": step_size, "steps": cfg.attack_steps}
+        return {"eps": eps, "alpha": step_size, "noise": noise, **mode}
+    return {"eps": eps, "alpha": step_size, "steps": cfg.attack_steps, **mode}
 
 
 def build_batches(cfg: TrainConfig, splits: DataSplits, *, rank: int, world_size: int) -> Batches:
