@@ -93,7 +93,13 @@ GROUPS: dict[str, Group] = {
     ),
     "eval": Group(
         ("robust_agc/eval/*",),
-        ("test_eval.py", "test_eval_resume.py", "test_autoattack_parity.py", "test_eval_cli.py"),
+        (
+            "test_eval.py",
+            "test_eval_resume.py",
+            "test_autoattack_parity.py",
+            "test_eval_cli.py",
+            "test_fmn.py",  # the security-curve stage: radii, their resume
+        ),
         # checks a warning's stacklevel, which mutmut's trampolines shift by one frame
         ("test_eval.py::test_warnings_point_at_the_caller",),
     ),

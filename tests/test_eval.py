@@ -677,6 +677,9 @@ def test_standard_autoattack_configuration():
     assert cfg["fab"]["n_target_classes"] == 9
     assert (cfg["square"]["n_queries"], cfg["square"]["p_init"]) == (5000, 0.8)
     assert runner.aa.epsilon == 0.1 and runner.aa.seed == 0 and runner.aa.norm == "Linf"
+    x, y = torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="Invalid attack value: 'apgd'"):
+        runner("apgd", x, y)  # a component name pyautoattack does not dispatch
 
 
 def test_dataset_by_name_uses_first_points(fmnist_tiny, mlp):
