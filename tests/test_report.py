@@ -174,6 +174,32 @@ def test_labels_are_study_cells_in_run_study_layout(tmp_path, runs):
     assert sorted(rp.group_labels(flat).values()) == ["optimizer=agc", "optimizer=sgd"]
 
 
+def test_pipeline_cells_group_by_cell_and_start_at_their_sources_cost(tmp_path):
+    """A pruning stage's config names its source checkpoint (a path per seed): in run_study's
+    layout it still forms one group per cell, and its time axis starts at the source chain's
+    total (``summary.json``'s ``source``), so equal compute lines up."""
+    root = tmp_path / "pruning"
+    for seed in (0, 1):
+        cfg = {"model": "small-cnn", "init_from": f"runs/dense/s{seed}/best.pt", "prune": "lwm"}
+        d = _write_run(root / "lwm_90", f"s{seed}", cfg, [0.5, 0.6], seed=seed)
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            r["cpu_time_s"] = 10.0 * r["epoch"]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        src = {"path": cfg["init_from"], "cpu_time_s_total": 100.0 + seed, "grad_evals_total": 7}
+        (d / "summary.json").write_text(json.dumps({"source": src}))
+    _write_run(
+        root / "rigl90", "s0", {"model": "small-cnn", "sparse_method": "rigl"}, [0.4], seed=0
+    )
+    groups = rp.group_runs(rp.collect([root])[0])
+    assert sorted(rp.group_labels(groups).values()) == ["lwm_90", "rigl90"]
+    lwm = next(rs for k, rs in groups.items() if json.loads(k)["cell"] == "pruning/lwm_90")
+    xs, ms, _ = rp.mean_curve(lwm, "test_clean_acc", "cpu_time_s")
+    assert xs == [110.5, 120.5] and ms == pytest.approx([0.5, 0.6])
+    assert rp.mean_curve(lwm, "test_clean_acc", "grad_evals")[0] == [107.0, 207.0]
+    assert rp.mean_curve(lwm, "test_clean_acc")[0] == [1.0, 2.0]  # epochs: no offset
+
+
 def test_facets_split_plots_into_rows(tmp_path):
     import matplotlib.pyplot as plt
 

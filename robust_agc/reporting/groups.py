@@ -43,7 +43,29 @@ def config_group_key(config: dict[str, Any], ignore: frozenset[str] = IGNORED_CO
 def group_runs(
     runs: Sequence[Run], ignore: frozenset[str] = IGNORED_CONFIG_KEYS
 ) -> dict[str, list[Run]]:
-    """Group runs whose configs agree on everything but ``ignore`` keys (the seed...)."""
+    """Group runs whose configs agree on everything but ``ignore`` keys (the seed...).
+
+    Runs stored in run_study's layout ``<study>/<cell>/s<seed>`` are grouped by their cell
+    instead, the study's own definition of a group: a pipeline stage's config names its source
+    checkpoint, a path that differs per seed, so the config alone would make one group per
+    seed. The key is then the config of the cell's first run plus a ``"cell"`` entry."""
+    cells: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        if not _SEED_DIR.fullmatch(r.path.name):
+            cells = {}
+            break
+        cells.setdefault((r.path.parent.parent.name, r.path.parent.name), []).append(r)
+    if cells:
+        keyed = {
+            json.dumps(
+                {**json.loads(config_group_key(rs[0].config, ignore)), "cell": f"{st}/{cell}"},
+                sort_keys=True,
+                default=str,
+            ): rs
+            for (st, cell), rs in cells.items()
+        }
+        if len(keyed) == len(cells):
+            return keyed
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(config_group_key(r.config, ignore), []).append(r)

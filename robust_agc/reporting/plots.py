@@ -24,7 +24,9 @@ Facets = list[tuple[str, dict[str, list[Run]]]]
 
 
 def mean_curve(runs: Sequence[Run], key: str, x_key: str | None = None) -> Curve:
-    """Mean and std over runs of ``key`` per epoch; x is the epoch or the mean of ``x_key``."""
+    """Mean and std over runs of ``key`` per epoch; x is the epoch or the mean of ``x_key``
+    (for a time or compute ``x_key``, a pipeline stage's x starts at what its sources cost:
+    :meth:`~robust_agc.reporting.runs.Run.chain_offset`)."""
     by_epoch: dict[float, list[float]] = {}
     xs_by_epoch: dict[float, list[float]] = {}
     for r in runs:
@@ -33,8 +35,9 @@ def mean_curve(runs: Sequence[Run], key: str, x_key: str | None = None) -> Curve
             by_epoch.setdefault(e, []).append(v)
         if x_key is not None:
             tx, tv = r.series(x_key)
+            offset = r.chain_offset(x_key)
             for e, v in zip(tx, tv):
-                xs_by_epoch.setdefault(e, []).append(v)
+                xs_by_epoch.setdefault(e, []).append(v + offset)
     xs, ms, ss = [], [], []
     for e in sorted(by_epoch):
         if x_key is not None and e not in xs_by_epoch:
@@ -86,6 +89,13 @@ def band(
     return line
 
 
+def _TAB20(i: int) -> tuple[float, float, float, float]:
+    """Colour ``i`` of matplotlib's ``tab20`` map (0-19)."""
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i)
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -119,9 +129,13 @@ def _time_axis(runs: Sequence[Run]) -> tuple[str, str]:
 
 def _accuracy_panel(ax: Any, groups: dict[str, list[Run]], labels: dict[str, str], kind: str,
                     x_key: str | None) -> bool:  # fmt: skip
-    """Draw one panel (clean or robust accuracy) of every group; True if a curve was drawn."""
+    """Draw one panel (clean or robust accuracy) of every group; True if a curve was drawn.
+    Beyond matplotlib's 10 default colours, each group gets its own of ``tab20`` and every
+    second one a dashed line, so no two curves of a panel look alike."""
     drawn = False
-    for key, runs in groups.items():
+    many = len(groups) > 10
+    for i, (key, runs) in enumerate(groups.items()):
+        style = {"color": _TAB20(i % 20), "ls": "--" if i % 2 else "-"} if many else {}
         k = _accuracy_key(runs, kind)
         if k is None:
             continue
@@ -130,7 +144,8 @@ def _accuracy_panel(ax: Any, groups: dict[str, list[Run]], labels: dict[str, str
             continue
         scale = 100.0 if all(abs(m) <= 1 for m in ms) else 1.0
         ms_p = [as_percent(m) for m in ms]
-        band(ax, xs, ms_p, ss, scale=scale, marker="o", ms=3, label=f"{labels[key]} ({k})")
+        band(ax, xs, ms_p, ss, scale=scale, marker="o", ms=3, label=f"{labels[key]} ({k})",
+             **style)  # fmt: skip
         drawn = True
     return drawn
 

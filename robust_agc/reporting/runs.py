@@ -59,6 +59,16 @@ class Run:
                 ys.append(float(v))
         return xs, ys
 
+    def chain_offset(self, key: str) -> float:
+        """What the run's sources cost before it started, in ``key``'s unit: a pipeline stage
+        (``summary.json`` with a ``source`` block) counts its sources' ``cpu_time_s``,
+        ``train_time_s`` and ``grad_evals`` (their ``*_total``); 0 for anything else."""
+        src = self.summary.get("source")
+        if key not in ("cpu_time_s", "train_time_s", "grad_evals") or not isinstance(src, dict):
+            return 0.0
+        v = src.get(f"{key}_total")
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
     def final(self, key: str) -> float | None:
         """Last recorded numeric value of ``key`` in the metrics, else in the summary."""
         _, ys = self.series(key)
