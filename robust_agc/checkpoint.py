@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import CheckpointError
 
@@ -103,11 +103,32 @@ def strip_prefixes(
     return out
 
 
+def _fold_hydra_scores(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
+    """A HYDRA score run's state dict (``--prune hydra``: parametrised weights and scores) as the
+    plain state dict of the network it evaluates: each weight times the top-k of its scores at
+    the run's sparsity, allocation and scope (:func:`robust_agc.prune.scores.fold_score_state`).
+    Any other state dict is returned unchanged."""
+    from .prune.scores import fold_score_state, score_keys
+
+    if not score_keys(state):
+        return state
+    try:
+        plain, _ = fold_score_state(
+            state,
+            density=1.0 - float(cfg["sparsity"]),
+            distribution=str(cfg.get("sparse_init", "uniform")),
+            scope=str(cfg.get("prune_scope") or "layerwise"),
+        )
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot fold the HYDRA scores of this checkpoint: {e}") from None
+    return plain
+
+
 def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the architecture recorded in a checkpoint's config and load its weights.
 
     Sparsity masks are multiplied into the weights and the mask buffers dropped, giving a plain module
-    (RobustBench style). A structurally pruned model (``robust-agc export``) carries ``widths``
+    (RobustBench style); a HYDRA score run's weights are multiplied by the top-k of their scores. A structurally pruned model (``robust-agc export``) carries ``widths``
     (layer name -> output width) next to its config, and is rebuilt at those widths. The model is
     returned in eval mode.
 
@@ -136,6 +157,7 @@ def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     except KeyError as e:
         raise CheckpointError(f"checkpoint config lacks {e}") from None
     state = strip_prefixes(ckpt["model"])
+    state = _fold_hydra_scores(state, cfg)
     masks = {k: v for k, v in state.items() if k.endswith("weight_mask")}
     weights = {k: v for k, v in state.items() if not k.endswith("weight_mask")}
     try:

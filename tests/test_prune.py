@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from robust_agc.checkpoint import build_model_from_checkpoint, load_checkpoint
 from robust_agc.cli import main
 from robust_agc.models import create_model
 from robust_agc.prune import (
@@ -208,6 +209,14 @@ def test_hydra_freezes_weights_in_score_training_and_fine_tunes_its_top_k(source
         assert not torch.equal(tuned[f"{name}.weight"][m], w0[m])  # but the weights trained
     summary = json.loads((out / "2-finetune" / "summary.json").read_text())
     assert summary["source"]["sha256"] == sha256(out / "1-scores" / "best.pt")
+    # the score checkpoint evaluates as the network it trained: weights times the top-k mask
+    scored = build_model_from_checkpoint(load_checkpoint(out / "1-scores" / "best.pt"))
+    folded = load_source(out / "1-scores" / "best.pt").state
+    plain = scored.state_dict()
+    assert plain.keys() == folded.keys()
+    assert all(torch.equal(plain[k], folded[k]) for k in plain)
+    w = plain["features.2.weight"]
+    assert int((w != 0).sum()) == int(tuned_start["features.2"].sum())
 
 
 def test_imp_reaches_the_exact_count_nested_with_rewinding(source, tmp_path):
