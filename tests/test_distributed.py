@@ -63,8 +63,11 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
         ["agc"],
         # the release's variant: loss statistics gathered over ranks, every batch refreshed
         ["agc", "--agc-estimator", "loss-slope", "--agc-refresh-fraction", "1.0"],
+        # free adversarial training: each rank carries its shard's perturbation, which moves by
+        # the sign of the input gradient (the same in one process), with no random draw
+        ["sgd", "--objective", "pgd-at", "--free-replays", "2", "--on-collapse", "off"],
     ],
-    ids=["sgd", "agc", "agc-loss-slope"],
+    ids=["sgd", "agc", "agc-loss-slope", "free-replays"],
 )
 def test_two_processes_give_the_weights_of_one(tmp_path, optimizer):
     one, two = tmp_path / "one", tmp_path / "two"
@@ -195,3 +198,22 @@ def test_mask_buffers_are_the_ones_ddp_skips():
         f"{n}.{b}" for n in masked for b in ("weight_mask", "weight_mask_ever")
     )
     assert not any("running" in n for n in names)
+
+
+def test_grad_align_under_torchrun_trains_and_counts_like_one_process(tmp_path):
+    """GradAlign's double backward through the DDP-wrapped model runs on two processes and
+    counts the same passes; its noise is drawn per rank, so the weights are not compared (the
+    free-replays case above compares a deterministic recipe)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    argv = [*BASE, "--objective", "pgd-at", "--train-attack", "fgsm", "--grad-align", "0.2",
+            "--on-collapse", "off", "--epochs", "1"]  # fmt: skip
+    assert run_cli("train", *argv, "--out", str(one)) == 0
+    port = _free_port()
+    launcher = ["--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    _finish(_torchrun(*launcher, argv=[*argv, "--out", str(two)]))
+    ra, rb = _rows(one), _rows(two)
+    assert [r["grad_evals"] for r in ra] == [r["grad_evals"] for r in rb]
+    assert all(r["train_loss"] == pytest.approx(q["train_loss"], rel=0.05) for r, q in zip(ra, rb))
+    w = _weights(two)
+    assert all(bool(torch.isfinite(v).all()) for v in w.values())
+    assert any(not torch.equal(v, _weights(one)[k]) for k, v in w.items())  # it trained its own way
