@@ -21,6 +21,7 @@ suite; ``tests/MUTATION.md`` lists them. Not collected by pytest (no ``test_`` p
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import shutil
 import subprocess
@@ -139,24 +140,42 @@ def _prepare(name: str, group: Group) -> Path:
     return dest
 
 
-def run(names: list[str], jobs: int, only: list[str] | None = None) -> None:
+def run(
+    names: list[str], jobs: int, only: list[str] | None = None, unchecked: bool = False
+) -> None:
     """Run mutmut for each named group (all groups when none are named); ``only``: mutant name
-    patterns (``fnmatch``, e.g. ``"*AGCǁstep*"``) to (re)run first, whatever their verdict."""
+    patterns (``fnmatch``, e.g. ``"*AGCǁstep*"``) to (re)run, whatever their verdict;
+    ``unchecked``: of those (or of all), only the mutants not run yet (a group's modules in the
+    order of the patterns, resumable)."""
     for name in names or list(GROUPS):
         if name not in GROUPS:
             raise SystemExit(f"unknown group {name!r}: one of {', '.join(GROUPS)}")
         dest = _prepare(name, GROUPS[name])
         print(f"== {name}: {', '.join(GROUPS[name].modules)} in {dest}", flush=True)
-        cmd = [_mutmut(), "run", "--max-children", str(jobs), *(only or [])]
+        selected = list(only or [])
+        if unchecked:
+            status = {m: st for mod in load([name]).values() for m, st in mod.items()}
+            patterns = selected or ["*"]
+            selected = [
+                m
+                for p in patterns
+                for m, st in status.items()
+                if st == "not checked" and fnmatch.fnmatch(m, p)
+            ]
+            selected = list(dict.fromkeys(selected))
+            if not selected:
+                print(f"== {name}: no unchecked mutant matches", flush=True)
+                continue
+        cmd = [_mutmut(), "run", "--max-children", str(jobs), *selected]
         subprocess.run(cmd, cwd=dest, check=False)
 
 
-def load() -> dict[str, dict[str, str]]:
-    """``{module path: {mutant name: status}}`` from every group's ``.meta`` files."""
+def load(groups: list[str] | None = None) -> dict[str, dict[str, str]]:
+    """``{module path: {mutant name: status}}`` from the ``.meta`` files of ``groups`` (all)."""
     from mutmut.stats import status_by_exit_code
 
     out: dict[str, dict[str, str]] = {}
-    for name in GROUPS:
+    for name in groups or list(GROUPS):
         base = WORK / name / "mutants"
         for meta in sorted(base.rglob("*.py.meta")):
             codes = json.loads(meta.read_text())["exit_code_by_key"]
@@ -207,11 +226,16 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("groups", nargs="*", help=f"groups to run (default: all of {list(GROUPS)})")
     p_run.add_argument("--jobs", type=int, default=2, help="parallel mutant workers")
     p_run.add_argument("--only", nargs="+", metavar="PATTERN", help="mutant name patterns only")
+    p_run.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="only the mutants not run yet (of --only's patterns, in their order)",
+    )
     p_rep = sub.add_parser("report", help="per-module table")
     p_rep.add_argument("--list", nargs="*", default=[], metavar="STATUS", help="statuses to list")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.groups, args.jobs, args.only)
+        run(args.groups, args.jobs, args.only, args.unchecked)
         return 0
     results = load()
     if not results:
