@@ -496,7 +496,10 @@ def to_target_rows(
 ) -> list[dict[str, Any]]:
     """Per cell: target, the to-target lists (per seed) and accuracies at the baseline's time
     (``clock``: the metrics field that measures time; ``val_at_time`` / ``test_at_time``: the
-    accuracy of the target metric's ``kind``, robust or clean)."""
+    accuracy of the target metric's ``kind``, robust or clean), and the other way round the
+    baseline's validation accuracy at the cell's own mean final time (``cell_time_s``,
+    ``baseline_val_at_cell_time``, per baseline seed; ``None`` where the baseline had not
+    finished an epoch by then)."""
     rows = []
     for cell in cells:
         base = _partner_cell(cell, cells, baseline["axis"], baseline["value"])
@@ -531,6 +534,14 @@ def to_target_rows(
         row["val_at_time"] = [a.get(f"val_{kind}_acc") if a else None for a in at]
         row["test_at_time"] = [a.get(f"test_{kind}_acc") if a else None for a in at]
         row["epoch_at_time"] = [float(a["epoch"]) if a else None for a in at]
+        # the other way round: the baseline at this cell's budget (its mean final time)
+        own = [t for t in (_final(r, clock) for r in cell.runs) if t is not None]
+        row["cell_time_s"] = statistics.fmean(own) if own else None
+        back = [
+            at_time(r, row["cell_time_s"], clock) if row["cell_time_s"] is not None else None
+            for r in base.runs
+        ]
+        row["baseline_val_at_cell_time"] = [a.get(f"val_{kind}_acc") if a else None for a in back]
         rows.append(row)
     return rows
 
@@ -851,22 +862,28 @@ def format_table(
         f"\nTarget = final {baseline.get('metric', 'val_robust_acc')} of the cell's "
         f"{baseline['axis']}={baseline['value']} baseline (mean over its seeds); to-target "
         "columns average the seeds that reach it "
-        f"(k/n); 'at baseline time' = last epoch finished by the baseline's final {clock}.\n\n"
+        f"(k/n); 'at baseline time' = last epoch finished by the baseline's final {clock}; "
+        "'baseline at cell time' = the baseline's validation accuracy at the last epoch it had "
+        "finished by the cell's own mean final time (- when none), i.e. both at the cell's "
+        "budget.\n\n"
         f"| cell | target (%) | reached | epochs to target | {clock} to target | "
         "grad evals to target | baseline time (s) | epoch at baseline time | "
-        f"val {kind} at baseline time | test {kind} at baseline time |\n" + "| --- " * 10 + "|\n"
+        f"val {kind} at baseline time | test {kind} at baseline time | cell time (s) | "
+        f"baseline val {kind} at cell time |\n" + "| --- " * 12 + "|\n"
     )
     lines2 = []
     for r in rows:
         tgt = "-" if r["target"] is None else f"{100 * r['target']:.{ACC_DIGITS}f}"
         bt = "-" if r["baseline_time_s"] is None else f"{r['baseline_time_s']:.0f}"
+        ct = "-" if r["cell_time_s"] is None else f"{r['cell_time_s']:.0f}"
         lines2.append(
             f"| {r['cell']} | {tgt} | {r['reached']}/{r['n']} | "
             f"{mean_std(r['epochs_to_target'], digits=1)} | {mean_std(r['time_to_target_s'], digits=0)} | "
             f"{mean_std(r['grad_evals_to_target'], digits=0)} | {bt} | "
             f"{mean_std(r['epoch_at_time'], digits=1)} | "
             f"{mean_std(r['val_at_time'], pct=True)} | "
-            f"{mean_std(r['test_at_time'], pct=True)} |"
+            f"{mean_std(r['test_at_time'], pct=True)} | {ct} | "
+            f"{mean_std(r['baseline_val_at_cell_time'], pct=True)} |"
         )
     return out + head2 + "\n".join(lines2) + "\n"
 

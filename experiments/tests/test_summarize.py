@@ -153,6 +153,13 @@ def test_to_target_against_hand_computed_values(tmp_path: Path) -> None:
         [],
     )
     assert r99["epoch_at_time"] == [2.0]  # 33 s > 30 s: only epochs 1-2 count
+    # the other way round: the baseline at the cell's own budget (mean final time 43.5 s)
+    assert r["cell_time_s"] == pytest.approx(43.5)
+    assert r["baseline_val_at_cell_time"] == [0.50, 0.54]  # both sgd seeds finished by then
+    assert r99["cell_time_s"] == pytest.approx(33.0)
+    assert r99["baseline_val_at_cell_time"] == [0.30]
+    # the baseline's own row: at its mean time (33 s) seed 1 (36 s) had finished epoch 2 only
+    assert rows["r90_sgd"]["baseline_val_at_cell_time"] == [0.50, 0.44]
     table = format_table(cells, study.baseline, clock="cpu_time_s", extra_evals=["autoattack"])
     line = next(x for x in table.splitlines() if x.startswith("| r90_agc | 52.00"))
     assert "| 2/2 | 2.5 ± 0.7 | 36 ± 8 | 300 ± 85 | 33 |" in line
