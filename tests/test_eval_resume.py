@@ -464,18 +464,23 @@ def test_resume_keeps_the_earlier_sessions_timings(routed, uninterrupted, tmp_pa
     assert checked >= 2
 
 
-@pytest.mark.parametrize("key", ["unit_acc", "timings", "n_attacked", "n_broken", "current"])
-def test_state_missing_an_entry_is_refused_untouched(routed, uninterrupted, tmp_path, key):
+@pytest.mark.parametrize(
+    "keys",
+    [["unit_acc"], ["timings"], ["n_attacked"], ["n_broken"], ["current"], ["unit_acc", "timings"]],
+)
+def test_state_missing_an_entry_is_refused_untouched(routed, uninterrupted, tmp_path, keys):
     """A state that lacks an entry every snapshot writes (truncated or hand-edited) is refused by
     name, not resumed with that entry empty (a finished unit would lose its accuracy or time)."""
     model, x, y = routed
     _, saved = uninterrupted
     snap = json.loads(saved[len(saved) // 2])
-    del snap[key]
+    for key in keys:
+        del snap[key]
     state = tmp_path / "state.json"
     text = json.dumps(snap)
     state.write_text(text, encoding="utf-8")
-    with pytest.raises(UserError, match=rf"lacks {key}; delete it"):
+    match = rf"lacks {', '.join(keys)}; delete it or choose another --state file$"
+    with pytest.raises(UserError, match=match):
         _run(model, x, y, state_file=state)
     assert state.read_text(encoding="utf-8") == text
 
