@@ -24,6 +24,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "build_model_from_checkpoint",
+    "checkpoint_widths",
     "strip_prefixes",
     "atomic_write_bytes",
 ]
@@ -103,6 +104,22 @@ def strip_prefixes(
     return out
 
 
+def checkpoint_widths(ckpt: dict[str, Any]) -> dict[str, int] | None:
+    """The per-layer widths a structurally pruned model's checkpoint carries (``robust-agc
+    export``, or a run trained from one), ``None`` for the architecture's own.
+
+    Raises:
+        CheckpointError: ``widths`` is not a mapping of layer names to ints.
+    """
+    widths = ckpt.get("widths")
+    if widths is not None and not (
+        isinstance(widths, dict)
+        and all(isinstance(k, str) and isinstance(v, int) for k, v in widths.items())
+    ):
+        raise CheckpointError("checkpoint 'widths' is not a mapping of layer names to ints")
+    return widths
+
+
 def _fold_hydra_scores(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
     """A HYDRA score run's state dict (``--prune hydra``: parametrised weights and scores) as the
     plain state dict of the network it evaluates: each weight times the top-k of its scores at
@@ -141,11 +158,7 @@ def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     if "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError("not a robust_agc training checkpoint (no 'model' or 'config' entry)")
     cfg = ckpt["config"]
-    widths = ckpt.get("widths")
-    if widths is not None and not (
-        isinstance(widths, dict) and all(isinstance(v, int) for v in widths.values())
-    ):
-        raise CheckpointError("checkpoint 'widths' is not a mapping of layer names to ints")
+    widths = checkpoint_widths(ckpt)
     try:
         model = create_model(
             cfg["model"],

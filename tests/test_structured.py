@@ -4,6 +4,7 @@ the weights-only round trip, and the CLI (train, export, bad input)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 from robust_agc.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from robust_agc.cli import main
+from robust_agc.config import TrainConfig
 from robust_agc.errors import UserError
 from robust_agc.eval import compression_info, load_model
 from robust_agc.models import create_model, list_models
@@ -25,6 +27,7 @@ from robust_agc.sparse import (
     layer_widths,
     maskable_modules,
 )
+from robust_agc.train import Trainer
 
 SHAPES = {"small-cnn": (1, 16, 16), "mnist-cnn": (1, 16, 16)}  # others: (3, 8, 8)
 BIG = ("preact-resnet18", "vgg16", "wrn-28-4")  # their channel-structure exports are `slow`
@@ -358,6 +361,41 @@ def test_cli_train_filter_export_and_eval_load(tmp_path, capsys):
     before = small_path.read_bytes()
     assert run_cli("export", str(run / "last.pt"), "--out", str(small_path)) == 2
     assert "exists" in capsys.readouterr().err and small_path.read_bytes() == before
+    # the exported network trains as itself: --init-from builds it at its widths
+    tuned = tmp_path / "tuned"
+    assert run_cli(*TINY, "--init-from", str(small_path), "--out", str(tuned)) == 0
+    small_ckpt = load_checkpoint(small_path)
+    after = load_checkpoint(tuned / "last.pt")
+    assert after["widths"] == small_ckpt["widths"]
+    n_small = sum(p.numel() for p in small.parameters())
+    assert json.loads((tuned / "summary.json").read_text())["params"] == n_small
+    trained = build_model_from_checkpoint(after)  # eval rebuilds it at those widths too
+    assert sum(p.numel() for p in trained.parameters()) == n_small
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), small.parameters()))
+    argv = ["eval", str(tuned / "last.pt"), "--attacks", "clean", "--n-examples", "8"]
+    assert run_cli(*argv, "--no-progress", "--out", str(tmp_path / "tuned.json")) == 0
+
+
+def test_a_run_from_an_exported_network_resumes_bit_identically(tmp_path):
+    run, small_path = tmp_path / "run", tmp_path / "small.pt"
+    argv = [*TINY, "--sparse-method", "static", "--sparse-structure", "filter"]
+    assert run_cli(*argv, "--out", str(run)) == 0
+    assert run_cli("export", str(run / "last.pt"), "--out", str(small_path)) == 0
+    cfg = TrainConfig(model="small-cnn", train_subset=64, val_size=16, eval_subset=16,
+                      eval_steps=1, batch_size=32, attack_steps=1, epochs=2, threads=1,
+                      progress=False, init_from=str(small_path))  # fmt: skip
+    ref = Trainer(cfg)
+    ref.fit()
+    first = Trainer(cfg)
+    first.cfg = dataclasses.replace(cfg, epochs=1)  # the schedule stays the two-epoch run's
+    first.fit()
+    ckpt = first.state_dict()
+    resumed = Trainer(cfg)
+    resumed.load_state_dict(ckpt)
+    resumed.fit()
+    assert ckpt["widths"] == load_checkpoint(small_path)["widths"]
+    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 @pytest.mark.parametrize(

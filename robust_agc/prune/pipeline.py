@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from ..checkpoint import atomic_write_bytes, checkpoint_widths, load_checkpoint, save_checkpoint
 from ..config import DERIVED_KEYS, EXECUTION_KEYS, TrainConfig
 from ..errors import UserError
 from ..models import create_model
@@ -260,6 +260,7 @@ def export_model(checkpoint: Path, dest: Path) -> dict[str, Any]:
             num_classes=int(cfg["num_classes"]),
             in_channels=int(cfg["in_channels"]),
             input_size=int(cfg["input_size"]),
+            widths=checkpoint_widths(ckpt),
         )
     sparse = register_masks(model, masks)
     model.load_state_dict(state, strict=True)

@@ -4,7 +4,9 @@
 run's checkpoint. What is taken from the source and what starts fresh:
 
 - taken: the model's parameters and buffers (BatchNorm statistics included) with the source's
-  masks folded in (pruned weights exactly zero), loaded strictly into the run's architecture;
+  masks folded in (pruned weights exactly zero), loaded strictly into the run's architecture, at
+  the source's layer widths when it is a structurally pruned (exported) network, so the run
+  trains that smaller network;
   with a sparse method, the source's masks when the source is sparse (a HYDRA score run's masks
   are the top-k of its scores);
 - fresh: the optimizer and its state, the epoch and step counters (``grad_evals`` counts this
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import checkpoint_widths, load_checkpoint
 from ..config import TrainConfig
 from ..data import DATASET_INFO
 from ..errors import CheckpointError, UserError
@@ -61,6 +63,7 @@ __all__ = [
     "prepare_model",
     "preflight",
     "source_masks",
+    "source_widths",
 ]
 
 _COUNTERS = ("epoch", "grad_evals", "train_time_s", "cpu_time_s", "wall_time_s")
@@ -118,6 +121,18 @@ class InitSource:
         rec.update(self.counters)
         rec.update(self.totals)
         return rec
+
+
+def source_widths(path: str | Path) -> dict[str, int] | None:
+    """The per-layer widths of a structurally pruned source (``robust-agc export``'s output, or a
+    run trained from one): a run started from it trains that smaller network; ``None`` for a
+    source of the architecture's own widths (a run folder means its ``best.pt``).
+
+    Raises:
+        CheckpointError: missing, unreadable or unsafe, or malformed widths.
+    """
+    path = Path(path)
+    return checkpoint_widths(load_checkpoint(path / "best.pt" if path.is_dir() else path))
 
 
 def load_source(path: str | Path) -> InitSource:
@@ -316,6 +331,7 @@ def preflight(cfg: TrainConfig) -> InitSource | None:
             input_size=info.input_size,
             mean=info.mean,
             std=info.std,
+            widths=source_widths(cfg.init_from),
         )
         source = prepare_model(cfg, model)
         if cfg.sparse_method != "dense" and source is not None:

@@ -81,9 +81,15 @@ def build_splits(cfg: TrainConfig, splits: DataSplits | None = None) -> DataSpli
     return splits
 
 
-def build_model(cfg: TrainConfig, info: DatasetInfo, device: torch.device) -> nn.Module:
+def build_model(
+    cfg: TrainConfig,
+    info: DatasetInfo,
+    device: torch.device,
+    widths: dict[str, int] | None = None,
+) -> nn.Module:
     """The architecture on ``device`` (4-d weights in ``channels_last`` with ``--channels-last``,
-    before masks and optimizer state exist)."""
+    before masks and optimizer state exist), at ``widths`` (layer name -> output width) when
+    given: the smaller network of a structurally pruned ``--init-from`` source."""
     model = create_model(
         cfg.model,
         num_classes=info.num_classes,
@@ -92,6 +98,7 @@ def build_model(cfg: TrainConfig, info: DatasetInfo, device: torch.device) -> nn
         mean=info.mean,
         std=info.std,
         init=cfg.init,
+        widths=widths,
     ).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

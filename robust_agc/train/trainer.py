@@ -36,7 +36,7 @@ from ..errors import CheckpointError, UserError
 from ..losses import grad_align_penalty
 from ..optim import is_corrected
 from ..probe import gradient_variance
-from ..prune.source import check_resume_source, preflight
+from ..prune.source import check_resume_source, preflight, source_widths
 from ..utils import comm_device, dist_info, machine_info
 from . import build
 from .accuracy import evaluate_accuracy
@@ -120,7 +120,9 @@ class Trainer:
         info = self.splits.info
         self.eps = info.eps_linf if cfg.eps is None else cfg.eps
         self.step_size = build.resolve_step_size(cfg, self.eps)
-        self.model = build.build_model(cfg, info, self.device)
+        # a structurally pruned (exported) source: this run trains that smaller network
+        self.widths = source_widths(cfg.init_from) if cfg.init_from else None
+        self.model = build.build_model(cfg, info, self.device, self.widths)
         self.init_source = build.build_init_source(cfg, self.model)
         self.amp_dtype, self.scaler = build_scaler(cfg.amp, self.device.type)
         shape = (info.in_channels, info.input_size, info.input_size)
@@ -483,6 +485,7 @@ class Trainer:
             "version": __version__,
             "config": self.cfg.to_dict() | self.model_meta(),
             "model": self.model.state_dict(),
+            **({} if self.widths is None else {"widths": dict(self.widths)}),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "epoch": st.epoch,
@@ -759,6 +762,9 @@ class Trainer:
         out: dict[str, Any] = (
             {} if self.init_source is None else {"source": self.init_source.provenance()}
         )
+        if self.widths is not None:  # a structurally pruned network: its size, as trained
+            out["widths"] = dict(self.widths)
+            out["params"] = sum(p.numel() for p in self.model.parameters())
         return (
             out
             | {
