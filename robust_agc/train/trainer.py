@@ -610,7 +610,7 @@ class Trainer:
             rec["nonfinite_weights"] = True
             logger.warning(
                 "epoch %d: training diverged: the model's weights are not finite (training "
-                "loss %s); the model is at chance from here on",
+                "loss %s); it cannot recover from here",
                 rec["epoch"],
                 rec["train_loss"],
             )
