@@ -299,11 +299,13 @@ def test_autoattack_fmn_disagreement_in_record(linear, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_resume_gives_identical_radii(linear, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmn_slice", [None, (4, N)], ids=["all", "slice"])
+def test_resume_gives_identical_radii(linear, tmp_path, monkeypatch, fmn_slice):
     """Interrupted inside the fmn stage after one chunk, a rerun resumes there (the first chunk
-    is not attacked again) and gives the uninterrupted run's radii and curve."""
+    is not attacked again) and gives the uninterrupted run's radii and curve (with a slice, the
+    points outside it keep their ``None`` radius through the saved state)."""
     model, x, y = linear
-    ref = _run(model, x, y, batch_size=8)
+    ref = _run(model, x, y, batch_size=8, fmn_slice=fmn_slice)
     st = tmp_path / "state.json"
     real = Attackers.attack
     calls = []
@@ -316,12 +318,13 @@ def test_resume_gives_identical_radii(linear, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Attackers, "attack", dying)
     with pytest.raises(KeyboardInterrupt):
-        _run(model, x, y, batch_size=8, state_file=st)
+        _run(model, x, y, batch_size=8, state_file=st, fmn_slice=fmn_slice)
     saved = json.loads(st.read_text())
     assert saved["current"]["unit"] == "fmn" and saved["current"]["batches_done"] == 1
     assert len(saved["radii"]) == N
+    assert (None in saved["radii"]) == (fmn_slice is not None)
     calls.clear()
-    res = _run(model, x, y, batch_size=8, state_file=st)
+    res = _run(model, x, y, batch_size=8, state_file=st, fmn_slice=fmn_slice)
     n_chunks = math.ceil(ref.n_attacked["fmn"] / 8)
     assert calls.count("fmn") == n_chunks - 1
     assert res.radii == ref.radii
