@@ -19,7 +19,13 @@ from torch import Tensor
 from .base import Attack
 from .validation import check_int
 
-__all__ = ["TORCHATTACKS_PREFIX", "TorchattacksAdapter", "as_torchattacks", "torchattacks_attack"]
+__all__ = [
+    "TORCHATTACKS_PREFIX",
+    "TorchattacksAdapter",
+    "as_torchattacks",
+    "check_torchattacks_name",
+    "torchattacks_attack",
+]
 
 #: ``"torchattacks:NAME"`` names torchattacks' class ``NAME`` where an attack name is expected.
 TORCHATTACKS_PREFIX = "torchattacks:"
