@@ -682,6 +682,25 @@ def test_standard_autoattack_configuration():
         runner("apgd", x, y)  # a component name pyautoattack does not dispatch
 
 
+def test_custom_autoattack_configuration():
+    """A custom component list and an L2 threat reach pyautoattack as given (nothing is run)."""
+    runner = AutoAttackRunner(
+        MeanIntensityModel(),
+        version="custom",
+        components=("apgd-ce", "square"),
+        threat=ev.ThreatModel.L2,
+        eps=0.5,
+        seed=3,
+        device=torch.device("cpu"),
+        n_targets=None,
+    )
+    aa = runner.aa
+    assert aa.version == "custom" and aa.attacks_to_run == ["apgd-ce", "square"]
+    assert aa.norm == "L2" and aa.apgd.norm == "L2" and aa.square.norm == "L2"
+    assert aa.epsilon == 0.5 and aa.seed == 3 and aa.device == torch.device("cpu")
+    assert aa.apgd.device == torch.device("cpu")
+
+
 def test_dataset_by_name_uses_first_points(fmnist_tiny, mlp):
     _, _, xt, yt = fmnist_tiny
     res = ev.benchmark(
