@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import warnings
 
 import pytest
@@ -677,9 +678,36 @@ def test_standard_autoattack_configuration():
     assert cfg["fab"]["n_target_classes"] == 9
     assert (cfg["square"]["n_queries"], cfg["square"]["p_init"]) == (5000, 0.8)
     assert runner.aa.epsilon == 0.1 and runner.aa.seed == 0 and runner.aa.norm == "Linf"
+    assert runner.aa.device == torch.device("cpu") and runner.aa.apgd.device == torch.device("cpu")
+    # pyautoattack's log lines go under our logger hierarchy
+    ours = logging.getLogger("robust_agc.eval.autoattack")
+    assert runner.aa.logger is ours and runner.aa.apgd.logger is ours
+    assert runner.aa.apgd_targeted.logger is ours
     x, y = torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="Invalid attack value: 'apgd'"):
         runner("apgd", x, y)  # a component name pyautoattack does not dispatch
+    l2 = AutoAttackRunner(
+        MeanIntensityModel(), version="standard", components=ev.AUTOATTACK_VERSIONS["standard"],
+        threat=ev.ThreatModel.L2, eps=0.5, seed=0, device=torch.device("cpu"), n_targets=9,
+    )  # fmt: skip
+    assert l2.aa.norm == "L2" and l2.aa.apgd.norm == "L2"
+
+
+def test_an_autoattack_without_a_component_object_is_refused(monkeypatch):
+    """A pyautoattack whose AutoAttack lacks one of the component attacks the runner dispatches
+    to is refused by name (an unsupported version), not left to fail in the middle of a run."""
+    import pyautoattack
+
+    class Partial:
+        def __init__(self, model, **kw):
+            self.apgd = self.apgd_targeted = self.square = object()
+
+    monkeypatch.setattr(pyautoattack, "AutoAttack", Partial)
+    with pytest.raises(RuntimeError, match="no attribute 'fab': this pyautoattack version is not"):
+        AutoAttackRunner(
+            MeanIntensityModel(), version="standard", components=("apgd-ce",),
+            threat=ev.ThreatModel.Linf, eps=0.1, seed=0, device=torch.device("cpu"), n_targets=9,
+        )  # fmt: skip
 
 
 def test_custom_autoattack_configuration():
