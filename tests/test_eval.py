@@ -671,12 +671,18 @@ def test_standard_autoattack_configuration():
         n_targets=9,
     )
     cfg = runner.config()
-    assert cfg["version"] == "standard"
-    assert cfg["components"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
-    assert (cfg["apgd"]["n_iter"], cfg["apgd"]["n_restarts"]) == (100, 1)
-    assert (cfg["apgd_t"]["n_iter"], cfg["apgd_t"]["n_target_classes"]) == (100, 9)
-    assert cfg["fab"]["n_target_classes"] == 9
-    assert (cfg["square"]["n_queries"], cfg["square"]["p_init"]) == (5000, 0.8)
+    # the record's attack_config, key for key: pyautoattack's standard settings
+    aa = runner.aa
+    assert cfg == {
+        "implementation": "pyautoattack",
+        "version": "standard",
+        "components": ["apgd-ce", "apgd-t", "fab-t", "square"],
+        "apgd": {"n_iter": 100, "n_restarts": 1, "eot_iter": 1, "rho": aa.apgd.thr_decr},
+        "apgd_t": {"n_iter": 100, "n_restarts": 1, "n_target_classes": 9},
+        "fab": {"n_iter": aa.fab.n_iter, "n_restarts": aa.fab.n_restarts, "n_target_classes": 9},
+        "square": {"n_queries": 5000, "p_init": 0.8},
+    }
+    assert aa.apgd.thr_decr == 0.75 and (aa.fab.n_iter, aa.fab.n_restarts) == (100, 1)
     assert runner.aa.epsilon == 0.1 and runner.aa.seed == 0 and runner.aa.norm == "Linf"
     assert runner.aa.device == torch.device("cpu") and runner.aa.apgd.device == torch.device("cpu")
     # pyautoattack's log lines go under our logger hierarchy
