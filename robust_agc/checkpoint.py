@@ -144,10 +144,11 @@ def _fold_hydra_scores(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[st
 def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the architecture recorded in a checkpoint's config and load its weights.
 
-    Sparsity masks are multiplied into the weights and the mask buffers dropped, giving a plain module
-    (RobustBench style); a HYDRA score run's weights are multiplied by the top-k of their scores. A structurally pruned model (``robust-agc export``) carries ``widths``
-    (layer name -> output width) next to its config, and is rebuilt at those widths. The model is
-    returned in eval mode.
+    Sparsity masks are multiplied into the weights and the mask buffers dropped, giving a plain
+    module (RobustBench style); a HYDRA score run's weights are multiplied by the top-k of their
+    scores. A structurally pruned model (``robust-agc export``) carries ``widths`` (layer name ->
+    output width) next to its config, and is rebuilt at those widths. The model is returned in
+    eval mode.
 
     Raises:
         CheckpointError: no model or config in the checkpoint, or weights that do not fit the

@@ -38,6 +38,7 @@ from .sparse import DISTRIBUTIONS, NOISE_FORMS, STRUCTURES, list_sparse_methods,
 
 __all__ = [
     "COLLAPSE_ACTIONS",
+    "STRUCTURED_SOURCE_RULE",
     "DERIVED_KEYS",
     "SINGLE_STEP_ATTACKS",
     "EXECUTION_KEYS",
@@ -82,6 +83,13 @@ PRUNE_METHODS: tuple[str, ...] = ("lwm", "hydra")
 
 PRUNE_SCOPES: tuple[str, ...] = ("layerwise", "global")
 """Values of ``--prune-scope``."""
+
+
+#: Why other structured selections from a trained source are refused (HYDRA's scores and IMP's
+#: rounds select single weights here); the one wording for the config and the pipelines.
+STRUCTURED_SOURCE_RULE = (
+    "a source is pruned structurally only by filters with --prune lwm (L1 norm)"
+)
 
 
 def trainable_optimizers() -> list[str]:
@@ -494,7 +502,7 @@ class TrainConfig:
             # 2017): HYDRA's scores and IMP's rewinding are per weight here.
             why = None
             if self.sparse_structure != "filter" or self.prune != "lwm":
-                why = "a source is pruned structurally only by filters with --prune lwm (L1 norm)"
+                why = STRUCTURED_SOURCE_RULE
             elif self.rewind_from is not None:
                 why = "--rewind-from (rewinding is for unstructured IMP)"
             if why is not None:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import atomic_write_bytes, checkpoint_widths, load_checkpoint, save_checkpoint
-from ..config import DERIVED_KEYS, EXECUTION_KEYS, TrainConfig
+from ..config import DERIVED_KEYS, EXECUTION_KEYS, STRUCTURED_SOURCE_RULE, TrainConfig
 from ..errors import UserError
 from ..models import create_model
 from ..sparse import fold_masks
@@ -136,7 +136,7 @@ def plan_stages(
         # HYDRA's scores and IMP's rounds select single weights here: refused before any stage
         raise UserError(
             f"Invalid combination: --sparse-structure {base.sparse_structure} with --method "
-            f"{method}: a source is pruned structurally only by filters with --prune lwm (L1 norm)"
+            f"{method}: {STRUCTURED_SOURCE_RULE}"
         )
     rep = dataclasses.replace
     if method == "lwm":

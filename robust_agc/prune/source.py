@@ -63,7 +63,6 @@ __all__ = [
     "prepare_model",
     "preflight",
     "source_masks",
-    "source_widths",
 ]
 
 _COUNTERS = ("epoch", "grad_evals", "train_time_s", "cpu_time_s", "wall_time_s")
@@ -89,6 +88,9 @@ class InitSource:
     masks: dict[str, Tensor] | None
     counters: dict[str, Any]
     totals: dict[str, float]
+    # layer name -> output width of a structurally pruned (exported) source; None: the
+    # architecture's own widths. A run started from it builds (and trains) that smaller network.
+    widths: dict[str, int] | None = None
 
     @property
     def density(self) -> float | None:
@@ -121,18 +123,6 @@ class InitSource:
         rec.update(self.counters)
         rec.update(self.totals)
         return rec
-
-
-def source_widths(path: str | Path) -> dict[str, int] | None:
-    """The per-layer widths of a structurally pruned source (``robust-agc export``'s output, or a
-    run trained from one): a run started from it trains that smaller network; ``None`` for a
-    source of the architecture's own widths (a run folder means its ``best.pt``).
-
-    Raises:
-        CheckpointError: missing, unreadable or unsafe, or malformed widths.
-    """
-    path = Path(path)
-    return checkpoint_widths(load_checkpoint(path / "best.pt" if path.is_dir() else path))
 
 
 def load_source(path: str | Path) -> InitSource:
@@ -171,7 +161,16 @@ def load_source(path: str | Path) -> InitSource:
         for k in ("grad_evals", "train_time_s", "cpu_time_s")
     }
     totals["grad_evals_total"] = int(totals["grad_evals_total"])
-    return InitSource(path, file_sha256(path), cfg, state, masks or None, counters, totals)
+    return InitSource(
+        path,
+        file_sha256(path),
+        cfg,
+        state,
+        masks or None,
+        counters,
+        totals,
+        checkpoint_widths(ckpt),
+    )
 
 
 def _run_counters(path: Path) -> dict[str, float] | None:
@@ -240,12 +239,16 @@ def _check_sparsity(cfg: TrainConfig, source: InitSource) -> None:
         )
 
 
-def prepare_model(cfg: TrainConfig, model: nn.Module) -> InitSource | None:
+def prepare_model(
+    cfg: TrainConfig, model: nn.Module, source: InitSource | None = None
+) -> InitSource | None:
     """``--init-from``: load the source into ``model`` (built by the run, before its masks and
-    optimizer) and, with ``--prune hydra``, attach the scores; ``None`` without ``--init-from``."""
+    optimizer, at ``source.widths``) and, with ``--prune hydra``, attach the scores; ``None``
+    without ``--init-from``. ``source``: the already loaded ``cfg.init_from`` (read it once)."""
     if cfg.init_from is None:
         return None
-    source = load_source(cfg.init_from)
+    if source is None:
+        source = load_source(cfg.init_from)
     _check_sparsity(cfg, source)
     load_weights(model, source)
     if cfg.prune == "hydra":
@@ -323,6 +326,7 @@ def preflight(cfg: TrainConfig) -> InitSource | None:
     if cfg.init_from is None:
         return None
     info = DATASET_INFO[cfg.dataset]
+    source = load_source(cfg.init_from)
     with torch.random.fork_rng(devices=[]):
         model = create_model(
             cfg.model,
@@ -331,10 +335,10 @@ def preflight(cfg: TrainConfig) -> InitSource | None:
             input_size=info.input_size,
             mean=info.mean,
             std=info.std,
-            widths=source_widths(cfg.init_from),
+            widths=source.widths,
         )
-        source = prepare_model(cfg, model)
-        if cfg.sparse_method != "dense" and source is not None:
+        prepare_model(cfg, model, source)
+        if cfg.sparse_method != "dense":
             source_masks(cfg, model, source, generator=torch.Generator().manual_seed(0))
     return source
 

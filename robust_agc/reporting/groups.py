@@ -20,6 +20,7 @@ __all__ = [
     "facet_groups",
     "group_labels",
     "group_runs",
+    "study_cell",
 ]
 
 IGNORED_CONFIG_KEYS: frozenset[str] = EXECUTION_KEYS | frozenset(
@@ -30,6 +31,14 @@ IGNORED_CONFIG_KEYS: frozenset[str] = EXECUTION_KEYS | frozenset(
 how a run executes), the seed, and output names. Also matched as the last part of a dotted key."""
 
 _SEED_DIR = re.compile(r"s\d+")
+
+
+def study_cell(path: Path) -> tuple[str, str] | None:
+    """``(study, cell)`` of a run folder stored in run_study's layout ``<study>/<cell>/s<seed>``;
+    ``None`` for any other folder."""
+    if not _SEED_DIR.fullmatch(path.name):
+        return None
+    return path.parent.parent.name, path.parent.name
 
 
 def config_group_key(config: dict[str, Any], ignore: frozenset[str] = IGNORED_CONFIG_KEYS) -> str:
@@ -51,10 +60,11 @@ def group_runs(
     seed. The key is then the config of the cell's first run plus a ``"cell"`` entry."""
     cells: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
-        if not _SEED_DIR.fullmatch(r.path.name):
+        where = study_cell(r.path)
+        if where is None:
             cells = {}
             break
-        cells.setdefault((r.path.parent.parent.name, r.path.parent.name), []).append(r)
+        cells.setdefault(where, []).append(r)
     if cells:
         keyed = {
             json.dumps(
@@ -78,10 +88,10 @@ def cell_labels(dirs: dict[str, Sequence[Path]]) -> dict[str, str] | None:
     name, or ``<study>/<cell>`` when several studies share cell names; else None."""
     names: dict[str, tuple[str, str]] = {}
     for k, paths in dirs.items():
-        cells = {(p.parent.parent.name, p.parent.name) for p in paths}
-        if len(cells) != 1 or not all(_SEED_DIR.fullmatch(p.name) for p in paths):
+        cell = study_cell(paths[0]) if paths else None
+        if cell is None or any(study_cell(p) != cell for p in paths):
             return None
-        names[k] = cells.pop()
+        names[k] = cell
     if len(set(names.values())) != len(names):
         return None
     if len({cell for _, cell in names.values()}) == len(names):

@@ -105,10 +105,12 @@ def build_model(
     return model
 
 
-def build_init_source(cfg: TrainConfig, model: nn.Module) -> InitSource | None:
+def build_init_source(
+    cfg: TrainConfig, model: nn.Module, source: InitSource | None = None
+) -> InitSource | None:
     """``--init-from``: the source's weights loaded into ``model`` (and ``--prune hydra``'s
     scores attached); ``None`` without it (:mod:`robust_agc.prune.source`)."""
-    return prepare_model(cfg, model)
+    return prepare_model(cfg, model, source)
 
 
 def build_masks(
@@ -204,15 +206,15 @@ def _train_attack_kwargs(cfg: TrainConfig, *, eps: float, step_size: float) -> d
     """The arguments ``--train-attack``'s class takes: the single-step attacks take no ``steps``
     (FGSM no ``alpha`` either: its step is ``eps``), N-FGSM its noise multiplier; every one
     ``--attack-bn-mode``."""
-    mode = {"bn_mode": cfg.attack_bn_mode}
+    kwargs: dict[str, Any] = {"eps": eps, "bn_mode": cfg.attack_bn_mode}
     if cfg.train_attack == "fgsm":
-        return {"eps": eps, **mode}
+        return kwargs
+    kwargs["alpha"] = step_size
     if cfg.train_attack == "fgsm-rs":
-        return {"eps": eps, "alpha": step_size, **mode}
+        return kwargs
     if cfg.train_attack == "n-fgsm":
-        noise = 2.0 if cfg.nfgsm_noise is None else cfg.nfgsm_noise
-        return {"eps": eps, "alpha": step_size, "noise": noise, **mode}
-    return {"eps": eps, "alpha": step_size, "steps": cfg.attack_steps, **mode}
+        return kwargs | {"noise": 2.0 if cfg.nfgsm_noise is None else cfg.nfgsm_noise}
+    return kwargs | {"steps": cfg.attack_steps}
 
 
 def build_batches(cfg: TrainConfig, splits: DataSplits, *, rank: int, world_size: int) -> Batches:

@@ -36,7 +36,7 @@ from ..errors import CheckpointError, UserError
 from ..losses import grad_align_penalty
 from ..optim import is_corrected
 from ..probe import gradient_variance
-from ..prune.source import check_resume_source, preflight, source_widths
+from ..prune.source import check_resume_source, load_source, preflight
 from ..utils import comm_device, dist_info, machine_info
 from . import build
 from .accuracy import evaluate_accuracy
@@ -120,10 +120,11 @@ class Trainer:
         info = self.splits.info
         self.eps = info.eps_linf if cfg.eps is None else cfg.eps
         self.step_size = build.resolve_step_size(cfg, self.eps)
-        # a structurally pruned (exported) source: this run trains that smaller network
-        self.widths = source_widths(cfg.init_from) if cfg.init_from else None
+        # read once; a structurally pruned (exported) source: this run trains that smaller network
+        source = load_source(cfg.init_from) if cfg.init_from else None
+        self.widths = None if source is None else source.widths
         self.model = build.build_model(cfg, info, self.device, self.widths)
-        self.init_source = build.build_init_source(cfg, self.model)
+        self.init_source = build.build_init_source(cfg, self.model, source)
         self.amp_dtype, self.scaler = build_scaler(cfg.amp, self.device.type)
         shape = (info.in_channels, info.input_size, info.input_size)
         self.masks = build.build_masks(cfg, self.model, self.init_source, shape)
