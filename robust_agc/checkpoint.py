@@ -188,7 +188,8 @@ def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
                 wname = k[: -len("_mask")]
                 if wname not in params or params[wname].shape != m.shape:
                     raise CheckpointError(f"mask {k} does not match a weight of {cfg['model']!r}")
+                keep = m.to(params[wname].device).bool()  # the masks may be loaded onto a GPU
                 params[wname].copy_(
-                    torch.where(m.bool(), params[wname], torch.zeros_like(params[wname]))
+                    torch.where(keep, params[wname], torch.zeros_like(params[wname]))
                 )
     return model.eval()

@@ -384,6 +384,13 @@ class TrainConfig:
     channels_last: bool = _f(
         False, "run", "channels_last memory format for the model and the training inputs"
     )
+    deterministic: bool = _f(
+        False,
+        "run",
+        "deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic, a fixed "
+        "cuBLAS workspace; process-wide): bit-reproducible CUDA runs and resumes, at a speed cost; "
+        "CPU runs are reproducible without it",
+    )
     threads: int | None = _f(None, "run", "CPU threads (torch.set_num_threads)")
     out: str | None = _f(
         None, "run", "run folder (default runs/<dataset>-<model>-<sparse>-<optimizer>-s<seed>)"

@@ -391,6 +391,7 @@ def test_generator_errors_name_the_value() -> None:
         check_generator("x")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_generator_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"^Invalid generator value: a cuda(:0)? generator"):

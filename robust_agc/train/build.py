@@ -10,6 +10,7 @@ to build a single piece the way the trainer does.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -56,11 +57,27 @@ __all__ = [
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
-    """The run's device; a :class:`UserError` for CUDA where there is none."""
+    """The run's device; a :class:`UserError` for CUDA where there is none. With
+    ``cfg.deterministic``, deterministic kernels are switched on process-wide first
+    (:func:`use_deterministic_kernels`)."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"Invalid device value: {cfg.device!r} (CUDA is not available here)")
+    if cfg.deterministic:
+        use_deterministic_kernels()
     return device
+
+
+def use_deterministic_kernels() -> None:
+    """Deterministic kernels from now on in this process: ``torch.use_deterministic_algorithms``
+    (an op without a deterministic kernel raises), cuDNN deterministic without autotuning, and
+    cuBLAS's fixed workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which cuBLAS reads when this
+    process first uses it; an existing setting is kept). PyTorch's reproducibility notes:
+    https://pytorch.org/docs/stable/notes/randomness.html"""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def build_splits(cfg: TrainConfig, splits: DataSplits | None = None) -> DataSplits:

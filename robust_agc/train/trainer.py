@@ -528,17 +528,20 @@ class Trainer:
         if self.guard is not None:
             ckpt["collapse_guard"] = self.guard.state_dict()
 
-    def _load_fast_at_state(self, ckpt: dict[str, Any]) -> None:
+    def _load_fast_at_state(self, ckpt: dict[str, Any], rng: dict[str, Any]) -> None:
         if self.free is not None:
             self.free.load_state_dict(ckpt["free_at"])
         if self._grad_align_gen is not None:
-            self._grad_align_gen.set_state(ckpt["rng"]["grad_align"])
+            self._grad_align_gen.set_state(rng["grad_align"])
         if self.guard is not None:
             self.guard.load_state_dict(ckpt["collapse_guard"])
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (the config must describe the same run)."""
+        """Restore a :meth:`state_dict` (the config must describe the same run). ``ckpt`` may
+        have been loaded onto the run's device; the random states are moved back to the CPU, where
+        ``set_rng_state`` and ``Generator.set_state`` want them."""
         try:
+            rng = {k: _on_cpu(v) for k, v in ckpt["rng"].items()}
             self.model.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
@@ -547,11 +550,11 @@ class Trainer:
             if self.topology is not None:
                 self.topology.load_state_dict(ckpt["topology"])
             self._load_counters(ckpt)
-            self._load_rng(ckpt["rng"], saved_world=int(ckpt.get("world_size", 1)))
+            self._load_rng(rng, saved_world=int(ckpt.get("world_size", 1)))
             if self.scaler is not None:
                 self.scaler.load_state_dict(ckpt["amp"]["scaler"])
                 self.state.amp_skipped_steps = int(ckpt["amp"]["skipped_steps"])
-            self._load_fast_at_state(ckpt)
+            self._load_fast_at_state(ckpt, rng)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(
@@ -791,6 +794,15 @@ class Trainer:
             }
             | ({} if self.guard is None else {"collapse_guard": self.guard.state_dict()})
         )
+
+
+def _on_cpu(value: Any) -> Any:
+    """A saved random state (a tensor, a list of them, or None) on the CPU."""
+    if isinstance(value, Tensor):
+        return value.cpu()
+    if isinstance(value, list | tuple):
+        return [_on_cpu(v) for v in value]
+    return value
 
 
 def train(cfg: TrainConfig) -> tuple[dict[str, Any], Path]:

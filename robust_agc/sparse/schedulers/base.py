@@ -267,7 +267,7 @@ class TopologyScheduler:
         self.update_interval = int(state_dict["update_interval"])
         self.drop_fraction = float(state_dict["drop_fraction"])
         self.update_end = float(state_dict["update_end"])
-        self.generator.set_state(state_dict["generator_state"])
+        self.generator.set_state(state_dict["generator_state"].cpu())  # loaded onto a GPU too
         with torch.no_grad():
             for e, cur, mask in zip(ever, self.masks.ever_masks(), self.masks.masks()):
                 cur.copy_(e.to(cur.device) | mask)
