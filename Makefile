@@ -14,7 +14,7 @@ DEMO_OUT ?= runs/demo
 DEMO_PROCS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test test-slow mutation bit-identity lint format bench gpu-smoke clean
+.PHONY: install data demo test test-slow mutation bit-identity lint format bench gpu-smoke gpu-verify clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,18 +87,12 @@ bench: install
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mutation
 
-# For a machine with one CUDA GPU (not CI): RigL + AGC + PGD-AT in float32 with a SIGKILL and
-# --resume, the same in bfloat16 autocast with channels_last, AutoAttack on 300 points, throughput
-# from the metrics. The Fashion-MNIST files travel in data/fashion-mnist.
-GPU_DATA ?= $(if $(wildcard data/fashion-mnist/*.gz),--data-dir data/fashion-mnist,)
-GPU_RUN = $(BIN)/python -m robust_agc train $(GPU_DATA) --device cuda --optimizer agc --sparse-method rigl \
-	  --sparsity 0.9 --train-subset 20000 --no-progress
+# For a machine with one CUDA GPU (not CI): benchmarks/gpu_verify.sh says what each target runs.
+# GPU_PYTHON: the interpreter that holds a CUDA torch and the project's needs.
+GPU_PYTHON ?= $(BIN)/python
+GPU_LOGS ?= runs/gpu-logs
 gpu-smoke:
-	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
-	-timeout -s KILL 25 $(GPU_RUN) --epochs 4 --out runs/gpu-smoke --overwrite
-	R=$$([ -f runs/gpu-smoke/last.pt ] && echo --resume || echo --overwrite); \
-	$(GPU_RUN) --epochs 4 --out runs/gpu-smoke $$R
-	$(GPU_RUN) --epochs 2 --amp bf16 --channels-last --out runs/gpu-smoke-bf16 --overwrite
-	$(BIN)/python -m robust_agc eval runs/gpu-smoke/best.pt $(GPU_DATA) --device cuda --attacks clean,autoattack \
-	  --n-examples 300 --batch-size 300 --seed 0 --out runs/gpu-smoke/eval.json --overwrite
-	$(BIN)/python -c "import json; [print(run, 'epoch', r['epoch'], 'images/s', round(r['images_per_s'])) for run in ('runs/gpu-smoke', 'runs/gpu-smoke-bf16') for r in map(json.loads, open(run + '/metrics.jsonl'))]"
+	GPU_PYTHON=$(GPU_PYTHON) sh benchmarks/gpu_verify.sh smoke
+
+gpu-verify:
+	GPU_PYTHON=$(GPU_PYTHON) sh benchmarks/gpu_verify.sh all $(GPU_LOGS)

@@ -20,10 +20,15 @@ Each row reports the speed-up over dense (``x``: dense time / variant time) next
 depend on them). Inference and PGD-AT interleave the variants batch by batch (so machine load
 hits them alike); the AutoAttack runs go one after another (dense first).
 
+``--device cuda`` times on a GPU (every timed pass synchronised); GPU batches should be larger
+than the CPU defaults for the card to be busy (the GPU rows of ``benchmarks/RESULTS.md`` give theirs).
+
 Usage::
 
     .venv/bin/python benchmarks/structured_speed.py                      # full table (1 thread)
     .venv/bin/python benchmarks/structured_speed.py --quick             # a smoke run
+    python benchmarks/structured_speed.py --device cuda --batch 1024 --big-batch 512 \
+        --train-batch 512 --big-train-batch 256 --aa-points 1024 --aa-points-big 256
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from attacks import PGD  # noqa: E402
 from robust_agc.models import create_model  # noqa: E402
 from robust_agc.sparse import apply_structured_masks, export_structured  # noqa: E402
 from robust_agc.utils.machine import cpu_capability, cpu_model  # noqa: E402
-from robust_agc.utils.speed import count_flops, time_inference  # noqa: E402
+from robust_agc.utils.speed import count_flops, synchronize, time_inference  # noqa: E402
 
 SHAPES = {"small-cnn": (1, 28), "mnist-cnn": (1, 28)}  # others: (3, 32)
 
@@ -63,12 +68,14 @@ def time_pgd_at(
     for r in range(steps + 1):
         for i, (model, opt, attack) in enumerate(zip(models, opts, attacks)):
             model.train()
+            synchronize(x.device)
             t0 = time.perf_counter()
             x_adv = attack(x, y)
             loss = F.cross_entropy(model(x_adv), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            synchronize(x.device)
             if r:  # the first round warms up
                 times[i].append(time.perf_counter() - t0)
     return [x.shape[0] / statistics.median(t) for t in times]
@@ -78,15 +85,21 @@ def time_autoattack(model: nn.Module, x: torch.Tensor, eps: float, iters: int) -
     model.eval()
     with torch.no_grad():
         y = model(x).argmax(1)
-    aa = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=["apgd-ce"], seed=0)
+    aa = AutoAttack(
+        model, norm="Linf", eps=eps, version="custom", attacks=["apgd-ce"], seed=0, device=x.device
+    )
     aa.apgd.n_restarts = 1
     aa.apgd.n_iter = iters
+    synchronize(x.device)
     t0 = time.perf_counter()
     aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+    synchronize(x.device)
     return time.perf_counter() - t0
 
 
-def variants(name: str, sparsities: list[float]) -> list[tuple[str, nn.Module]]:
+def variants(
+    name: str, sparsities: list[float], device: str = "cpu"
+) -> list[tuple[str, nn.Module]]:
     c, s = SHAPES.get(name, (3, 32))
     torch.manual_seed(0)
     dense = create_model(name, in_channels=c, input_size=s)
@@ -99,7 +112,7 @@ def variants(name: str, sparsities: list[float]) -> list[tuple[str, nn.Module]]:
         )
         small, _ = export_structured(masked, (c, s, s))
         out.append((f"filter {sp:g}", small))
-    return out
+    return [(label, model.to(device)) for label, model in out]
 
 
 def run_model(name: str, args: argparse.Namespace) -> None:
@@ -109,10 +122,11 @@ def run_model(name: str, args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     bi, bt, na = (args.big_batch, args.big_train_batch, args.aa_points_big) if big else (
         args.batch, args.train_batch, args.aa_points)  # fmt: skip
-    x = torch.rand(bi, c, s, s, generator=g)
+    x = torch.rand(bi, c, s, s, generator=g).to(args.device)
     xt, yt = torch.rand(bt, c, s, s, generator=g), torch.randint(0, 10, (bt,), generator=g)
-    xa = torch.rand(na, c, s, s, generator=g)
-    named = variants(name, args.sparsities)
+    xt, yt = xt.to(args.device), yt.to(args.device)
+    xa = torch.rand(na, c, s, s, generator=g).to(args.device)
+    named = variants(name, args.sparsities, args.device)
     models = [m for _, m in named]
     infs = time_inference(models, x, args.repeats)
     ats = time_pgd_at(models, xt, yt, eps, args.train_steps)
@@ -148,15 +162,18 @@ def main() -> None:
     p.add_argument("--aa-points-big", type=int, default=8, help="AutoAttack points, 32x32")
     p.add_argument("--aa-iters", type=int, default=100, help="APGD-CE iterations")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args()
     if args.quick:
         args.models, args.sparsities = ["small-cnn"], [0.5]
         args.repeats, args.train_steps, args.aa_iters = 2, 1, 5
         args.batch, args.train_batch, args.aa_points = 16, 8, 4
     torch.set_num_threads(args.threads)
+    where = f"{cpu_model()} ({cpu_capability()})"
+    if args.device.startswith("cuda"):
+        where = f"{torch.cuda.get_device_name(args.device)}, CUDA {torch.version.cuda}"
     print(
-        f"# structured_speed: {cpu_model()} ({cpu_capability()}), torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}"
+        f"# structured_speed: {where}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     print(
         f"# batches: infer {args.batch}/{args.big_batch}, pgd-at {args.train_batch}/"

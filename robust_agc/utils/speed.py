@@ -5,6 +5,9 @@
 - :func:`count_flops`: conv/linear FLOPs (2 per multiply-add) of one input, from forward hooks.
 - :func:`time_inference`: eval-mode forward images per second of several models on one batch,
   interleaved batch by batch (machine load hits them alike), median over the timed repeats.
+
+On a CUDA device every timed pass ends with ``torch.cuda.synchronize()`` (kernels run
+asynchronously: without it the clock would stop at the launch).
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["count_flops", "inference_times", "time_inference"]
+__all__ = ["count_flops", "inference_times", "synchronize", "time_inference"]
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the queued kernels of ``device`` (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def count_flops(model: nn.Module, shape: Sequence[int]) -> float:
@@ -60,8 +69,10 @@ def inference_times(
     with torch.no_grad():
         for r in range(warmup + repeats):
             for i, model in enumerate(models):
+                synchronize(x.device)
                 t0 = time.perf_counter()
                 model(x)
+                synchronize(x.device)
                 if r >= warmup:
                     times[i].append(time.perf_counter() - t0)
     return times
