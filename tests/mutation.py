@@ -1,6 +1,7 @@
 """Mutation testing of the core modules with mutmut, one module group at a time.
 
     python tests/mutation.py run [GROUP ...] [--jobs N]   # mutate and test (resumable)
+    python tests/mutation.py save [GROUP ...]             # keep the verdicts so far (committed)
     python tests/mutation.py report [--list STATUS ...]   # per-module table from the last runs
 
 ``make mutation`` runs both. Each group (see :data:`GROUPS`) is mutated in its own scratch copy of
@@ -11,6 +12,13 @@ group's own unit tests keep a survivor's cost to seconds instead of the whole su
 A run that is stopped resumes where it was (mutmut keeps each verdict in ``.meta`` files); the
 sources and tests are copied in again at every run, the map of tests to functions is collected
 anew, and mutants of a changed function are tested again (``--only`` re-tests chosen ones).
+
+The verdicts outlive the scratch copy: ``run`` saves each group's ``.meta`` files (mutmut's
+verdicts, with the hash of every mutated function) to ``tests/mutation_state/<group>/`` when it
+ends, ``save`` does so at any time (for a run still going), and a ``run`` on a machine without the
+scratch copy starts from the saved files, so mutmut tests only the mutants not yet judged and those
+of functions changed since (it compares the hashes). ``report`` reads the scratch copy, or the
+saved files where there is none.
 
 Left out of every selection: tests that drive the library only through subprocesses (the CLI,
 ``torchrun``, the README's commands): mutmut maps tests to functions by in-process tracing, so they
@@ -32,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / ".mutation"
+STATE = ROOT / "tests" / "mutation_state"
 COLUMNS = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "not checked")
 
 
@@ -117,7 +126,16 @@ def _mutmut() -> str:
 def _prepare(name: str, group: Group) -> Path:
     """Copy the repository into ``.mutation/<name>`` and write the group's mutmut config."""
     dest = WORK / name
-    skip = {".git", ".venv", "runs", "data", ".mutation", "mutants", "__pycache__"}
+    skip = {
+        ".git",
+        ".venv",
+        "runs",
+        "data",
+        ".mutation",
+        "mutants",
+        "__pycache__",
+        "mutation_state",
+    }
     dest.mkdir(parents=True, exist_ok=True)
     for item in ROOT.iterdir():
         if item.name in skip or item.name.startswith("."):
@@ -151,7 +169,10 @@ def run(
         if name not in GROUPS:
             raise SystemExit(f"unknown group {name!r}: one of {', '.join(GROUPS)}")
         dest = _prepare(name, GROUPS[name])
+        restored = _restore(name, dest)
         print(f"== {name}: {', '.join(GROUPS[name].modules)} in {dest}", flush=True)
+        if restored:
+            print(f"== {name}: verdicts of {restored} files taken from {STATE / name}", flush=True)
         selected = list(only or [])
         if unchecked:
             status = {m: st for mod in load([name]).values() for m, st in mod.items()}
@@ -167,16 +188,46 @@ def run(
                 print(f"== {name}: no unchecked mutant matches", flush=True)
                 continue
         cmd = [_mutmut(), "run", "--max-children", str(jobs), *selected]
-        subprocess.run(cmd, cwd=dest, check=False)
+        try:
+            subprocess.run(cmd, cwd=dest, check=False)
+        finally:
+            save([name])
+
+
+def _restore(name: str, dest: Path) -> int:
+    """Copy the saved ``.meta`` files of group ``name`` into its scratch copy where it has none
+    (a fresh machine); mutmut then keeps their verdicts for unchanged functions. Returns how many
+    were copied."""
+    copied = 0
+    for meta in sorted((STATE / name).rglob("*.py.meta")):
+        target = dest / "mutants" / meta.relative_to(STATE / name)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(meta, target)
+            copied += 1
+    return copied
+
+
+def save(names: list[str] | None = None) -> None:
+    """Copy each group's ``.meta`` files from its scratch copy to ``tests/mutation_state/``."""
+    for name in names or list(GROUPS):
+        base = WORK / name / "mutants"
+        for meta in sorted(base.rglob("*.py.meta")):
+            target = STATE / name / meta.relative_to(base)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(meta, target)
 
 
 def load(groups: list[str] | None = None) -> dict[str, dict[str, str]]:
-    """``{module path: {mutant name: status}}`` from the ``.meta`` files of ``groups`` (all)."""
+    """``{module path: {mutant name: status}}`` from the ``.meta`` files of ``groups`` (all): a
+    group's scratch copy, or its saved files where there is no scratch copy."""
     from mutmut.stats import status_by_exit_code
 
     out: dict[str, dict[str, str]] = {}
     for name in groups or list(GROUPS):
         base = WORK / name / "mutants"
+        if not base.is_dir():
+            base = STATE / name
         for meta in sorted(base.rglob("*.py.meta")):
             codes = json.loads(meta.read_text())["exit_code_by_key"]
             if codes:
@@ -231,15 +282,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the mutants not run yet (of --only's patterns, in their order)",
     )
+    p_save = sub.add_parser("save", help="copy the verdicts so far to tests/mutation_state/")
+    p_save.add_argument("groups", nargs="*", help="groups to save (default: all)")
     p_rep = sub.add_parser("report", help="per-module table")
     p_rep.add_argument("--list", nargs="*", default=[], metavar="STATUS", help="statuses to list")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.groups, args.jobs, args.only, args.unchecked)
         return 0
+    if args.command == "save":
+        save(args.groups)
+        return 0
     results = load()
     if not results:
-        print("no mutmut results under .mutation/: run `make mutation` first")
+        print("no mutmut results under .mutation/ or tests/mutation_state/: run `make mutation`")
         return 1
     print(table(results))
     for status in args.list:
