@@ -200,10 +200,11 @@ def test_mask_buffers_are_the_ones_ddp_skips():
     assert not any("running" in n for n in names)
 
 
-def test_grad_align_under_torchrun_trains_and_counts_like_one_process(tmp_path):
-    """GradAlign's double backward through the DDP-wrapped model runs on two processes and
-    counts the same passes; its noise is drawn per rank, so the weights are not compared (the
-    free-replays case above compares a deterministic recipe)."""
+def test_grad_align_under_torchrun_gives_the_weights_of_one_process(tmp_path):
+    """GradAlign's double backward through the DDP-wrapped model on two processes: each rank
+    draws the global batch's noise and takes its rows, so every example gets the noise of one
+    process, and the weights, losses and pass counts are those of one process (float tolerance:
+    the per-rank penalty means are averaged by DDP)."""
     one, two = tmp_path / "one", tmp_path / "two"
     argv = [*BASE, "--objective", "pgd-at", "--train-attack", "fgsm", "--grad-align", "0.2",
             "--on-collapse", "off", "--epochs", "1"]  # fmt: skip
@@ -213,7 +214,7 @@ def test_grad_align_under_torchrun_trains_and_counts_like_one_process(tmp_path):
     _finish(_torchrun(*launcher, argv=[*argv, "--out", str(two)]))
     ra, rb = _rows(one), _rows(two)
     assert [r["grad_evals"] for r in ra] == [r["grad_evals"] for r in rb]
-    assert all(r["train_loss"] == pytest.approx(q["train_loss"], rel=0.05) for r, q in zip(ra, rb))
-    w = _weights(two)
-    assert all(bool(torch.isfinite(v).all()) for v in w.values())
-    assert any(not torch.equal(v, _weights(one)[k]) for k, v in w.items())  # it trained its own way
+    assert all(r["train_loss"] == pytest.approx(q["train_loss"], rel=1e-4) for r, q in zip(ra, rb))
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -290,10 +290,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ run
     def _grad_align_term(self, x: Tensor, y: Tensor) -> Tensor:
         """``--grad-align`` times :func:`~robust_agc.losses.grad_align_penalty` on the training
-        model, with ``eta ~ U(-eps, eps)`` from the ``grad_align`` stream (the current radius)."""
+        model, with ``eta ~ U(-eps, eps)`` from the ``grad_align`` stream (the current radius).
+        Every rank draws the noise of the whole global batch and takes its own shard's rows, so
+        each example gets the noise one process would give it (and the rank's stream stays in step
+        with the others')."""
         eps = self._eps_now()
         g = self._grad_align_gen
-        eta = torch.rand(x.shape, generator=g, dtype=x.dtype).mul_(2.0 * eps).sub_(eps)
+        n = x.shape[0]
+        eta = torch.rand((n * self.world_size, *x.shape[1:]), generator=g, dtype=x.dtype)
+        eta = eta[self.rank * n : (self.rank + 1) * n].mul_(2.0 * eps).sub_(eps)
         eta = eta.to(x.device, memory_format=torch.preserve_format)
         return self.cfg.grad_align * grad_align_penalty(self.train_model, x, y, eta)
 
