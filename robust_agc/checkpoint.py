@@ -120,13 +120,25 @@ def checkpoint_widths(ckpt: dict[str, Any]) -> dict[str, int] | None:
     return widths
 
 
-def _fold_hydra_scores(state: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
+def _fold_hydra_scores(
+    state: dict[str, Tensor], cfg: dict[str, Any], widths: dict[str, int] | None = None
+) -> dict[str, Tensor]:
     """A HYDRA score run's state dict (``--prune hydra``: parametrised weights and scores) as the
     plain state dict of the network it evaluates: each weight times the top-k of its scores at
-    the run's sparsity, allocation and scope (:func:`robust_agc.prune.scores.fold_score_state`).
-    Any other state dict is returned unchanged."""
+    the run's sparsity, allocation and scope (:func:`robust_agc.prune.scores.fold_score_state`);
+    with filter scores, the filter-pruned network they select
+    (:func:`robust_agc.prune.filter_scores.fold_filter_score_state`). Any other state dict is
+    returned unchanged."""
+    from .prune.filter_scores import filter_score_tensors, fold_filter_score_state
     from .prune.scores import fold_score_state, score_keys
 
+    if filter_score_tensors(state) is not None:
+        try:
+            return fold_filter_score_state(state, cfg, widths)[0]
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"cannot fold the HYDRA filter scores of this checkpoint: {e}"
+            ) from None
     if not score_keys(state):
         return state
     try:
@@ -171,7 +183,7 @@ def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     except KeyError as e:
         raise CheckpointError(f"checkpoint config lacks {e}") from None
     state = strip_prefixes(ckpt["model"])
-    state = _fold_hydra_scores(state, cfg)
+    state = _fold_hydra_scores(state, cfg, widths)
     masks = {k: v for k, v in state.items() if k.endswith("weight_mask")}
     weights = {k: v for k, v in state.items() if not k.endswith("weight_mask")}
     try:

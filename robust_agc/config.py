@@ -88,7 +88,8 @@ PRUNE_SCOPES: tuple[str, ...] = ("layerwise", "global")
 #: Why other structured selections from a trained source are refused (HYDRA's scores and IMP's
 #: rounds select single weights here); the one wording for the config and the pipelines.
 STRUCTURED_SOURCE_RULE = (
-    "a source is pruned structurally only by filters with --prune lwm (L1 norm)"
+    "a source is pruned structurally only by filters: with --prune lwm (L1 norm) or --prune "
+    "hydra (filter scores), and fine-tuned from a HYDRA filter-score run without --prune"
 )
 
 
@@ -505,10 +506,11 @@ class TrainConfig:
         if self.sparse_structure == "unstructured":
             return
         if self.init_from is not None:
-            # From a trained source, the one structured selection is L1 filter pruning (Li et al.
-            # 2017): HYDRA's scores and IMP's rewinding are per weight here.
+            # From a trained source, filters only: L1 filter pruning (Li et al. 2017), HYDRA's
+            # filter scores, or the fine-tuning of a filter-score run (its source is checked
+            # then); IMP's rewinding is per weight.
             why = None
-            if self.sparse_structure != "filter" or self.prune != "lwm":
+            if self.sparse_structure != "filter":
                 why = STRUCTURED_SOURCE_RULE
             elif self.rewind_from is not None:
                 why = "--rewind-from (rewinding is for unstructured IMP)"
@@ -517,6 +519,8 @@ class TrainConfig:
                     f"Invalid combination: --sparse-structure {self.sparse_structure} with "
                     f"--init-from: {why}"
                 )
+            if self.prune == "hydra":
+                return  # the score stage: a dense run (checked by _validate_pruning)
         allowed = structured_methods(self.sparse_structure)
         if self.sparse_method not in allowed:
             raise UserError(

@@ -415,12 +415,12 @@ def test_lwm_by_filters_keeps_the_largest_l1_filters_and_shrinks(source, tmp_pat
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "hydra"], "only by filters with --prune lwm"),
-        (["--method", "lwm", "--sparse-structure", "channel"], "only by filters with --prune lwm"),
-        (["--method", "imp", "--rounds", "2"], "only by filters with --prune lwm"),
+        (["--method", "lwm", "--sparse-structure", "channel"], "only by filters"),
+        (["--method", "hydra", "--sparse-structure", "channel"], "only by filters"),
+        (["--method", "imp", "--rounds", "2"], "only by filters"),
     ],
 )
-def test_structured_pruning_other_than_l1_filters_is_refused(
+def test_structured_pruning_other_than_filters_by_l1_or_scores_is_refused(
     source, tmp_path, capsys, extra, message
 ):
     out = tmp_path / "p"
@@ -441,3 +441,126 @@ def test_l1_filter_pruning_of_a_sparse_source_is_refused(lwm, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "starts from a dense source" in err and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------- structured: HYDRA filter scores
+def _scored(name: str, shape: tuple[int, int, int], density: float = 0.5):
+    """A registry model with a random (nonzero) head and filter scores attached; random scores."""
+    from robust_agc.prune.filter_scores import attach_filter_scores
+
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=shape[0], input_size=shape[1], init="default")
+    scores = attach_filter_scores(model, density=density, input_shape=shape)
+    with torch.no_grad():
+        for s in scores.scores:
+            s.uniform_(-1, 1)
+    return model, scores
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"), [("small-cnn", (1, 28, 28)), ("preact-resnet18", (3, 32, 32))]
+)
+def test_filter_scores_compute_the_filter_pruned_network(name, shape):
+    """The scored model's outputs (train and eval mode) are bit for bit those of the network its
+    folded state dict describes: the top-k filters of each group kept, the rest removed with
+    their BatchNorm parameters and biases; the masks are the exact top-k of the scores at the
+    structured masks' counts."""
+    from robust_agc.prune.filter_scores import fold_filter_score_state
+    from robust_agc.sparse import coupled_groups, group_keep_counts
+
+    model, scores = _scored(name, shape)
+    groups = coupled_groups(create_model(name, in_channels=shape[0], input_size=shape[1]), shape)
+    assert scores.counts == group_keep_counts(groups, "filter", 0.5, "uniform")
+    for s, m, k in zip(scores.scores, scores.masks(), scores.counts):
+        assert int(m.sum()) == k and s.abs()[m].min() >= s.abs()[~m].max()
+    cfg = {"model": name, "num_classes": 10, "in_channels": shape[0], "input_size": shape[1],
+           "sparsity": 0.5, "sparse_init": "uniform"}  # fmt: skip
+    plain, masks = fold_filter_score_state(model.state_dict(), cfg)
+    pruned = create_model(name, in_channels=shape[0], input_size=shape[1])
+    pruned.load_state_dict(plain, strict=True)
+    assert masks and all(
+        torch.equal(m.flatten(1).all(1), m.flatten(1).any(1)) for m in masks.values()
+    )
+    x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(1))
+    for mode in (True, False):
+        model.train(mode), pruned.train(mode)
+        with torch.no_grad():
+            assert torch.equal(model(x), pruned(x)), mode
+
+
+def test_filter_scores_start_at_l1_filter_pruning_and_reach_removed_filters():
+    """The first mask is Li et al.'s L1 ranking; the conv/linear weights are frozen; and the
+    straight-through gradient reaches the scores of removed channels too (the weight-level
+    estimator's gradient of a removed filter is zero in conv-BN-ReLU networks)."""
+    from robust_agc.prune.filter_scores import attach_filter_scores
+    from robust_agc.sparse import l1_filter_masks, maskable_modules
+
+    shape = (3, 32, 32)
+    torch.manual_seed(0)
+    ref = create_model("vgg16", in_channels=3, input_size=32, init="default")
+    model = create_model("vgg16", in_channels=3, input_size=32, init="default")
+    model.load_state_dict(ref.state_dict())
+    l1 = l1_filter_masks(ref, 0.5, input_shape=shape)
+    scores = attach_filter_scores(model, density=0.5, input_shape=shape)
+    for i, m in enumerate(scores.masks()):
+        assert torch.equal(m, l1.kept_channels(i)), i
+    for _, m in maskable_modules(model):
+        assert not m.weight.requires_grad
+    x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(1))
+    torch.nn.functional.cross_entropy(model.train()(x), torch.arange(8)).backward()
+    removed = [s.grad[~m] for s, m in zip(scores.scores, scores.masks())]
+    assert all(bool((g != 0).any()) for g in removed)
+
+
+def test_hydra_by_filters_trains_scores_then_the_filters_they_select(source, tmp_path):
+    """``prune --method hydra --sparse-structure filter``: the score stage leaves every conv and
+    linear weight as the source's and moves the scores; the fine-tuning stage keeps exactly the
+    top-k filters of the trained scores (and no scores), exports to a smaller network, and its
+    score checkpoint evaluates as the pruned network it describes."""
+    from robust_agc.prune.filter_scores import filter_score_tensors
+
+    out = tmp_path / "p"
+    assert run_cli("prune", source / "best.pt", "--method", "hydra", "--sparsity", 0.5,
+                   "--sparse-structure", "filter", *TINY, "--out", out) == 0  # fmt: skip
+    src = load_source(source / "best.pt").state
+    sc = torch.load(out / "1-scores" / "best.pt", weights_only=True)["model"]
+    for k, v in src.items():
+        if k.endswith(".weight") and v.dim() > 1:
+            assert torch.equal(sc[k], v), k  # frozen during score training
+    scores = filter_score_tensors(sc)
+    assert scores is not None
+    first = load_source(out / "1-scores" / "best.pt")
+    ft = torch.load(out / "2-finetune" / "best.pt", weights_only=True)
+    assert filter_score_tensors(ft["model"]) is None
+    masks = masks_of(ft["model"])
+    assert masks.keys() == first.masks.keys()
+    for name, m in masks.items():
+        assert torch.equal(m, first.masks[name]), name
+        rows = m.flatten(1)
+        assert torch.equal(rows.all(1), rows.any(1)), name
+    small = tmp_path / "small.pt"
+    assert run_cli("export", out / "2-finetune" / "best.pt", "--out", small) == 0
+    n_small = sum(v.numel() for v in torch.load(small, weights_only=True)["model"].values())
+    assert n_small < sum(v.numel() for k, v in src.items())
+    model = build_model_from_checkpoint(load_checkpoint(out / "1-scores" / "best.pt"))
+    assert torch.equal(model.state_dict()["features.0.weight"], first.state["features.0.weight"])
+
+
+def test_a_filter_score_source_is_fine_tuned_only_as_it_is(source, tmp_path, capsys):
+    """A filter-score run is fine-tuned with --sparse-structure filter, its sparsity and no
+    --prune; a dense source without scores and no --prune is refused: one line, nothing written."""
+    scores = tmp_path / "scores"
+    assert run_cli("train", "--init-from", source / "best.pt", "--prune", "hydra",
+                   "--sparse-structure", "filter", "--sparsity", 0.5, *TINY,
+                   "--out", scores) == 0  # fmt: skip
+    for src, extra, message in [
+        (scores, ["--sparsity", "0.75"], "holds HYDRA filter scores"),
+        (scores, ["--sparsity", "0.5", "--prune", "lwm"], "holds HYDRA filter scores"),
+        (source, ["--sparsity", "0.5"], "has no HYDRA filter scores"),
+    ]:
+        out = tmp_path / "ft"
+        assert run_cli("train", "--init-from", src / "best.pt", "--sparse-method", "static",
+                       "--sparse-structure", "filter", *extra, *TINY, "--out", out) == 2  # fmt: skip
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not out.exists()

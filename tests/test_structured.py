@@ -405,9 +405,9 @@ def test_a_run_from_an_exported_network_resumes_bit_identically(tmp_path):
         (["--sparse-method", "set", "--sparse-structure", "filter"], "Invalid combination"),
         (["--sparse-method", "bsr", "--sparse-structure", "channel"], "Invalid combination"),
         (["--sparse-structure", "filter"], "Invalid combination"),  # dense
-        (  # from a source, only L1 filter pruning: refused before any file is read
-            ["--sparse-method", "static", "--sparse-structure", "filter", "--init-from", "x.pt"],
-            "only by filters with --prune lwm",
+        (  # from a source, filters only: refused before any file is read
+            ["--sparse-method", "static", "--sparse-structure", "channel", "--init-from", "x.pt"],
+            "only by filters",
         ),
         (
             [

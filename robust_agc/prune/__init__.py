@@ -5,6 +5,8 @@ chained by checkpoints (docs/usage.md, "Robust pruning").
   :func:`top_masks`), IMP's densities (:func:`imp_densities`), :func:`register_masks`;
 - :mod:`~robust_agc.prune.scores`: HYDRA's scores and straight-through top-k
   (:func:`attach_scores`);
+- :mod:`~robust_agc.prune.filter_scores`: HYDRA's scores per filter, gated where each channel is
+  read (:func:`attach_filter_scores`, :func:`fold_filter_score_state`);
 - :mod:`~robust_agc.prune.source`: a stage's source checkpoint, what ``--init-from`` takes from
   it, provenance (:func:`load_source`);
 - :mod:`~robust_agc.prune.pipeline`: :func:`prune`, the stage runner and the pipeline record.
@@ -18,6 +20,7 @@ Example::
 
 from typing import Any
 
+from .filter_scores import FilterScores, attach_filter_scores, fold_filter_score_state
 from .magnitude import SCOPES, imp_densities, magnitude_masks, register_masks, top_masks
 from .scores import ScoredWeight, ScoreMasks, attach_scores, scaled_score_init
 from .source import InitSource, load_source
@@ -25,10 +28,13 @@ from .source import InitSource, load_source
 __all__ = [
     "METHODS",
     "SCOPES",
+    "FilterScores",
     "InitSource",
     "ScoreMasks",
     "ScoredWeight",
+    "attach_filter_scores",
     "attach_scores",
+    "fold_filter_score_state",
     "imp_densities",
     "load_source",
     "magnitude_masks",

@@ -24,9 +24,11 @@ The stages' settings are the source run's configuration (sparse and pruning sett
 ran left out), overridden by the caller's; unless given, ``--sparse-init`` is ``uniform``
 (HYDRA's per-layer density) and ``--sparse-method`` of the trained masks ``static``.
 ``--sparse-structure filter`` with ``lwm`` prunes whole filters of a dense source by their L1
-norm (Li et al. 2017, :func:`~robust_agc.sparse.l1_filter_masks`); ``model.pt`` is then the
-folded full-width network, and ``robust-agc export`` shrinks the stage's ``best.pt``. HYDRA and
-IMP are per weight only.
+norm (Li et al. 2017, :func:`~robust_agc.sparse.l1_filter_masks`), with ``hydra`` by filter
+scores (:mod:`~robust_agc.prune.filter_scores`: a score per channel of each coupled group, gated
+where the channel is read, then the selected filters fine-tuned); ``model.pt`` is then the folded
+full-width network, and ``robust-agc export`` shrinks the stage's ``best.pt``. IMP is per weight
+only.
 ``--resume`` continues an interrupted pipeline: finished stages are kept, the interrupted one
 resumes from its ``last.pt`` (bit-identical on CPU), the rest run. Equal-compute accounting:
 ``pipeline.json`` sums every stage's ``grad_evals`` and training time, with and without the
@@ -132,8 +134,8 @@ def plan_stages(
             f"Invalid sparsity value: {sparsity} is lower than the source's {1.0 - d0:.6g} "
             f"({source.path}); pruning only removes weights"
         )
-    if method != "lwm" and base.sparse_structure != "unstructured":
-        # HYDRA's scores and IMP's rounds select single weights here: refused before any stage
+    if method == "imp" and base.sparse_structure != "unstructured":
+        # IMP's rounds (and rewinding) select single weights here: refused before any stage
         raise UserError(
             f"Invalid combination: --sparse-structure {base.sparse_structure} with --method "
             f"{method}: {STRUCTURED_SOURCE_RULE}"

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import checkpoint_widths, load_checkpoint
-from ..config import TrainConfig
+from ..config import STRUCTURED_SOURCE_RULE, TrainConfig
 from ..data import DATASET_INFO
 from ..errors import CheckpointError, UserError
 from ..models import create_model
@@ -48,9 +48,11 @@ from ..sparse import (
     SIGN_BUFFER,
     SparseMasks,
     apply_masks,
+    apply_structured_masks,
     l1_filter_masks,
     maskable_modules,
 )
+from .filter_scores import attach_filter_scores, filter_score_tensors, fold_filter_score_state
 from .magnitude import magnitude_masks, register_masks
 from .scores import attach_scores, fold_score_state, score_keys
 
@@ -91,6 +93,9 @@ class InitSource:
     # layer name -> output width of a structurally pruned (exported) source; None: the
     # architecture's own widths. A run started from it builds (and trains) that smaller network.
     widths: dict[str, int] | None = None
+    # a HYDRA filter-score run's scores (|s| per channel of each filter group, in group order);
+    # its ``state``/``masks`` are the filter-pruned network they select
+    filter_scores: list[Tensor] | None = None
 
     @property
     def density(self) -> float | None:
@@ -139,8 +144,13 @@ def load_source(path: str | Path) -> InitSource:
         raise CheckpointError(f"{path} is not a robust_agc training checkpoint (no model/config)")
     cfg = ckpt["config"]
     state = dict(ckpt["model"])
+    widths = checkpoint_widths(ckpt)
+    filter_scores = filter_score_tensors(state)
     try:
-        if score_keys(state):
+        if filter_scores is not None:
+            state, masks = fold_filter_score_state(state, cfg, widths)
+            filter_scores = [t.detach().abs().cpu() for t in filter_scores]
+        elif score_keys(state):
             state, masks = fold_score_state(
                 state,
                 density=1.0 - float(cfg["sparsity"]),
@@ -169,7 +179,8 @@ def load_source(path: str | Path) -> InitSource:
         masks or None,
         counters,
         totals,
-        checkpoint_widths(ckpt),
+        widths,
+        filter_scores,
     )
 
 
@@ -221,6 +232,9 @@ def load_weights(model: nn.Module, source: InitSource) -> None:
 
 
 def _check_sparsity(cfg: TrainConfig, source: InitSource) -> None:
+    if source.filter_scores is not None:
+        _check_filter_score_source(cfg, source)
+        return
     if source.masks is None or (cfg.sparse_method == "dense" and cfg.prune is None):
         return
     n = sum(m.numel() for m in source.masks.values())
@@ -239,6 +253,16 @@ def _check_sparsity(cfg: TrainConfig, source: InitSource) -> None:
         )
 
 
+def _check_filter_score_source(cfg: TrainConfig, source: InitSource) -> None:
+    """A HYDRA filter-score source is fine-tuned as it is: filters, no --prune, its sparsity."""
+    want = float(source.config.get("sparsity", -1))
+    if cfg.sparse_structure != "filter" or cfg.prune is not None or cfg.sparsity != want:
+        raise UserError(
+            f"Invalid source value: {source.path} holds HYDRA filter scores; fine-tune the "
+            f"filters they select with --sparse-structure filter --sparsity {want:g} and no --prune"
+        )
+
+
 def prepare_model(
     cfg: TrainConfig, model: nn.Module, source: InitSource | None = None
 ) -> InitSource | None:
@@ -251,7 +275,24 @@ def prepare_model(
         source = load_source(cfg.init_from)
     _check_sparsity(cfg, source)
     load_weights(model, source)
-    if cfg.prune == "hydra":
+    if cfg.prune == "hydra" and cfg.sparse_structure == "filter":
+        if source.masks is not None:
+            raise UserError(
+                f"Invalid source value: {source.path} is sparse; HYDRA filter scores "
+                "(--sparse-structure filter --prune hydra) start from a dense source"
+            )
+        info = DATASET_INFO[cfg.dataset]
+        try:
+            attach_filter_scores(
+                model,
+                density=1.0 - cfg.sparsity,
+                input_shape=(info.in_channels, info.input_size, info.input_size),
+                distribution=cfg.sparse_init,
+                dense_first_layer=cfg.dense_first_layer,
+            )
+        except ValueError as e:
+            raise UserError(f"{e} (source {source.path})") from None
+    elif cfg.prune == "hydra":
         attach_scores(
             model,
             density=1.0 - cfg.sparsity,
@@ -266,7 +307,14 @@ def source_masks(
     cfg: TrainConfig, model: nn.Module, source: InitSource, *, generator: torch.Generator
 ) -> SparseMasks:
     """The initial masks of a run started from ``source`` (see the module docstring)."""
-    if cfg.sparse_structure == "filter":  # --prune lwm (TrainConfig refuses the rest)
+    if cfg.sparse_structure == "filter":  # --prune lwm, or a filter-score source
+        if source.filter_scores is not None:
+            return _score_filter_masks(cfg, model, source)
+        if cfg.prune != "lwm":
+            raise UserError(
+                f"Invalid source value: {source.path} has no HYDRA filter scores; "
+                f"{STRUCTURED_SOURCE_RULE}"
+            )
         return _l1_filter_masks(cfg, model, source)
     if cfg.prune == "lwm":
         layers = maskable_modules(model)[1 if cfg.dense_first_layer else 0 :]
@@ -315,6 +363,25 @@ def _l1_filter_masks(cfg: TrainConfig, model: nn.Module, source: InitSource) -> 
             input_shape=(info.in_channels, info.input_size, info.input_size),
             distribution=cfg.sparse_init,
             dense_first_layer=cfg.dense_first_layer,
+        )
+    except ValueError as e:
+        raise UserError(f"{e} (source {source.path})") from None
+
+
+def _score_filter_masks(cfg: TrainConfig, model: nn.Module, source: InitSource) -> SparseMasks:
+    """The filters a HYDRA filter-score source selects (top-k of its scores per group), as the
+    fine-tuning run's masks; the loaded weights are already those of the pruned network."""
+    info = DATASET_INFO[cfg.dataset]
+    try:
+        return apply_structured_masks(
+            model,
+            sparsity=cfg.sparsity,
+            structure="filter",
+            input_shape=(info.in_channels, info.input_size, info.input_size),
+            distribution=cfg.sparse_init,
+            dense_first_layer=cfg.dense_first_layer,
+            rescale_init=False,
+            channel_scores=source.filter_scores,
         )
     except ValueError as e:
         raise UserError(f"{e} (source {source.path})") from None

@@ -59,11 +59,13 @@ from .schedulers import (
     structured_methods,
 )
 from .structured import (
+    NORM_TYPES,
     STRUCTURES,
     ChannelGroup,
     StructuredMasks,
     apply_structured_masks,
     coupled_groups,
+    group_keep_counts,
     l1_filter_masks,
 )
 
@@ -71,8 +73,10 @@ __all__ = [
     "ActivityReport",
     "LayerActivity",
     "input_activity",
+    "NORM_TYPES",
     "STRUCTURES",
     "ChannelGroup",
+    "group_keep_counts",
     "StructuredMasks",
     "StructuredRigLScheduler",
     "apply_structured_masks",

@@ -404,6 +404,7 @@ def apply_structured_masks(
     dense_first_layer: bool = False,
     rescale_init: bool = True,
     generator: torch.Generator | int | None = None,
+    channel_scores: Sequence[Tensor] | None = None,
 ) -> StructuredMasks:
     """Register filter or channel masks with exact per-group counts on ``model``.
 
@@ -422,6 +423,9 @@ def apply_structured_masks(
         rescale_init: multiply each consumer's weights by ``1 / sqrt(kept fraction)`` of its input
             group (its effective fan-in), as :func:`~robust_agc.sparse.apply_masks` does.
         generator: CPU generator or int seed (``random``); ``None`` draws a seed from torch's RNG.
+        channel_scores: one score per channel of every group, in :func:`coupled_groups`' order
+            (HYDRA's filter scores, :mod:`robust_agc.prune.filter_scores`): the top-``k`` of each
+            group are kept, whatever ``criterion`` says.
 
     Returns:
         The :class:`StructuredMasks` of the registered ``weight_mask`` buffers, already applied.
@@ -434,6 +438,7 @@ def apply_structured_masks(
             raise ValueError(f"Invalid model value: {name!r} already has a {MASK_BUFFER!r} buffer")
     groups = coupled_groups(model, input_shape, dense_first_layer=dense_first_layer)
     counts = group_keep_counts(groups, structure, 1.0 - float(sparsity), distribution)
+    kept = _kept_channels(groups, counts, structure, criterion, gen, channel_scores)
     layers: dict[int, tuple[str, nn.Module]] = {}
     for g in groups:
         for s in g.members(structure):
@@ -451,14 +456,8 @@ def apply_structured_masks(
         distribution=distribution,
         target_density=1.0 - float(sparsity),
     )
-    for i, (g, k) in enumerate(zip(groups, counts)):
-        if criterion == "l1":
-            scores = _channel_scores(g, g.members(structure), "weight")
-        else:
-            scores = torch.rand(g.size, generator=gen, dtype=torch.float64)
-        kept = torch.zeros(g.size, dtype=torch.bool)
-        kept[torch.topk(scores, k, sorted=False).indices] = True
-        masks.set_kept_channels(i, kept)
+    for i, k in enumerate(kept):
+        masks.set_kept_channels(i, k)
     masks.sync_from_buffers()  # ever-active record, weights and removed channels zeroed
     masks.reset_norm_stats_()
     if rescale_init:
@@ -471,6 +470,37 @@ def apply_structured_masks(
         masks.channel_counts(),
     )
     return masks
+
+
+def _kept_channels(
+    groups: Sequence[ChannelGroup],
+    counts: Sequence[int],
+    structure: str,
+    criterion: str,
+    gen: torch.Generator,
+    channel_scores: Sequence[Tensor] | None,
+) -> list[Tensor]:
+    """The bool kept channels of each group: the top-``counts[i]`` of ``channel_scores[i]``,
+    else of the L1 norms (``l1``) or of uniform draws from ``gen`` (``random``)."""
+    if channel_scores is not None and [tuple(t.shape) for t in channel_scores] != [
+        (g.size,) for g in groups
+    ]:
+        raise ValueError(
+            f"Invalid channel_scores value: shapes {[tuple(t.shape) for t in channel_scores]} "
+            f"for groups of {[g.size for g in groups]} channels"
+        )
+    out = []
+    for i, (g, k) in enumerate(zip(groups, counts)):
+        if channel_scores is not None:
+            scores = channel_scores[i].detach().double().cpu()
+        elif criterion == "l1":
+            scores = _channel_scores(g, g.members(structure), "weight")
+        else:
+            scores = torch.rand(g.size, generator=gen, dtype=torch.float64)
+        kept = torch.zeros(g.size, dtype=torch.bool)
+        kept[torch.topk(scores, k, sorted=False).indices] = True
+        out.append(kept)
+    return out
 
 
 def _rescale_consumers(groups: Sequence[ChannelGroup], counts: Sequence[int]) -> None:
