@@ -317,6 +317,9 @@ def test_shipped_configs_parse(name: str) -> None:
     study = load_study(CONFIGS / f"{name}.yaml")
     specs = expand(study)
     assert study.name == name
+    # from-scratch runs: the pipeline cells and their sources split the budget between stages
+    sources = {s.pipeline["source_cell"].split("_")[0] for s in specs if s.pipeline}
+    specs = [s for s in specs if s.pipeline is None and s.cell not in sources]
     cfgs = [s.config() for s in specs]
     # the same data, epoch budget and schedule for every run of a study
     for key in ("train_subset", "val_size", "epochs", "batch_size", "lr_schedule", "eval_subset"):
@@ -810,7 +813,19 @@ def test_structured_study_cells_seeds_reuse_and_speed(tmp_path: Path) -> None:
     study = load_study(CONFIGS / "structured.yaml", **roots)
     specs = expand(study, **roots)
     cells = list(dict.fromkeys(s.cell for s in specs))
-    assert study.seeds == [0, 1, 2] and len(specs) == 9 * 3
+    assert study.seeds == [0, 1, 2] and len(specs) == (9 + 1 + 6) * 3
+    # the filter pipelines from dense4 (the pruning study's dense source: 4 epochs), 4 + 4 epochs
+    pipes = [s for s in specs if s.pipeline is not None]
+    assert {(s.pipeline["method"], s.config().sparsity) for s in pipes} == {
+        (m, d) for m in ("lwm", "hydra") for d in (0.5, 0.75, 0.9)
+    }
+    for s in pipes:
+        cfg, p = s.config(), s.pipeline
+        assert p["source_cell"] == "dense4" and cfg.sparse_structure == "filter"
+        assert cfg.epochs + (p.get("score_epochs") or 0) == 4 and cfg.warmup_epochs == 0
+    dense4 = [s.config() for s in specs if s.cell == "dense4"]
+    assert {(c.sparse_method, c.epochs) for c in dense4} == {("dense", 4)}
+    specs = [s for s in specs if s.pipeline is None and s.cell != "dense4"]
     filt = {(s.config().sparse_method, s.config().sparsity) for s in specs if "filter" in s.cell}
     assert filt == {(m, d) for m in ("static", "rigl") for d in (0.5, 0.75, 0.9)}
     assert all(s.config().sparse_structure == "filter" for s in specs if "filter" in s.cell)
