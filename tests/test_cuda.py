@@ -224,3 +224,32 @@ def test_deterministic_kernels_are_switched_on_and_change_nothing_on_the_cpu(
     b = _train(tmp_path / "b", "--threads", "1")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_cpu_state_dict_loads_into_an_optimizer_on_cuda() -> None:
+    """AGC's state saved on the CPU (grad-online sums included) loads into an optimizer whose
+    parameters live on CUDA: every state tensor, the online sums too, moves to the GPU, and the
+    next corrected step runs."""
+    x, y = _data(32)
+    cpu_model = _net(bn=False)
+    opt = AGC(cpu_model.parameters(), lr=0.1, estimator="grad-online")
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    opt.refresh(cpu_model, batches, _ce)
+    for xb, yb in batches:
+        opt.zero_grad()
+        _ce(cpu_model, xb, yb).backward()
+        opt.snapshot_backward(cpu_model, lambda m, xb=xb, yb=yb: _ce(m, xb, yb))
+        opt.step()
+    state = opt.state_dict()
+    model = copy.deepcopy(cpu_model).cuda()
+    loaded = AGC(model.parameters(), lr=0.1, estimator="grad-online")
+    loaded.load_state_dict(state)
+    assert all(t.is_cuda for t in loaded._online.values()) and loaded._online
+    xb, yb = x[:16].cuda(), y[:16].cuda()
+    loaded.zero_grad()
+    _ce(model, xb, yb).backward()
+    loaded.snapshot_backward(model, lambda m: _ce(m, xb, yb))
+    loaded.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
