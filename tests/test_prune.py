@@ -564,3 +564,39 @@ def test_a_filter_score_source_is_fine_tuned_only_as_it_is(source, tmp_path, cap
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+
+
+def test_a_filter_score_stage_resumes_bit_identically(source, tmp_path, monkeypatch):
+    """The filter-score stage interrupted at a fixed step of epoch 2 (an exception, as Ctrl-C)
+    and resumed from epoch 1's ``last.pt`` ends with the scores, weights and metrics of the stage
+    run in one go (the gates' cached masks are rebuilt from the loaded scores)."""
+    from robust_agc.train import Trainer
+
+    argv = ["train", "--init-from", source / "best.pt", "--prune", "hydra",
+            "--sparse-structure", "filter", "--sparsity", 0.75, *TINY, "--epochs", "2"]  # fmt: skip
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert run_cli(*argv, "--out", ref) == 0
+    original = Trainer._optimizer_step
+
+    def stop(self):
+        stepped = original(self)
+        if self.state.step == STEPS_PER_EPOCH + 1:
+            raise KeyboardInterrupt
+        return stepped
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", stop)
+    assert run_cli(*argv, "--out", cut) == 130
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 1
+    assert run_cli(*argv, "--out", cut, "--resume") == 0
+    a = torch.load(ref / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    assert any(k.startswith("hydra_filter_scores.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    rows = [
+        [{k: v for k, v in json.loads(x).items() if k not in TIMING_FIELDS} for x in
+         (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (ref, cut)
+    ]  # fmt: skip
+    assert rows[0] == rows[1]
