@@ -33,7 +33,8 @@ def add_prune_command(sub: Any) -> argparse.ArgumentParser:
         required=True,
         choices=("lwm", "hydra", "imp"),
         help="lwm: one-shot magnitude pruning + fine-tuning; hydra: score training + "
-        "fine-tuning; imp: iterative magnitude pruning",
+        "fine-tuning; imp: iterative magnitude pruning (with --sparse-structure filter: lwm "
+        "by the filters' L1 norm, hydra by filter scores)",
     )
     group.add_argument("--rounds", type=int, default=3, help="imp: pruning rounds (default: 3)")
     group.add_argument(
