@@ -556,6 +556,7 @@ def test_a_filter_score_source_is_fine_tuned_only_as_it_is(source, tmp_path, cap
     for src, extra, message in [
         (scores, ["--sparsity", "0.75"], "holds HYDRA filter scores"),
         (scores, ["--sparsity", "0.5", "--prune", "lwm"], "holds HYDRA filter scores"),
+        (scores, ["--sparsity", "0.5", "--sparse-init", "uniform"], "--sparse-init erk"),
         (source, ["--sparsity", "0.5"], "has no HYDRA filter scores"),
     ]:
         out = tmp_path / "ft"

@@ -20,7 +20,9 @@ source weights' magnitude (:mod:`~robust_agc.prune.magnitude`), among the source
 positions (with ``--sparse-structure filter``: whole filters by their L1 norm, Li et al. 2017,
 from a dense source); ``--rewind-from CKPT`` then replaces the weights by that checkpoint's (IMP's
 rewinding) and keeps the masks. ``--prune hydra`` parametrises the weights with importance
-scores (:mod:`~robust_agc.prune.scores`).
+scores (:mod:`~robust_agc.prune.scores`), or, with ``--sparse-structure filter``, gives each
+filter channel a score (:mod:`~robust_agc.prune.filter_scores`); a run started from such a
+filter-score checkpoint fine-tunes the filters its scores select, at its sparsity and counts.
 
 Every check here runs before a run folder is created (:func:`preflight`), so a bad source
 (missing, corrupt, unsafe, another architecture, a sparsity below the source's) is one line and
@@ -254,12 +256,20 @@ def _check_sparsity(cfg: TrainConfig, source: InitSource) -> None:
 
 
 def _check_filter_score_source(cfg: TrainConfig, source: InitSource) -> None:
-    """A HYDRA filter-score source is fine-tuned as it is: filters, no --prune, its sparsity."""
-    want = float(source.config.get("sparsity", -1))
-    if cfg.sparse_structure != "filter" or cfg.prune is not None or cfg.sparsity != want:
+    """A HYDRA filter-score source is fine-tuned as it is: filters, no --prune, and the
+    sparsity, allocation and first-layer rule its counts were made with."""
+    src = source.config
+    want = float(src.get("sparsity", -1))
+    init, first = src.get("sparse_init", "uniform"), bool(src.get("dense_first_layer", False))
+    if (
+        cfg.sparse_structure != "filter"
+        or cfg.prune is not None
+        or (cfg.sparsity, cfg.sparse_init, cfg.dense_first_layer) != (want, init, first)
+    ):
         raise UserError(
             f"Invalid source value: {source.path} holds HYDRA filter scores; fine-tune the "
-            f"filters they select with --sparse-structure filter --sparsity {want:g} and no --prune"
+            f"filters they select with --sparse-structure filter --sparsity {want:g} "
+            f"--sparse-init {init}{' --dense-first-layer' if first else ''} and no --prune"
         )
 
 
