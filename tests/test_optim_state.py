@@ -269,3 +269,11 @@ def test_the_refresh_warnings_point_at_the_callers_line() -> None:
     with pytest.warns(RuntimeWarning, match="float resolution") as rec:
         opt.refresh(model, batches, _ce)
     assert rec[0].filename == __file__
+
+
+def test_before_any_refresh_a_parameter_has_no_full_gradient_and_no_stale_positions() -> None:
+    """``full_gradient_of`` and ``stale_positions`` of a parameter the optimizer holds no state
+    for yet are ``None`` (not an error)."""
+    model, opt, _, _ = _setup()
+    for p in model.parameters():
+        assert opt.full_gradient_of(p) is None and opt.stale_positions(p) is None

@@ -194,3 +194,25 @@ def test_an_optimizer_without_the_corrected_interface_gives_the_plain_variance_o
         opt.step()
     stats = gradient_variance(model, _loss, batches, optimizer=opt)
     assert "var_corrected" not in stats and stats["var_plain"] > 0
+
+
+def test_a_parameter_the_loss_does_not_use_counts_as_a_zero_gradient() -> None:
+    """A parameter outside the loss's graph (an unused head) has gradient zero on every batch: the
+    probe reports the variance of the used ones, as if the unused one were absent."""
+
+    class WithUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _net()
+            self.unused = nn.Linear(3, 3).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    batches = _batches()
+    stats = gradient_variance(model, _loss, batches)
+    ref = gradient_variance(model.body, _loss, batches)
+    assert stats["var_plain"] == pytest.approx(ref["var_plain"], rel=1e-12)
+    assert stats["mean_sq_plain"] == pytest.approx(ref["mean_sq_plain"], rel=1e-12)
