@@ -47,6 +47,7 @@ from ..sparse import (
     MASK_BUFFER,
     apply_structured_masks,
     coupled_groups,
+    filter_l1_norms,
     group_keep_counts,
     maskable_modules,
 )
@@ -115,11 +116,7 @@ def attach_filter_scores(
     counts = group_keep_counts(groups, "filter", float(density), distribution)
     init = []
     for g in groups:
-        norms = torch.zeros(g.size, dtype=torch.float64)
-        for s in g.producers:
-            w = s.module.weight.detach().abs().double()
-            per = w.reshape(w.shape[0], -1).sum(1)[s.index].cpu()
-            norms.index_add_(0, s.root, per)
+        norms = filter_l1_norms(g)
         fan_in = math.prod(g.producers[0].module.weight.shape[1:])
         peak = norms.max() if norms.max() > 0 else torch.ones(())
         init.append((math.sqrt(6.0 / fan_in) * norms / peak).float())

@@ -65,6 +65,7 @@ from .structured import (
     StructuredMasks,
     apply_structured_masks,
     coupled_groups,
+    filter_l1_norms,
     group_keep_counts,
     l1_filter_masks,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "NORM_TYPES",
     "STRUCTURES",
     "ChannelGroup",
+    "filter_l1_norms",
     "group_keep_counts",
     "StructuredMasks",
     "StructuredRigLScheduler",

@@ -63,6 +63,7 @@ __all__ = [
     "StructuredMasks",
     "apply_structured_masks",
     "coupled_groups",
+    "filter_l1_norms",
     "group_keep_counts",
     "l1_filter_masks",
     "torch_pruning",
@@ -244,6 +245,12 @@ def _channel_scores(group: ChannelGroup, slices: Sequence[GroupSlice], source: s
         per_pos = t.transpose(0, s.dim).reshape(t.shape[s.dim], -1).sum(1)
         out.index_add_(0, s.root, per_pos[s.index].double().cpu())
     return out
+
+
+def filter_l1_norms(group: ChannelGroup) -> Tensor:
+    """Per channel of ``group``, the summed L1 norm of its producers' filters (Li et al. 2017's
+    ranking; float64 on the CPU)."""
+    return _channel_scores(group, group.producers, "weight")
 
 
 class StructuredMasks(SparseMasks):
