@@ -277,3 +277,26 @@ def test_before_any_refresh_a_parameter_has_no_full_gradient_and_no_stale_positi
     model, opt, _, _ = _setup()
     for p in model.parameters():
         assert opt.full_gradient_of(p) is None and opt.stale_positions(p) is None
+
+
+def test_a_parameter_unfrozen_after_the_refresh_stays_out_of_the_online_sums() -> None:
+    """A parameter frozen during the refresh and unfrozen before the next step (gradual
+    unfreezing) has no snapshot and no ``mu``: the grad-online sums skip it and keep every other
+    parameter of its group (the estimate is dot/sq over the bias alone)."""
+    model, opt, x, y = _setup(estimator="grad-online")
+    x2, y2 = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    model.weight.requires_grad_(False)  # the first parameter of the only group
+    opt.refresh(model, [(x, y), (x2, y2)], _ce)
+    model.weight.requires_grad_(True)
+    assert opt.full_gradient_of(model.weight) is None
+    mu = opt.full_gradient_of(model.bias)
+    opt.zero_grad()
+    _ce(model, x, y).backward()
+    g = model.bias.grad.clone()
+    opt.snapshot_backward(model, lambda m: _ce(m, x, y))
+    d = [s for s in opt.snapshot_gradients() if s.shape == mu.shape][0] - mu
+    opt.step()
+    dot = float(torch.sum(g * d, dtype=torch.float64))
+    sq = float(torch.sum(d * d, dtype=torch.float64))
+    assert sq > 0
+    assert opt.telemetry()["agc_online_estimate"] == pytest.approx(dot / sq, rel=1e-12)
