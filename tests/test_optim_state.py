@@ -251,8 +251,9 @@ def test_loss_slope_tau_takes_the_slope_only_above_float_resolution() -> None:
 
 
 def test_the_refresh_warnings_point_at_the_callers_line() -> None:
-    """The few-batches and float-resolution warnings name the line that called ``refresh``
-    (deselected under mutmut, whose trampolines add a frame; checked by planting instead)."""
+    """The few-batches, float-resolution and zero-control-variate warnings name the line that
+    called ``refresh`` (deselected under mutmut, whose trampolines add a frame; checked by
+    planting instead)."""
     model, opt, x, y = _setup(estimator="loss-slope")
     opt.refresh(model, [(x, y)], _ce)
     _corrected_step(model, opt, x, y)
@@ -268,6 +269,23 @@ def test_the_refresh_warnings_point_at_the_callers_line() -> None:
     _corrected_step(model, opt, x, y)
     with pytest.warns(RuntimeWarning, match="float resolution") as rec:
         opt.refresh(model, batches, _ce)
+    assert rec[0].filename == __file__
+    # grad-online with a linear loss: the control variate is exactly zero, tau kept
+    torch.manual_seed(1)
+    lin = nn.Linear(4, 1, bias=False)
+    online = AGC(lin.parameters(), lr=0.1, estimator="grad-online")
+    xs = torch.ones(8, 4)
+
+    def loss(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        return m(xb).mean()
+
+    online.refresh(lin, [(xs,)], loss)
+    online.zero_grad()
+    loss(lin, xs).backward()
+    online.snapshot_backward(lin, lambda m: loss(m, xs))
+    online.step()
+    with pytest.warns(RuntimeWarning, match=r"mean \|\|g_snap - mu\|\|\^2 = 0.0") as rec:
+        online.refresh(lin, [(xs,)], loss)
     assert rec[0].filename == __file__
 
 
@@ -300,3 +318,44 @@ def test_a_parameter_unfrozen_after_the_refresh_stays_out_of_the_online_sums() -
     sq = float(torch.sum(d * d, dtype=torch.float64))
     assert sq > 0
     assert opt.telemetry()["agc_online_estimate"] == pytest.approx(dot / sq, rel=1e-12)
+
+
+def _sums(dot: float, sq: float) -> dict[str, torch.Tensor]:
+    return {
+        "dot": torch.tensor(dot, dtype=torch.float64),
+        "sq": torch.tensor(sq, dtype=torch.float64),
+    }
+
+
+def test_grad_online_tau_is_dot_over_sq_when_defined_and_says_why_not() -> None:
+    """``tau_now`` of the grad-online estimator from the sums since the last refresh: dot/sq after
+    one step or more; NaN and a warning naming the cause when ``||g_snap - mu||^2`` is zero or not
+    finite, or when no step took a snapshot gradient (adaptive coefficient only: a fixed one
+    does not use tau); NaN and no warning without a previous snapshot. The step counter saved in
+    the state dict counts the corrected steps."""
+    model, opt, x, y = _setup(estimator="grad-online")
+    opt.refresh(model, [(x, y)], _ce)
+    for _ in range(3):
+        _corrected_step(model, opt, x, y)
+    assert int(opt.state_dict()["agc"]["online_count"]) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert opt._grad_online_tau(_sums(1.5, 3.0), 1, True) == 0.5
+        assert math.isnan(opt._grad_online_tau({}, 0, False))
+    for sq in (0.0, math.inf):
+        fresh = _setup(estimator="grad-online")[1]
+        with pytest.warns(RuntimeWarning) as rec:
+            assert math.isnan(fresh._grad_online_tau(_sums(1.0, sq), 2, True))
+        assert [str(r.message) for r in rec] == [
+            f"AGC refresh: mean ||g_snap - mu||^2 = {sq}, tau kept"
+        ]
+    fresh = _setup(estimator="grad-online")[1]
+    with pytest.warns(RuntimeWarning) as rec:
+        assert math.isnan(fresh._grad_online_tau(_sums(0.0, 0.0), 0, True))
+    assert [str(r.message) for r in rec] == [
+        "AGC refresh: no step with a snapshot gradient since the last refresh"
+    ]
+    fixed = _setup(estimator="grad-online", coef="fixed")[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(fixed._grad_online_tau({}, 0, True))
