@@ -359,3 +359,23 @@ def test_grad_online_tau_is_dot_over_sq_when_defined_and_says_why_not() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isnan(fixed._grad_online_tau({}, 0, True))
+
+
+def test_step_returns_the_closures_loss_and_none_without_a_closure() -> None:
+    """As ``torch.optim.SGD``: ``step()`` returns ``None``, ``step(closure)`` the closure's loss,
+    evaluated with gradients enabled (the closure may call ``backward``)."""
+    model, opt, x, y = _setup()
+    _ce(model, x, y).backward()
+    assert opt.step() is None
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _ce(model, x, y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    with torch.no_grad():
+        assert float(loss.detach()) == pytest.approx(float(_ce(model, x, y)), rel=0.5)
