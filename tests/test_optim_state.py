@@ -3,12 +3,14 @@ mutation testing (tests/MUTATION.md) showed no other test pinned."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robust_agc.optim import AGC
@@ -379,3 +381,22 @@ def test_step_returns_the_closures_loss_and_none_without_a_closure() -> None:
     assert isinstance(loss, torch.Tensor) and loss.requires_grad
     with torch.no_grad():
         assert float(loss.detach()) == pytest.approx(float(_ce(model, x, y)), rel=0.5)
+
+
+def test_a_parameter_without_a_gradient_does_not_stop_the_step_for_the_rest() -> None:
+    """A parameter listed first in its group with no gradient (unused by the loss) is skipped;
+    the parameters after it are updated as SGD with the same momentum would update them."""
+    torch.manual_seed(0)
+    unused, lin = nn.Parameter(torch.randn(3)), nn.Linear(5, 3)
+    opt = AGC([unused, *lin.parameters()], lr=0.1)
+    ref = torch.optim.SGD(copy.deepcopy(lin).parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    before = [p.detach().clone() for p in lin.parameters()]
+    F.cross_entropy(lin(x), y).backward()
+    for p, q in zip(lin.parameters(), ref.param_groups[0]["params"]):
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    assert unused.grad is None
+    for p, q, b in zip(lin.parameters(), ref.param_groups[0]["params"], before):
+        assert not torch.equal(p, b) and torch.equal(p, q)
