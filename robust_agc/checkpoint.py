@@ -166,20 +166,14 @@ def build_model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
         CheckpointError: no model or config in the checkpoint, or weights that do not fit the
             recorded architecture.
     """
-    from .models import create_model
+    from .models import model_from_config
 
     if "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError("not a robust_agc training checkpoint (no 'model' or 'config' entry)")
     cfg = ckpt["config"]
     widths = checkpoint_widths(ckpt)
     try:
-        model = create_model(
-            cfg["model"],
-            num_classes=int(cfg["num_classes"]),
-            in_channels=int(cfg["in_channels"]),
-            input_size=int(cfg["input_size"]),
-            widths=widths,
-        )
+        model = model_from_config(cfg, widths)
     except KeyError as e:
         raise CheckpointError(f"checkpoint config lacks {e}") from None
     state = strip_prefixes(ckpt["model"])

@@ -130,20 +130,27 @@ def test_the_online_estimate_after_one_step_and_when_the_control_variate_is_zero
     sq = sum(float(torch.sum(di * di, dtype=torch.float64)) for di in d)
     assert opt.telemetry()["agc_online_estimate"] == pytest.approx(dot / sq, rel=1e-12)
 
+    opt2 = _zero_control_variate()[1]
+    assert math.isnan(opt2.telemetry()["agc_online_estimate"])
+
+
+def _linear_loss(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+    return m(xb).mean()
+
+
+def _zero_control_variate() -> tuple[nn.Module, AGC, torch.Tensor]:
+    """A grad-online AGC after a refresh and one corrected step on a linear loss: the snapshot
+    gradient equals ``mu`` everywhere, so the control variate is exactly zero."""
     torch.manual_seed(1)
     lin = nn.Linear(4, 1, bias=False)
-    opt2 = AGC(lin.parameters(), lr=0.1, estimator="grad-online")
+    opt = AGC(lin.parameters(), lr=0.1, estimator="grad-online")
     xs = torch.ones(8, 4)
-
-    def loss(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
-        return m(xb).mean()
-
-    opt2.refresh(lin, [(xs,)], loss)
-    opt2.zero_grad()
-    loss(lin, xs).backward()
-    opt2.snapshot_backward(lin, lambda m: loss(m, xs))
-    opt2.step()
-    assert math.isnan(opt2.telemetry()["agc_online_estimate"])
+    opt.refresh(lin, [(xs,)], _linear_loss)
+    opt.zero_grad()
+    _linear_loss(lin, xs).backward()
+    opt.snapshot_backward(lin, lambda m: _linear_loss(m, xs))
+    opt.step()
+    return lin, opt, xs
 
 
 def test_an_overflowing_refresh_halves_the_scale_down_to_one(
@@ -273,21 +280,9 @@ def test_the_refresh_warnings_point_at_the_callers_line() -> None:
         opt.refresh(model, batches, _ce)
     assert rec[0].filename == __file__
     # grad-online with a linear loss: the control variate is exactly zero, tau kept
-    torch.manual_seed(1)
-    lin = nn.Linear(4, 1, bias=False)
-    online = AGC(lin.parameters(), lr=0.1, estimator="grad-online")
-    xs = torch.ones(8, 4)
-
-    def loss(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
-        return m(xb).mean()
-
-    online.refresh(lin, [(xs,)], loss)
-    online.zero_grad()
-    loss(lin, xs).backward()
-    online.snapshot_backward(lin, lambda m: loss(m, xs))
-    online.step()
+    lin, online, xs = _zero_control_variate()
     with pytest.warns(RuntimeWarning, match=r"mean \|\|g_snap - mu\|\|\^2 = 0.0") as rec:
-        online.refresh(lin, [(xs,)], loss)
+        online.refresh(lin, [(xs,)], _linear_loss)
     assert rec[0].filename == __file__
 
 

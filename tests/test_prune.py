@@ -265,21 +265,29 @@ def _assert_same_pipeline(ref: Path, other: Path) -> None:
     assert sha256(ref / "model.pt") == sha256(other / "model.pt")
 
 
-def test_interrupted_stage_resumes_bit_identically(source, lwm2, tmp_path, monkeypatch):
-    """In process: the stage stops at a fixed step of epoch 2 (an exception, as Ctrl-C), the
-    pipeline's --resume finishes it from epoch 1's checkpoint; a different pipeline is refused."""
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the trainer raise KeyboardInterrupt (as Ctrl-C) right after taking step ``step``."""
     from robust_agc.train import Trainer
 
     original = Trainer._optimizer_step
 
     def stop(self):
         stepped = original(self)
-        if self.state.step == STEPS_PER_EPOCH + 1:
+        if self.state.step == step:
             raise KeyboardInterrupt
         return stepped
 
-    out = tmp_path / "cut"
     monkeypatch.setattr(Trainer, "_optimizer_step", stop)
+
+
+def test_interrupted_stage_resumes_bit_identically(source, lwm2, tmp_path, monkeypatch):
+    """In process: the stage stops at a fixed step of epoch 2 (an exception, as Ctrl-C), the
+    pipeline's --resume finishes it from epoch 1's checkpoint; a different pipeline is refused."""
+    from robust_agc.train import Trainer
+
+    original = Trainer._optimizer_step
+    out = tmp_path / "cut"
+    _interrupt_at(monkeypatch, STEPS_PER_EPOCH + 1)
     assert run_cli("prune", source / "best.pt", *LWM2, "--out", out) == 130
     monkeypatch.setattr(Trainer, "_optimizer_step", original)
     assert torch.load(out / "1-lwm" / "last.pt", weights_only=True)["epoch"] == 1
@@ -571,23 +579,13 @@ def test_a_filter_score_stage_resumes_bit_identically(source, tmp_path, monkeypa
     """The filter-score stage interrupted at a fixed step of epoch 2 (an exception, as Ctrl-C)
     and resumed from epoch 1's ``last.pt`` ends with the scores, weights and metrics of the stage
     run in one go (the gates' cached masks are rebuilt from the loaded scores)."""
-    from robust_agc.train import Trainer
-
     argv = ["train", "--init-from", source / "best.pt", "--prune", "hydra",
             "--sparse-structure", "filter", "--sparsity", 0.75, *TINY, "--epochs", "2"]  # fmt: skip
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert run_cli(*argv, "--out", ref) == 0
-    original = Trainer._optimizer_step
-
-    def stop(self):
-        stepped = original(self)
-        if self.state.step == STEPS_PER_EPOCH + 1:
-            raise KeyboardInterrupt
-        return stepped
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", stop)
+    _interrupt_at(monkeypatch, STEPS_PER_EPOCH + 1)
     assert run_cli(*argv, "--out", cut) == 130
-    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    monkeypatch.undo()
     assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 1
     assert run_cli(*argv, "--out", cut, "--resume") == 0
     a = torch.load(ref / "last.pt", weights_only=True)

@@ -10,6 +10,13 @@ from . import cnn as _cnn  # noqa: F401  (registers the architectures)
 from . import resnet as _resnet  # noqa: F401
 from . import vgg as _vgg  # noqa: F401
 from .layers import Normalize
-from .registry import INITS, create_model, list_models, register_model
+from .registry import INITS, create_model, list_models, model_from_config, register_model
 
-__all__ = ["INITS", "create_model", "list_models", "register_model", "Normalize"]
+__all__ = [
+    "INITS",
+    "create_model",
+    "list_models",
+    "model_from_config",
+    "register_model",
+    "Normalize",
+]

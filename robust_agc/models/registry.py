@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
 from ..errors import UserError
 from .layers import init_weights
 
-__all__ = ["INITS", "register_model", "create_model", "list_models"]
+__all__ = ["INITS", "register_model", "create_model", "list_models", "model_from_config"]
 
 INITS: tuple[str, ...] = ("he", "default")
 """Weight initialisations of :func:`create_model`: He-normal fan-in, or each layer's own."""
@@ -32,6 +33,19 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`."""
     return sorted(_REGISTRY)
+
+
+def model_from_config(cfg: Mapping[str, Any], widths: Mapping[str, int] | None = None) -> nn.Module:
+    """The architecture a run's recorded config describes (``model``, ``num_classes``,
+    ``in_channels``, ``input_size``), at ``widths`` for a structurally pruned one; a
+    :class:`KeyError` names a missing entry."""
+    return create_model(
+        cfg["model"],
+        num_classes=int(cfg["num_classes"]),
+        in_channels=int(cfg["in_channels"]),
+        input_size=int(cfg["input_size"]),
+        widths=widths,
+    )
 
 
 def create_model(

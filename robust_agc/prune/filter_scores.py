@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..models import create_model
+from ..models import model_from_config
 from ..sparse import (
     MASK_BUFFER,
     apply_structured_masks,
@@ -167,13 +167,7 @@ def fold_filter_score_state(
     scores = filter_score_tensors(state)
     if scores is None:
         raise ValueError("no filter scores in the state dict")
-    model = create_model(
-        cfg["model"],
-        num_classes=int(cfg["num_classes"]),
-        in_channels=int(cfg["in_channels"]),
-        input_size=int(cfg["input_size"]),
-        widths=widths,
-    )
+    model = model_from_config(cfg, widths)
     plain = {k: v.cpu() for k, v in state.items() if not k.startswith(FILTER_SCORES + ".")}
     model.load_state_dict(plain, strict=True)
     size = int(cfg["input_size"])

@@ -51,7 +51,6 @@ from ..sparse import (
     SparseMasks,
     apply_masks,
     apply_structured_masks,
-    l1_filter_masks,
     maskable_modules,
 )
 from .filter_scores import attach_filter_scores, filter_score_tensors, fold_filter_score_state
@@ -291,12 +290,11 @@ def prepare_model(
                 f"Invalid source value: {source.path} is sparse; HYDRA filter scores "
                 "(--sparse-structure filter --prune hydra) start from a dense source"
             )
-        info = DATASET_INFO[cfg.dataset]
         try:
             attach_filter_scores(
                 model,
                 density=1.0 - cfg.sparsity,
-                input_shape=(info.in_channels, info.input_size, info.input_size),
+                input_shape=_input_shape(cfg),
                 distribution=cfg.sparse_init,
                 dense_first_layer=cfg.dense_first_layer,
             )
@@ -318,14 +316,7 @@ def source_masks(
 ) -> SparseMasks:
     """The initial masks of a run started from ``source`` (see the module docstring)."""
     if cfg.sparse_structure == "filter":  # --prune lwm, or a filter-score source
-        if source.filter_scores is not None:
-            return _score_filter_masks(cfg, model, source)
-        if cfg.prune != "lwm":
-            raise UserError(
-                f"Invalid source value: {source.path} has no HYDRA filter scores; "
-                f"{STRUCTURED_SOURCE_RULE}"
-            )
-        return _l1_filter_masks(cfg, model, source)
+        return _filter_masks(cfg, model, source)
     if cfg.prune == "lwm":
         layers = maskable_modules(model)[1 if cfg.dense_first_layer else 0 :]
         have = source.masks or {}
@@ -357,40 +348,39 @@ def source_masks(
     )
 
 
-def _l1_filter_masks(cfg: TrainConfig, model: nn.Module, source: InitSource) -> SparseMasks:
-    """``--prune lwm --sparse-structure filter``: the filters of largest L1 norm of a dense
-    source, per coupled group, at the counts of ``--sparse-init`` (Li et al. 2017)."""
-    if source.masks is not None:
-        raise UserError(
-            f"Invalid source value: {source.path} is sparse; L1 filter pruning "
-            "(--sparse-structure filter --prune lwm) starts from a dense source"
-        )
+def _input_shape(cfg: TrainConfig) -> tuple[int, int, int]:
+    """One input's shape (channels, height, width) for the run's dataset."""
     info = DATASET_INFO[cfg.dataset]
-    try:
-        return l1_filter_masks(
-            model,
-            cfg.sparsity,
-            input_shape=(info.in_channels, info.input_size, info.input_size),
-            distribution=cfg.sparse_init,
-            dense_first_layer=cfg.dense_first_layer,
-        )
-    except ValueError as e:
-        raise UserError(f"{e} (source {source.path})") from None
+    return (info.in_channels, info.input_size, info.input_size)
 
 
-def _score_filter_masks(cfg: TrainConfig, model: nn.Module, source: InitSource) -> SparseMasks:
-    """The filters a HYDRA filter-score source selects (top-k of its scores per group), as the
-    fine-tuning run's masks; the loaded weights are already those of the pruned network."""
-    info = DATASET_INFO[cfg.dataset]
+def _filter_masks(cfg: TrainConfig, model: nn.Module, source: InitSource) -> SparseMasks:
+    """``--sparse-structure filter`` from a source, per coupled group at the counts of
+    ``--sparse-init``: the filters a HYDRA filter-score source selects (the top-k of its scores;
+    the loaded weights are already the pruned network's), or with ``--prune lwm`` the filters of
+    largest L1 norm of a dense source (Li et al. 2017)."""
+    if source.filter_scores is None:
+        if cfg.prune != "lwm":
+            raise UserError(
+                f"Invalid source value: {source.path} has no HYDRA filter scores; "
+                f"{STRUCTURED_SOURCE_RULE}"
+            )
+        if source.masks is not None:
+            raise UserError(
+                f"Invalid source value: {source.path} is sparse; L1 filter pruning "
+                "(--sparse-structure filter --prune lwm) starts from a dense source"
+            )
     try:
         return apply_structured_masks(
             model,
             sparsity=cfg.sparsity,
             structure="filter",
-            input_shape=(info.in_channels, info.input_size, info.input_size),
+            input_shape=_input_shape(cfg),
             distribution=cfg.sparse_init,
+            criterion="l1",
             dense_first_layer=cfg.dense_first_layer,
             rescale_init=False,
+            generator=0,
             channel_scores=source.filter_scores,
         )
     except ValueError as e:
