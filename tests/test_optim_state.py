@@ -395,3 +395,22 @@ def test_a_parameter_without_a_gradient_does_not_stop_the_step_for_the_rest() ->
     assert unused.grad is None
     for p, q, b in zip(lin.parameters(), ref.param_groups[0]["params"], before):
         assert not torch.equal(p, b) and torch.equal(p, q)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_state_holds_a_momentum_buffer_exactly_when_sgd_would(momentum: float) -> None:
+    """As ``torch.optim.SGD``: a momentum buffer is kept (and saved) only with momentum, so a
+    momentum-free AGC's state has the same entries as before the first step plus its own."""
+    model, opt, x, y = _setup(momentum=momentum, nesterov=False, weight_decay=0.0)
+    twin = copy.deepcopy(model)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=momentum)
+    for _ in range(2):
+        for m, o in ((model, opt), (twin, sgd)):
+            o.zero_grad()
+            _ce(m, x, y).backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert ("momentum_buffer" in opt.state[p]) == ("momentum_buffer" in sgd.state[q])
+        assert ("momentum_buffer" in opt.state[p]) == (momentum != 0)
+        if momentum:
+            assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
