@@ -24,11 +24,11 @@ from robust_agc.checkpoint import load_checkpoint
 from robust_agc.config import TrainConfig
 from robust_agc.data import DataSplits, make_splits
 from robust_agc.eval import benchmark, load_model
-from robust_agc.optim import AGC
+from robust_agc.optim import AGC, agc
 from robust_agc.train import Trainer
 from robust_agc.train.build import use_deterministic_kernels
 
-from .test_optim import _ce, _data, _net
+from .test_optim import _ce, _data, _net, spy_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -65,6 +65,19 @@ def _agc_steps(device: str) -> list[torch.Tensor]:
         opt.step()
     assert opt.coefficient != 0  # the correction was applied
     return [p.detach().cpu() for p in model.parameters()]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_the_functional_update_defaults_to_the_multi_tensor_kernel(monkeypatch) -> None:
+    """``foreach=None`` takes torch's choice for CUDA tensors (as ``torch.optim.sgd``): the
+    multi-tensor kernel, the one the CPU never picks by itself."""
+    called = spy_kernels(monkeypatch)
+    p = [torch.zeros(3, device="cuda")]
+    agc(p, [torch.ones(3, device="cuda")], [None], [None], [None], coef=0.0, lr=0.1,
+        weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False)  # fmt: skip
+    assert called == ["_multi_tensor_agc"]
+    assert torch.equal(p[0].cpu(), torch.full((3,), -0.1))
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import warnings
 
@@ -190,6 +191,48 @@ def test_foreach_equals_for_loop_with_missing_snapshots():
     del g
     for a, b in zip(runs[False], runs[True]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def spy_kernels(monkeypatch) -> list[str]:
+    """Record, in the returned list, the name of each AGC kernel the functional update runs."""
+    # the module (the package's attribute ``agc`` is the function of the same name)
+    agc_module = importlib.import_module("robust_agc.optim.agc")
+    called: list[str] = []
+    for name in ("_multi_tensor_agc", "_single_tensor_agc"):
+        real = getattr(agc_module, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            called.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(agc_module, name, spy)
+    return called
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+def test_the_functional_update_runs_the_kernel_asked_for_and_descends_by_default(
+    foreach, monkeypatch
+):
+    """``foreach=True`` runs the multi-tensor kernel, ``False`` the loop and ``None`` torch's own
+    choice (the loop on the CPU, as ``torch.optim.sgd``); without ``maximize`` it descends."""
+    called = spy_kernels(monkeypatch)
+    p0, g = torch.randn(3, 2), torch.randn(3, 2)
+    params = [p0.clone()]
+    agc(params, [g], [None], [None], [None], coef=0.0, lr=0.1, weight_decay=0.0, momentum=0.0,
+        dampening=0.0, nesterov=False, foreach=foreach)  # fmt: skip
+    assert called == ["_multi_tensor_agc" if foreach else "_single_tensor_agc"]
+    torch.testing.assert_close(params[0], p0 - 0.1 * g, rtol=0, atol=1e-7)
+
+
+def test_the_functional_update_refuses_lists_of_different_lengths():
+    p = [torch.zeros(2), torch.zeros(3)]
+    with pytest.raises(ValueError) as err:
+        agc(p, p, [None], [None, None], [None, None], coef=0.0, lr=0.1, weight_decay=0.0,
+            momentum=0.0, dampening=0.0, nesterov=False)  # fmt: skip
+    assert str(err.value) == (
+        "Invalid lists value: params, grads, snap_grads, full_grads and momentum_buffers "
+        "must have the same length"
+    )
 
 
 def test_corrected_gradient_formula_and_shape_check():
