@@ -609,11 +609,14 @@ def test_distributed_true_without_process_group_raises():
         opt.refresh(model, [(x, y)], _ce, distributed=True)
 
 
-def _agc_run(estimator: str, *, rank: int = 0, world: int = 1, reduce: bool = True) -> dict:
+def _agc_run(
+    estimator: str, *, rank: int = 0, world: int = 1, reduce: bool = True, auto: bool = False
+) -> dict:
     """Refresh, four steps with the snapshot gradient, refresh, on three global batches of 16
     examples of which this process holds rows ``[16 / world * rank, 16 / world * (rank + 1))``;
     ``reduce`` (with ``world > 1``): ``distributed=True`` and ``p.grad`` averaged over the ranks
-    (as DDP does). Returns the statistics along the way."""
+    (as DDP does), else ``distributed=False``; ``auto``: ``distributed=None`` (the optimizer's
+    own choice) in place of ``True``. Returns the statistics along the way."""
     import torch.distributed as dist
 
     x, y = _data(48)
@@ -622,7 +625,8 @@ def _agc_run(estimator: str, *, rank: int = 0, world: int = 1, reduce: bool = Tr
         (x[i + rank * local : i + (rank + 1) * local], y[i + rank * local : i + (rank + 1) * local])
         for i in range(0, 48, 16)
     ]
-    distributed = reduce and world > 1
+    reducing = reduce and world > 1
+    distributed = None if auto and reducing else reducing
     model = _net(bn=False)  # no BatchNorm: a global batch's loss is the mean of its shards'
     opt = AGC(model.parameters(), lr=0.1, estimator=estimator)
     params = list(model.parameters())
@@ -634,7 +638,7 @@ def _agc_run(estimator: str, *, rank: int = 0, world: int = 1, reduce: bool = Tr
     for xb, yb in [*batches, batches[0]]:
         opt.zero_grad()
         _ce(model, xb, yb).backward()
-        if distributed:
+        if reducing:
             for p in params:
                 dist.all_reduce(p.grad)
                 p.grad.div_(world)
@@ -657,6 +661,9 @@ def _two_rank_agc_worker(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         res = {e: _agc_run(e, rank=rank, world=2) for e in ("loss-slope", "grad-online")}
+        # in the same world: distributed=False (each rank its own half), distributed=None
+        res["own"] = _agc_run("loss-slope", rank=rank, world=2, reduce=False)
+        res["auto"] = _agc_run("loss-slope", rank=rank, world=2, auto=True)
         torch.save(res, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -674,6 +681,24 @@ def two_rank_agc(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("agc-two-ranks")
     mp.spawn(_two_rank_agc_worker, args=(str(tmp / "store"), str(tmp / "res")), nprocs=2)
     return [torch.load(tmp / f"res.{rank}", weights_only=True) for rank in (0, 1)]
+
+
+def test_in_a_world_of_two_distributed_false_keeps_to_the_rank_and_none_reduces(two_rank_agc):
+    """``distributed=False`` with a process group initialised: each rank's refresh, snapshot
+    gradients and weights are those of its own half alone; ``distributed=None`` (the default)
+    reduces as ``True`` does, so every rank gets one process's statistics on the whole batches."""
+    ref = _agc_run("loss-slope")
+    for rank, res in enumerate(two_rank_agc):
+        own = _agc_run("loss-slope", rank=rank, world=2, reduce=False)
+        for key in ("mu_1", "mu_2", "weights"):
+            _close(res["own"][key], own[key], f"own {key}")
+            _close(res["auto"][key], ref[key], f"auto {key}")
+        for g, h in zip(res["own"]["snap_grad"], own["snap_grad"], strict=True):
+            _close(g, h, "own snap_grad")
+        for g, h in zip(res["auto"]["snap_grad"], ref["snap_grad"], strict=True):
+            _close(g, h, "auto snap_grad")
+        assert res["own"]["tau"] == pytest.approx(own["tau"], rel=1e-4)
+        assert res["auto"]["tau"] == pytest.approx(ref["tau"], rel=1e-4)
 
 
 def _close(a: list[torch.Tensor], b: list[torch.Tensor], what: str) -> None:
