@@ -414,3 +414,19 @@ def test_the_state_holds_a_momentum_buffer_exactly_when_sgd_would(momentum: floa
         assert ("momentum_buffer" in opt.state[p]) == (momentum != 0)
         if momentum:
             assert torch.equal(opt.state[p]["momentum_buffer"], sgd.state[q]["momentum_buffer"])
+
+
+@pytest.mark.filterwarnings("ignore:AGC refresh")  # one batch: tau kept, said by a warning
+def test_a_refresh_drops_the_snapshot_gradients_of_the_old_snapshot() -> None:
+    """``g_B(ws)`` belongs to the snapshot it was taken at: after a refresh moves the snapshot,
+    no parameter's state (nor a saved state dict) still holds one until the next
+    :meth:`AGC.snapshot_backward`."""
+    model, opt, x, y = _setup()
+    opt.refresh(model, [(x, y)], _ce)
+    _corrected_step(model, opt, x, y)
+    assert all("snap_grad" in opt.state[p] for p in model.parameters())
+    opt.refresh(model, [(x, y)], _ce)
+    assert not any("snap_grad" in opt.state[p] for p in model.parameters())
+    assert not any("snap_grad" in s for s in opt.state_dict()["state"].values())
+    opt.snapshot_backward(model, lambda m: _ce(m, x, y))
+    assert all("snap_grad" in opt.state[p] for p in model.parameters())
