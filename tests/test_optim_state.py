@@ -430,3 +430,35 @@ def test_a_refresh_drops_the_snapshot_gradients_of_the_old_snapshot() -> None:
     assert not any("snap_grad" in s for s in opt.state_dict()["state"].values())
     opt.snapshot_backward(model, lambda m: _ce(m, x, y))
     assert all("snap_grad" in opt.state[p] for p in model.parameters())
+
+
+@pytest.mark.parametrize("estimator", ["grad-online", "loss-slope"])
+def test_a_refresh_returns_its_telemetry_and_logs_it_in_one_line(caplog, estimator: str) -> None:
+    """What :meth:`AGC.refresh` returns (the trainer records it per epoch): the new ``tau`` and
+    coefficient, whether ``tau`` moved, and the refresh's cost; the same in one log line."""
+    model, opt, x, y = _setup(gamma=0.5, estimator=estimator)
+    batches = [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)]
+    opt.refresh(model, batches, _ce)
+    for xb, yb in batches:
+        _corrected_step(model, opt, xb, yb)
+    with caplog.at_level(logging.INFO, logger="robust_agc.optim.agc"):
+        out = opt.refresh(model, batches, _ce)
+    seconds = out.pop("refresh_time_s")
+    assert 0 < seconds < 60
+    assert math.isfinite(opt.tau_now) and opt.coefficient == 0.5 * opt.tau != 0
+    assert out == {
+        "agc_tau_now": opt.tau_now,
+        "agc_tau": opt.tau,
+        "agc_coef": opt.coefficient,
+        "agc_tau_updated": 1.0,
+        "refresh_batches": 4.0,
+        "refresh_examples": 8.0,
+        "refresh_grad_evals": 8.0,
+        # the loss at the previous snapshot, for the slope
+        "refresh_forwards": 8.0 if estimator == "loss-slope" else 0.0,
+    }
+    lines = [r.getMessage() for r in caplog.records if r.name == "robust_agc.optim.agc"]
+    assert lines == [
+        f"AGC refresh 2: tau_now={opt.tau_now:.4g} tau={opt.tau:.4g} c={opt.coefficient:.4g} "
+        f"(4 batches, 8 examples, {seconds:.2f}s)"
+    ]
