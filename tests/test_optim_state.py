@@ -462,3 +462,23 @@ def test_a_refresh_returns_its_telemetry_and_logs_it_in_one_line(caplog, estimat
         f"AGC refresh 2: tau_now={opt.tau_now:.4g} tau={opt.tau:.4g} c={opt.coefficient:.4g} "
         f"(4 batches, 8 examples, {seconds:.2f}s)"
     ]
+
+
+@pytest.mark.parametrize("rows", [None, 0])
+def test_a_refresh_without_examples_is_refused_and_changes_nothing(rows: int | None) -> None:
+    """No batches, or only empty ones: a clear error, and no snapshot (``mu`` would be 0/0)."""
+    model, opt, x, y = _setup()
+    batches = [] if rows is None else [(x[:rows], y[:rows])]
+    with pytest.raises(ValueError) as err:
+        opt.refresh(model, batches, _ce)
+    assert str(err.value) == "Invalid batches value: the refresh received no examples"
+    assert not opt.has_snapshot and opt.num_refreshes == 0
+
+
+@pytest.mark.filterwarnings("ignore:AGC refresh")  # one batch: tau kept, said by a warning
+def test_a_refresh_on_a_single_example_takes_its_gradient_as_mu() -> None:
+    model, opt, x, y = _setup()
+    opt.refresh(model, [(x[:1], y[:1])], _ce)
+    grads = torch.autograd.grad(_ce(model, x[:1], y[:1]), list(model.parameters()))
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(opt.full_gradient_of(p), g)
