@@ -605,8 +605,12 @@ def test_distributed_true_without_process_group_raises():
     x, y = _data()
     model = _net(bn=False)
     opt = AGC(model.parameters(), lr=0.1)
-    with pytest.raises(RuntimeError, match="distributed=True requires"):
+    message = r"^distributed=True requires an initialized torch\.distributed process group$"
+    with pytest.raises(RuntimeError, match=message):
         opt.refresh(model, [(x, y)], _ce, distributed=True)
+    opt.refresh(model, [(x, y)], _ce)  # a snapshot, so that the snapshot gradient is computed
+    with pytest.raises(RuntimeError, match=message):
+        opt.snapshot_backward(model, lambda m: _ce(m, x, y), distributed=True)
 
 
 def _agc_run(
