@@ -482,3 +482,16 @@ def test_a_refresh_on_a_single_example_takes_its_gradient_as_mu() -> None:
     grads = torch.autograd.grad(_ce(model, x[:1], y[:1]), list(model.parameters()))
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(opt.full_gradient_of(p), g)
+
+
+def test_a_grad_online_refresh_without_a_step_since_the_last_says_so_and_keeps_tau() -> None:
+    """Through :meth:`AGC.refresh` (not only the estimator's own function): the first refresh has
+    nothing to estimate and is silent; a second one with no corrected step in between warns and
+    keeps ``tau``."""
+    model, opt, x, y = _setup(estimator="grad-online", tau_init=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.refresh(model, [(x, y)], _ce)
+    with pytest.warns(RuntimeWarning, match="^AGC refresh: no step with a snapshot gradient since"):
+        out = opt.refresh(model, [(x, y)], _ce)
+    assert math.isnan(out["agc_tau_now"]) and opt.tau == 0.3 and out["agc_tau_updated"] == 0.0
