@@ -495,3 +495,24 @@ def test_a_grad_online_refresh_without_a_step_since_the_last_says_so_and_keeps_t
     with pytest.warns(RuntimeWarning, match="^AGC refresh: no step with a snapshot gradient since"):
         out = opt.refresh(model, [(x, y)], _ce)
     assert math.isnan(out["agc_tau_now"]) and opt.tau == 0.3 and out["agc_tau_updated"] == 0.0
+
+
+def test_a_refresh_takes_bare_tensors_as_batches_weighted_by_their_rows() -> None:
+    """A batch may be one tensor instead of a tuple (``loss_fn(module, x)``); a 0-dim one counts as
+    one example. ``mu`` is the example-weighted mean of the batch gradients."""
+    model, opt, x, _ = _setup()
+
+    def energy(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        return m(xb.reshape(-1, 5)).pow(2).mean()
+
+    point = x[0, 0].clone()  # a 0-dim batch: one example, read as a constant input row
+    opt.refresh(model, [x[:2], x[2:], point], lambda m, t: energy(m, t if t.dim() else t.expand(5)))
+    params = list(model.parameters())
+    parts = [
+        (2, torch.autograd.grad(energy(model, x[:2]), params)),
+        (6, torch.autograd.grad(energy(model, x[2:]), params)),
+        (1, torch.autograd.grad(energy(model, point.expand(5)), params)),
+    ]
+    for i, p in enumerate(params):
+        mu = sum(n * g[i] for n, g in parts) / 9
+        torch.testing.assert_close(opt.full_gradient_of(p), mu)
