@@ -498,21 +498,24 @@ def test_a_grad_online_refresh_without_a_step_since_the_last_says_so_and_keeps_t
 
 
 def test_a_refresh_takes_bare_tensors_as_batches_weighted_by_their_rows() -> None:
-    """A batch may be one tensor instead of a tuple (``loss_fn(module, x)``); a 0-dim one counts as
-    one example. ``mu`` is the example-weighted mean of the batch gradients."""
+    """A batch may be one tensor instead of a tuple (``loss_fn(module, x)``); it holds as many
+    examples as its first dimension, a 0-dim one one. ``mu`` is the example-weighted mean of the
+    batch gradients."""
     model, opt, x, _ = _setup()
 
     def energy(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
         return m(xb.reshape(-1, 5)).pow(2).mean()
 
     point = x[0, 0].clone()  # a 0-dim batch: one example, read as a constant input row
-    opt.refresh(model, [x[:2], x[2:], point], lambda m, t: energy(m, t if t.dim() else t.expand(5)))
+    batches = [x[:2], x[2:], point, x[1]]  # the last: 1-dim, its 5 entries count as 5 rows
+    opt.refresh(model, batches, lambda m, t: energy(m, t if t.dim() else t.expand(5)))
     params = list(model.parameters())
     parts = [
         (2, torch.autograd.grad(energy(model, x[:2]), params)),
         (6, torch.autograd.grad(energy(model, x[2:]), params)),
         (1, torch.autograd.grad(energy(model, point.expand(5)), params)),
+        (5, torch.autograd.grad(energy(model, x[1]), params)),
     ]
     for i, p in enumerate(params):
-        mu = sum(n * g[i] for n, g in parts) / 9
+        mu = sum(n * g[i] for n, g in parts) / 14
         torch.testing.assert_close(opt.full_gradient_of(p), mu)
