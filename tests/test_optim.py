@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import re
 import warnings
 
 import pytest
@@ -468,6 +469,94 @@ def test_bad_hyperparameters_raise(kwargs, message):
     kw.update(kwargs)
     with pytest.raises(ValueError, match=message):
         AGC([nn.Parameter(torch.zeros(2))], **kw)
+
+
+def test_the_defaults_are_the_documented_ones_and_the_scalars_start_empty():
+    """The defaults of the docs (Nesterov momentum 0.9, gamma 0.1, alpha 0.3, tau_init 0.1, the
+    online estimator, the adaptive coefficient) and a fresh optimizer's scalar state: tau exactly
+    tau_init in float64, no raw estimate, no refresh, no step, no online sums."""
+    p = nn.Parameter(torch.zeros(2))
+    opt = AGC([p], lr=0.1)
+    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    assert group == dict(
+        lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, gamma=0.1,
+        alpha=0.3, tau_init=0.1, estimator="grad-online", coef="adaptive", fixed_coef=0.1,
+        foreach=None, maximize=False,
+    )  # fmt: skip
+    assert opt.defaults == {**group, "lr": 0.1}
+    scalars = opt.state_dict()["agc"]
+    assert set(scalars) == {"tau", "tau_now", "refreshes", "steps", "online_count"}
+    assert scalars["tau"].dtype == scalars["tau_now"].dtype == torch.float64
+    assert scalars["tau"].item() == 0.1 and math.isnan(scalars["tau_now"].item())
+    for k in ("refreshes", "steps", "online_count"):
+        assert scalars[k].dtype == torch.int64 and scalars[k].item() == 0
+    assert opt.tau == 0.1 and math.isnan(opt.tau_now) and opt.num_refreshes == 0
+    assert not opt.has_snapshot and opt.state == {}  # reading has_snapshot adds no state
+    assert AGC([p], lr=0.1, tau_init=0.25).tau == 0.25
+
+
+EDGE_HYPERPARAMETERS = [
+    dict(lr=0.0),
+    dict(momentum=0.0, nesterov=False),
+    dict(momentum=0.0, nesterov=False, dampening=1.0),
+    dict(nesterov=False, dampening=1.0),
+    dict(weight_decay=0.0, gamma=0.0),
+    dict(alpha=0.0),
+    dict(alpha=1.0),
+    dict(tau_init=-1.0),
+    dict(coef="fixed", fixed_coef=0.0),
+    dict(coef="fixed", fixed_coef=1.0),
+    dict(coef="adaptive", fixed_coef=5.0),
+    dict(gamma=1.0),
+    dict(estimator="loss-slope"),
+    dict(coef="ramp"),
+]
+
+
+@pytest.mark.parametrize("kwargs", EDGE_HYPERPARAMETERS)
+def test_hyperparameters_on_the_edges_of_their_ranges_are_taken_silently(kwargs):
+    """The closed ends of every range are valid and warn about nothing (a fixed_coef outside
+    [0, 1] only matters for coef='fixed')."""
+    kw = dict(lr=0.1)
+    kw.update(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = AGC([nn.Parameter(torch.zeros(2))], **kw)
+    group = opt.param_groups[0]
+    assert all(group[k] == v for k, v in kw.items())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(lr=float("inf")), r"^Invalid learning rate: inf$"),
+    (dict(momentum=float("inf")), r"^Invalid momentum value: inf$"),
+    (dict(weight_decay=float("nan")), r"^Invalid weight_decay value: nan$"),
+    (dict(gamma=float("inf")), r"^Invalid gamma value: inf$"),
+    (dict(dampening=-0.1, nesterov=False), r"^Invalid dampening value: -0.1$"),
+    (dict(tau_init=float("nan")), r"^Invalid tau_init value: nan$"),
+    (dict(fixed_coef=float("-inf")), r"^Invalid fixed_coef value: -inf$"),
+    (dict(lr=torch.tensor(0.1)), r"^Invalid learning rate: 0\.1\d* \(AGC takes a float learning rate\)$"),
+    (dict(estimator="slope"), r"^Invalid estimator value: 'slope' \(one of \('loss-slope', 'grad-online'\)\)$"),
+    (dict(coef="svrg"), r"^Invalid coef value: 'svrg' \(one of \('adaptive', 'fixed', 'ramp'\)\)$"),
+])  # fmt: skip
+def test_non_finite_and_out_of_range_hyperparameters_raise_with_the_whole_message(kwargs, message):
+    kw = dict(lr=0.1)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        AGC([nn.Parameter(torch.zeros(2))], **kw)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(coef="fixed", fixed_coef=-0.5),
+     r"^fixed_coef=-0.5 outside \[0, 1\]: the correction overshoots the variance-optimal range$"),
+    (dict(coef="fixed", fixed_coef=1.5), r"^fixed_coef=1.5 outside \[0, 1\]"),
+    (dict(gamma=1.5), r"^gamma=1.5 > 1: c = gamma \* tau is usually in \[0, 1\] \(default 0.1\)$"),
+])  # fmt: skip
+def test_suspicious_hyperparameters_warn_once_with_the_whole_message(kwargs, message):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AGC([nn.Parameter(torch.zeros(2))], lr=0.1, **kwargs)
+    assert len(caught) == 1 and caught[0].category is UserWarning
+    assert re.match(message, str(caught[0].message))
 
 
 def test_param_groups_must_share_the_tau_settings_and_may_differ_in_gamma():

@@ -425,7 +425,9 @@ class AGC(Optimizer):
     def has_snapshot(self) -> bool:
         """Whether a snapshot (and its ``mu``) exists, i.e. the correction is active."""
         return any(
-            "snapshot" in self.state[p] for group in self.param_groups for p in group["params"]
+            "snapshot" in self.state.get(p, ())
+            for group in self.param_groups
+            for p in group["params"]
         )
 
     # ---- what other parts of the library read and change (see CorrectedOptimizer) ----------
