@@ -277,3 +277,83 @@ def test_dist_active_without_a_process_group():
     assert not dist_active(None, None)
     with pytest.raises(RuntimeError, match="distributed=True requires"):
         dist_active(True, None)
+
+
+def test_full_gradient_pass_on_its_edges():
+    """Plain-tensor batches (a loss of the input alone), a one-element loss of shape (1,), a
+    parameter the loss never uses (zero, not missing), a loss scale (the same sums), a batch whose
+    tensor is a scalar (one example), and no batches at all (empty float64 losses, zero sums)."""
+    model = _net()
+    unused = nn.Parameter(torch.ones(3))
+    x, _ = _data()
+    params = [*model.parameters(), unused]
+
+    def energy(m: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        return m(xb).square().mean().reshape(1)
+
+    batches = [x[:10], x[10:]]
+    with torch.no_grad():
+        gp = full_gradient_pass(FunctionalView(model, {}), None, params, batches, energy, None)
+        scaled = full_gradient_pass(
+            FunctionalView(model, {}), None, params, batches, energy, 2.0**10
+        )
+    assert gp.examples == 24 and gp.num_batches == 2
+    assert gp.a.shape == (2,) and gp.b.shape == (0,)
+    with torch.no_grad():
+        assert gp.a.tolist() == pytest.approx([float(energy(model, xb)) for xb in batches])
+    expected = [torch.zeros_like(p) for p in params]
+    for xb in batches:
+        grads = torch.autograd.grad(energy(model, xb), params, allow_unused=True)
+        for e, g in zip(expected, grads):
+            if g is not None:
+                e.add_(g, alpha=len(xb))
+    for got, ref, again in zip(gp.grad_sum, expected, scaled.grad_sum):
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(again, ref)
+    assert torch.equal(gp.grad_sum[-1], torch.zeros(3))
+    assert torch.equal(scaled.a, gp.a)
+
+    w = nn.Parameter(torch.tensor(3.0))
+    with torch.no_grad():
+        one = full_gradient_pass(
+            FunctionalView(nn.Module(), {}), None, [w], [torch.tensor(2.0)],
+            lambda m, t: (w * t) ** 2, None,
+        )  # fmt: skip
+    assert one.examples == 1 and one.num_batches == 1 and one.a.tolist() == [36.0]
+    assert one.grad_sum[0].item() == 24.0  # d/dw (w t)^2 = 2 w t^2, times one example
+    with torch.no_grad():
+        empty = full_gradient_pass(FunctionalView(model, {}), None, params, [], energy, None)
+    assert empty.examples == 0 and empty.num_batches == 0
+    assert empty.a.dtype == empty.b.dtype == torch.float64
+    assert empty.a.shape == empty.b.shape == (0,)
+    assert all(torch.equal(g, torch.zeros_like(p)) for g, p in zip(empty.grad_sum, params))
+
+
+def test_full_gradient_pass_refuses_a_loss_that_is_not_a_scalar_with_the_whole_message():
+    model = _net()
+    x, y = _data()
+    for bad, shown in ((lambda m, xb, yb: m(xb), "tensor("), (lambda m, xb, yb: 1.5, "1.5")):
+        with pytest.raises(ValueError) as err, torch.no_grad():
+            full_gradient_pass(
+                FunctionalView(model, {}), None, list(model.parameters()), [(x, y)], bad, None
+            )
+        assert str(err.value).startswith(
+            "Invalid loss_fn value: must return a scalar loss, got " + shown
+        )
+
+
+def test_the_view_reports_the_mode_the_model_had_and_passes_keyword_arguments():
+    model = _net().eval()
+    assert FunctionalView(model, {}).training is False
+    assert FunctionalView(model.train(), {}).training is True
+
+    class Shift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x: torch.Tensor, *, shift: float = 0.0) -> torch.Tensor:
+            return x + self.b + shift
+
+    view = FunctionalView(Shift(), {"b": torch.ones(2)})
+    assert view(torch.zeros(2), shift=5.0).tolist() == [6.0, 6.0]
