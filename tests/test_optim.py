@@ -570,6 +570,32 @@ def test_param_groups_must_share_the_tau_settings_and_may_differ_in_gamma():
     assert opt.coefficient == pytest.approx(0.01)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("alpha", 0.5), ("tau_init", 0.2), ("estimator", "loss-slope")]
+)
+def test_a_later_group_with_its_own_tau_setting_is_refused_with_the_whole_message(key, value):
+    """alpha, tau_init and the estimator belong to the one optimizer-wide tau: a group added later
+    (at construction or by add_param_group) must repeat the first group's, and nothing is added."""
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    first = {"alpha": 0.3, "tau_init": 0.1, "estimator": "grad-online"}[key]
+    message = (
+        f"Invalid {key} value: {value} (all param groups must share {key}, got {first} in the "
+        "first group; tau is one optimizer-wide estimate)"
+    )
+    with pytest.raises(ValueError) as err:
+        AGC([{"params": [a]}, {"params": [b], key: value}], lr=0.1)
+    assert str(err.value) == message
+    opt = AGC([a], lr=0.1)
+    with pytest.raises(ValueError) as err:
+        opt.add_param_group({"params": [b], key: value})
+    assert str(err.value) == message
+    with pytest.raises(ValueError, match="Invalid learning rate: -1"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    assert len(opt.param_groups) == 1  # the refused groups were not kept
+    opt.add_param_group({"params": [b], key: first, "lr": 0.5})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(coef="fixed", fixed_coef=2.0), "fixed_coef=2.0 outside"),
     (dict(gamma=3.0), "gamma=3.0 > 1"),

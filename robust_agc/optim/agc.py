@@ -386,17 +386,26 @@ class AGC(Optimizer):
     # ---- param groups and validation ---------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group (validated; ``alpha``, ``tau_init``, ``estimator`` must be shared)."""
+        """Add a param group (validated; ``alpha``, ``tau_init``, ``estimator`` must be shared).
+
+        Raises:
+            ValueError: an invalid hyperparameter, or a group of its own tau settings; the
+                optimizer is then left as it was.
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate_group(group)
-        first = self.param_groups[0]
-        for key in _GLOBAL_KEYS:
-            if group[key] != first[key]:
-                raise ValueError(
-                    f"Invalid {key} value: {group[key]} (all param groups must share {key}, "
-                    f"got {first[key]} in the first group; tau is one optimizer-wide estimate)"
-                )
+        try:
+            _validate_group(group)
+            first = self.param_groups[0]
+            for key in _GLOBAL_KEYS:
+                if group[key] != first[key]:
+                    raise ValueError(
+                        f"Invalid {key} value: {group[key]} (all param groups must share {key}, "
+                        f"got {first[key]} in the first group; tau is one optimizer-wide estimate)"
+                    )
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimizer as it was
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
