@@ -113,6 +113,7 @@ GROUPS: dict[str, Group] = {
             "test_eval_passes.py",  # the pass counting, unit by unit
             "test_eval_state.py",  # the resumable state, unit by unit
             "test_eval_checks.py",  # the gradient-masking checks, unit by unit
+            "test_eval_runner.py",  # the runner's bookkeeping under a scripted attack
         ),
         # checks a warning's stacklevel, which mutmut's trampolines shift by one frame
         ("test_eval.py::test_warnings_point_at_the_caller",),

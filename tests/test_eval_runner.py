@@ -1,0 +1,341 @@
+"""The evaluation runner's bookkeeping (``robust_agc.eval.runner``) under a scripted attack.
+
+The attacks are replaced by a script that breaks chosen points, so every number of the record is
+known in advance: which chunks each unit attacks, the per-point verdicts, the per-stage accuracies
+and counts, the model passes, the flags of the checks that read the verdicts, the resume after a
+crash inside a unit, and the recount against the adversarial images. The real attacks are checked
+in ``tests/test_eval.py``, ``tests/test_autoattack_parity.py`` and ``tests/test_eval_resume.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from robust_agc.errors import UserError
+from robust_agc.eval import runner
+from robust_agc.eval.comm import Comm
+from robust_agc.eval.passes import PassCounter
+from robust_agc.eval.plan import make_plan
+from robust_agc.eval.runner import RecordInfo, Session, recount_phase, run_evaluation
+from robust_agc.eval.state import EvalState
+
+pytestmark = pytest.mark.filterwarnings("ignore::robust_agc.eval.checks.GradientMaskingWarning")
+
+N = 7
+CLEAN_WRONG = {2}
+
+
+def _model() -> nn.Module:
+    """Logits = the first two features (the third is the point's id, ignored)."""
+    lin = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    return lin.requires_grad_(False).eval()
+
+
+def _points() -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.tensor([0, 1, 0, 1, 0, 1, 0])
+    x = torch.zeros(N, 3)
+    for i in range(N):
+        right = int(y[i]) if i not in CLEAN_WRONG else 1 - int(y[i])
+        x[i, right], x[i, 1 - right] = 2.0, -1.0
+        x[i, 2] = float(i)
+    return x, y
+
+
+def _broken(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The image of each point that the model gets wrong: its first two features swapped."""
+    adv = x.clone()
+    adv[:, 0], adv[:, 1] = x[:, 1], x[:, 0]
+    return adv
+
+
+class Script:
+    """Stands in for :class:`robust_agc.eval.attackers.Attackers`: unit ``u`` breaks the points
+    in ``breaks[u]`` (by id) and leaves the others; ``crash_at`` = ``(unit, chunk)`` raises there."""
+
+    def __init__(self, breaks: dict[str, set[int]], crash_at: tuple[str, int] | None = None):
+        self.breaks, self.crash_at = breaks, crash_at
+        self.calls: list[tuple[str, list[int]]] = []
+        self.few_steps: list[int] = []
+
+    def attack(self, unit: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ids = [int(v) for v in x[:, 2]]
+        if self.crash_at == (unit, sum(u == unit for u, _ in self.calls)):
+            raise KeyboardInterrupt("crash inside the unit")
+        self.calls.append((unit, ids))
+        hit = torch.tensor([i in self.breaks.get(unit, set()) for i in ids])
+        return torch.where(hit[:, None], _broken(x, y), x)
+
+    def pgd_few_steps(self, steps: int) -> Any:
+        self.few_steps.append(steps)
+        return lambda x, y: self.attack("pgd-few", x, y)
+
+    def config(self) -> dict[str, Any]:
+        return {"script": {k: sorted(v) for k, v in sorted(self.breaks.items())}}
+
+
+def _run(
+    script: Script,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    attacks: tuple[str, ...] = ("clean", "pgd", "square"),
+    state_file: Path | None = None,
+    model: nn.Module | None = None,
+    **plan_kw: Any,
+):
+    monkeypatch.setattr(runner, "build_attackers", lambda model, plan, device, n_targets: script)
+    kw = dict(eps=0.1, attacks=attacks, batch_size=2, pgd_steps=10, pgd_restarts=1)
+    kw.update(plan_kw)
+    plan = make_plan(**kw)
+    x, y = _points()
+    info = RecordInfo("toy", "linear", {}, ("a note",), state_file, False)
+    return run_evaluation(model or _model(), plan, x, y, torch.device("cpu"), info)
+
+
+BREAKS = {"pgd": {1, 4}, "square": {5}, "pgd-few": {1, 4}}
+
+
+def test_every_number_of_the_record_follows_from_the_verdicts(monkeypatch):
+    script = Script(BREAKS)
+    res = _run(script, monkeypatch)
+    # pgd attacks the 6 clean-correct points in chunks of 2; square the 4 pgd left
+    assert script.calls[:5] == [
+        ("pgd", [0, 1]), ("pgd", [3, 4]), ("pgd", [5, 6]), ("square", [0, 3]), ("square", [5, 6]),
+    ]  # fmt: skip
+    assert script.calls[5:] == [("pgd-few", [0, 1, 3, 4, 5, 6])]  # the convergence check
+    assert script.few_steps == [2]  # pgd_steps // 5
+    assert res.broken_by == [None, "pgd", "clean", None, "pgd", "square", None]
+    assert res.robust_flags.tolist() == [True, False, False, True, False, False, True]
+    assert res.clean_acc == 6 / 7 and res.robust_acc == 3 / 7
+    assert res.robust_acc_repredicted == 3 / 7
+    assert res.stage_acc == {"clean": 6 / 7, "pgd": 4 / 7, "square": 3 / 7}
+    assert res.component_acc == res.stage_acc
+    assert res.n_attacked == {"clean": 7, "pgd": 6, "square": 4}
+    assert res.n_broken == {"clean": 1, "pgd": 2, "square": 1}
+    assert res.n_examples == 7 and res.eps == 0.1 and res.seed == 0
+    assert res.dataset == "toy" and res.architecture == "linear" and res.notes == ["a note"]
+    assert res.attack_config == script.config() and res.world_size == 1
+    assert res.number_forward_passes == 1
+    # one forward per clean point, per attacked point's re-prediction, per recounted point
+    assert res.passes["clean"] == {"forward": 7, "backward": 0}
+    assert res.passes["pgd"] == {"forward": 6, "backward": 0}
+    assert res.passes["square"] == {"forward": 4, "backward": 0}
+    assert res.passes["recount"] == {"forward": 7, "backward": 0}
+    assert res.passes["checks"]["forward"] > 0
+    parts = [v for k, v in res.passes.items() if k != "total"]
+    assert res.passes["total"] == {
+        "forward": sum(p["forward"] for p in parts),
+        "backward": sum(p["backward"] for p in parts),
+    }
+    assert set(res.timings) == {"clean", "pgd", "square", "checks", "total"}
+    assert res.timings["total"] >= res.timings["pgd"] >= 0
+    # square broke 1 of 7 points the gradient attack missed; 2 classes: 1 target class
+    assert res.flags["square_beats_gradient"] and res.flags["too_few_classes"]
+    assert not res.flags["count_disagreement"] and not res.flags["pgd_steps_nonmonotone"]
+    assert res.flag_details["square_beats_gradient"]["n_broken_by_square"] == 1
+    # the check re-attacks PGD's 6 targets; pgd left 4 of them (square's point counts as robust)
+    pgd_check = res.flag_details["pgd_steps_nonmonotone"]
+    assert (pgd_check["robust_few_steps"], pgd_check["robust_many_steps"]) == (4, 4)
+    assert not any(res.flags[k] for k in ("nondeterministic_logits", "probability_output"))
+    assert res.flags["zero_gradients"] is False  # the model checks ran, on the 6 correct points
+    assert res.flag_details["zero_gradients"]["n"] == 6
+
+
+def test_more_pgd_steps_leaving_more_points_robust_fires_the_convergence_check(monkeypatch):
+    script = Script({"pgd": {1}, "pgd-few": {1, 4, 5}})
+    res = _run(script, monkeypatch, attacks=("clean", "pgd"))
+    assert res.flags["pgd_steps_nonmonotone"]
+    d = res.flag_details["pgd_steps_nonmonotone"]
+    assert d["steps"] == [2, 10] and d["n"] == 6 and d["points_broken_only_by_fewer_steps"] == 2
+    assert "square_beats_gradient" not in res.flags  # no gradient-free unit ran
+    quiet = _run(Script({"pgd": {1}, "pgd-few": {1, 4}}), monkeypatch, attacks=("clean", "pgd"))
+    assert not quiet.flags["pgd_steps_nonmonotone"]  # one point of slack (2% of 6, at least 1)
+
+
+def test_without_checks_only_the_class_count_is_checked(monkeypatch):
+    script = Script(BREAKS)
+    res = _run(script, monkeypatch, run_checks=False)
+    assert script.few_steps == []  # no convergence check
+    assert res.flags["too_few_classes"] and "zero_gradients" not in res.flags
+    assert res.passes["checks"] == {"forward": 0, "backward": 0}
+    assert res.broken_by == [None, "pgd", "clean", None, "pgd", "square", None]
+
+
+def test_a_crash_inside_a_unit_resumes_with_the_chunks_left_and_the_same_record(
+    monkeypatch, tmp_path
+):
+    ref = _run(Script(BREAKS), monkeypatch)
+    state_file = tmp_path / "state.json"
+    crashing = Script(BREAKS, crash_at=("square", 1))
+    with pytest.raises(KeyboardInterrupt):
+        _run(crashing, monkeypatch, state_file=state_file)
+    saved = json.loads(state_file.read_text())
+    assert saved["done"] == ["clean", "pgd"]
+    assert saved["current"] == {"unit": "square", "targets": [0, 3, 5, 6], "batches_done": 1}
+    again = Script(BREAKS)
+    res = _run(again, monkeypatch, state_file=state_file)
+    assert again.calls == [("square", [5, 6]), ("pgd-few", [0, 1, 3, 4, 5, 6])]
+    for k in ("broken_by", "clean_acc", "robust_acc", "stage_acc", "n_attacked", "n_broken"):
+        assert getattr(res, k) == getattr(ref, k), k
+    assert res.flags == ref.flags and res.robust_acc_repredicted == ref.robust_acc_repredicted
+    assert res.passes["square"] == ref.passes["square"]  # both sessions' passes add up
+    assert res.notes == ["a note", f"resumed from state file {state_file}"]
+    # points broken in the first session have no image now: recounted from their verdicts
+    assert res.flag_details["count_disagreement"]["n_not_repredicted"] == 2
+    done = Script(BREAKS)
+    final = _run(done, monkeypatch, state_file=state_file)  # a finished state: nothing to attack
+    assert done.calls == [("pgd-few", [0, 1, 3, 4, 5, 6])] and final.broken_by == ref.broken_by
+
+
+def test_a_state_with_other_clean_predictions_is_refused(monkeypatch, tmp_path):
+    state_file = tmp_path / "state.json"
+    _run(Script(BREAKS), monkeypatch, state_file=state_file)
+    d = json.loads(state_file.read_text())
+    d["broken_by"][0] = "clean"
+    state_file.write_text(json.dumps(d))
+    with pytest.raises(UserError, match="stored clean predictions differ from this model's"):
+        _run(Script(BREAKS), monkeypatch, state_file=state_file)
+
+
+def _session(plan_kw: dict[str, Any] | None = None) -> Session:
+    model = _model()
+    x, y = _points()
+    kw: dict[str, Any] = {"eps": 0.1, "attacks": ("clean", "pgd", "square"), "batch_size": 3}
+    plan = make_plan(**{**kw, **(plan_kw or {})})
+    return Session(model, plan, x, y, torch.device("cpu"), Comm(), PassCounter(model))
+
+
+def test_session_cuts_the_points_into_batch_size_chunks():
+    s = _session()
+    assert s.n == 7 and s.point_chunks == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_the_recount_compares_the_verdicts_with_a_re_prediction_on_the_known_images():
+    s = _session()
+    x, y = _points()
+    state = EvalState(None, {}, N)
+    state.robust = [True, False, False, True, False, False, True]
+    state.broken_by = [None, "pgd", "clean", None, "pgd", "square", None]
+    x_adv = x.clone()
+    x_adv[[1, 4, 5]] = _broken(x, y)[[1, 4, 5]]
+    known = torch.ones(N, dtype=torch.bool)
+    n_robust, passes = recount_phase(s, state, x_adv, known)
+    assert n_robust == 3 and passes == [7, 0]
+    assert not s.report.results["count_disagreement"].fired
+    assert s.report.results["square_beats_gradient"].fired
+    x_adv[3] = _broken(x, y)[3]  # a point flagged robust whose image is wrong: disagreement
+    n_robust, _ = recount_phase(s, state, x_adv, known)
+    assert n_robust == 2
+    res = s.report.results["count_disagreement"]
+    assert res.fired and res.details["n_disagree"] == 1 and "n_not_repredicted" not in res.details
+    known[[1, 3]] = False  # images lost with a past session: their verdicts count as they are
+    n_robust, _ = recount_phase(s, state, x_adv, known)
+    assert n_robust == 3
+    res = s.report.results["count_disagreement"]
+    assert not res.fired and res.details["n_not_repredicted"] == 2
+
+
+def test_the_fmn_unit_records_radii_and_breaks_only_within_eps(monkeypatch):
+    """fmn attacks every clean-correct point; a point counts as broken at eps only when its radius
+    is at most eps and no earlier unit broke it."""
+    s = _session({"eps": 0.5, "attacks": ("clean", "pgd", "fmn"), "version": "standard"})
+    x, y = _points()
+
+    class Fmn:
+        def attack(self, unit: str, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            assert unit == "fmn"
+            return _broken(xb, yb)  # every point misclassified, at the radius its id says
+
+    radii_of = {0: 0.25, 1: 0.75, 3: 0.5, 4: 2.0, 5: 0.1, 6: 0.4}
+    monkeypatch.setattr(
+        runner,
+        "perturbation_radii",
+        lambda xb, adv, broken, threat: [radii_of[int(i)] for i in xb[:, 2]],
+    )
+    state = EvalState(None, {}, N)
+    state.robust = [True, True, False, True, True, False, True]
+    state.broken_by = [None, None, "clean", None, None, "pgd", None]
+    x_adv = x.clone()
+    runner.unit_phase(s, "fmn", state, Fmn(), x_adv, False)
+    assert state.radii == [0.25, 0.75, 0.0, 0.5, 2.0, 0.1, 0.4]
+    # broken within eps: 0, 3, 6; radius above eps: 1, 4; 5 was broken earlier and keeps its
+    # verdict (its radius is recorded all the same)
+    assert state.broken_by == ["fmn", None, "clean", "fmn", None, "pgd", "fmn"]
+    assert state.robust == [False, True, False, False, True, False, False]
+    assert state.n_attacked["fmn"] == 6 and state.n_broken["fmn"] == 3
+    assert state.unit_acc["fmn"] == 2 / 7 and state.done == ["fmn"] and state.current is None
+    assert state.passes["fmn"] == [6, 0]  # the re-prediction of each attacked point
+    assert x_adv[[0, 3, 6]].equal(_broken(x, y)[[0, 3, 6]]) and x_adv[[1, 4, 5]].equal(x[[1, 4, 5]])
+
+
+def test_autoattack_components_add_up_to_the_stage(monkeypatch):
+    """The stage's accuracy is its last component's; attacked points are the first component's,
+    broken points, times and passes the components' sums; the total counts each pass once."""
+    clock = iter(range(10_000))
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
+    script = Script({"autoattack/apgd-ce": {0, 4}, "autoattack/apgd-t": {6}})
+    res = _run(script, monkeypatch, attacks=("clean", "autoattack"), version=["apgd-ce", "apgd-t"])
+    assert [u for u, _ in script.calls] == ["autoattack/apgd-ce"] * 3 + ["autoattack/apgd-t"] * 2
+    assert res.stage_acc == {"clean": 6 / 7, "autoattack": 3 / 7}
+    assert res.component_acc == {
+        "clean": 6 / 7, "autoattack/apgd-ce": 4 / 7, "autoattack/apgd-t": 3 / 7,
+    }  # fmt: skip
+    assert res.n_attacked["autoattack"] == 6 and res.n_broken["autoattack"] == 3
+    assert res.n_attacked["autoattack/apgd-t"] == 4 and res.n_broken["autoattack/apgd-t"] == 1
+    # the fake clock ticks once per call: each chunk takes 1 s, each round of chunks adds 1 s
+    assert res.timings["autoattack/apgd-ce"] == 3.0 and res.timings["autoattack/apgd-t"] == 2.0
+    assert res.timings["autoattack"] == 5.0
+    assert res.passes["autoattack"] == {"forward": 10, "backward": 0}
+    per_unit = [v for k, v in res.passes.items() if k not in ("total", "autoattack")]
+    assert res.passes["total"]["forward"] == sum(p["forward"] for p in per_unit)
+
+
+class _FlipLater(nn.Module):
+    """The toy model, whose prediction of point 0 flips once ``flip`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.flip = _model(), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        if self.flip:
+            out = torch.where((x[:, 2] == 0)[:, None], out.flip(1), out)
+        return out
+
+
+def test_a_model_that_changes_before_the_recount_is_caught_by_it(monkeypatch):
+    model = _FlipLater()
+    script = Script(BREAKS)
+    few = script.pgd_few_steps
+
+    def flip_then_few(steps: int) -> Any:  # the model changes just before the last checks
+        model.flip = True
+        return few(steps)
+
+    script.pgd_few_steps = flip_then_few
+    res = _run(script, monkeypatch, model=model)
+    assert res.robust_acc == 3 / 7 and res.robust_acc_repredicted == 2 / 7
+    assert res.flags["count_disagreement"]
+    assert res.flag_details["count_disagreement"]["n_disagree"] == 1
+
+
+def test_fmn_radii_start_at_zero_for_misclassified_points_and_inf_for_the_others():
+    s = _session({"attacks": ("clean", "fmn"), "fmn_slice": (1, 6)})
+    state = EvalState(None, {}, N)
+    state.robust = [True, True, False, True, True, False, True]
+    state.broken_by = [None, None, "clean", None, None, "pgd", None]
+    chunks, done = runner._unit_chunks(s, "fmn", state)
+    inf = float("inf")
+    assert state.radii == [None, inf, 0.0, inf, inf, inf, None]  # outside the slice: None
+    assert chunks == [[1, 3, 4], [5]] and done == 0  # point 5 broken earlier: attacked too
+    assert state.current == {"unit": "fmn", "targets": [1, 3, 4, 5], "batches_done": 0}
+    assert state.n_attacked["fmn"] == 4 and state.n_broken["fmn"] == 0
+    assert state.timings["fmn"] == 0.0 and state.passes["fmn"] == [0, 0]
