@@ -452,8 +452,8 @@ BAD_HYPERPARAMETERS = [
     (dict(weight_decay=-1e-4), r"Invalid weight_decay value: -0.0001"),
     (dict(gamma=-0.1), r"Invalid gamma value: -0.1"),
     (dict(dampening=1.5, nesterov=False), r"Invalid dampening value: 1.5"),
-    (dict(momentum=0.0), r"Nesterov momentum requires a momentum and zero dampening"),
-    (dict(dampening=0.1), r"Nesterov momentum requires a momentum and zero dampening"),
+    (dict(momentum=0.0), r"^Nesterov momentum requires a momentum and zero dampening$"),
+    (dict(dampening=0.1), r"^Nesterov momentum requires a momentum and zero dampening$"),
     (dict(alpha=1.3), r"Invalid alpha value: 1.3"),
     (dict(alpha=-0.1), r"Invalid alpha value: -0.1"),
     (dict(tau_init=float("inf")), r"Invalid tau_init value: inf"),
@@ -491,6 +491,7 @@ def test_the_defaults_are_the_documented_ones_and_the_scalars_start_empty():
     for k in ("refreshes", "steps", "online_count"):
         assert scalars[k].dtype == torch.int64 and scalars[k].item() == 0
     assert opt.tau == 0.1 and math.isnan(opt.tau_now) and opt.num_refreshes == 0
+    assert opt.refresh_losses is None
     assert not opt.has_snapshot and opt.state == {}  # reading has_snapshot adds no state
     assert AGC([p], lr=0.1, tau_init=0.25).tau == 0.25
 
