@@ -73,6 +73,7 @@ GROUPS: dict[str, Group] = {
             # mutants are checked by planting instead, tests/MUTATION.md)
             "test_optim_state.py::test_a_missing_snapshot_gradient_warns_once_at_the_callers_line",
             "test_optim_state.py::test_the_refresh_warnings_point_at_the_callers_line",
+            "test_optim_state.py::test_the_hyperparameter_warnings_point_at_the_callers_line",
             # spawns two processes for every refresh mutant (slow enough to time out); the
             # distributed helpers it judges are invisible to mutmut anyway (tests/MUTATION.md)
             "test_optim.py::test_distributed_reductions_over_two_processes_match_one_process",

@@ -4,6 +4,7 @@ mutation testing (tests/MUTATION.md) showed no other test pinned."""
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import warnings
@@ -284,6 +285,19 @@ def test_the_refresh_warnings_point_at_the_callers_line() -> None:
     with pytest.warns(RuntimeWarning, match=r"mean \|\|g_snap - mu\|\|\^2 = 0.0") as rec:
         online.refresh(lin, [(xs,)], _linear_loss)
     assert rec[0].filename == __file__
+
+
+def test_the_hyperparameter_warnings_point_at_the_callers_line() -> None:
+    """An odd gamma or fixed_coef warns at the line that built the optimizer or added the group
+    (deselected under mutmut, whose trampolines add a frame; checked by planting instead)."""
+    p, q = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt = AGC([p], lr=0.1, gamma=3.0)
+        line = inspect.currentframe().f_lineno - 1
+        opt.add_param_group({"params": [q], "gamma": 0.1, "coef": "fixed", "fixed_coef": 2.0})
+    assert [(r.filename, r.lineno) for r in rec] == [(__file__, line), (__file__, line + 2)]
+    assert "gamma=3.0 > 1" in str(rec[0].message) and "fixed_coef=2.0" in str(rec[1].message)
 
 
 def test_before_any_refresh_a_parameter_has_no_full_gradient_and_no_stale_positions() -> None:

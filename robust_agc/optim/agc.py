@@ -368,7 +368,9 @@ class AGC(Optimizer):
             "foreach": foreach,
             "maximize": maximize,
         }
+        self._constructing = True  # add_param_group's warnings point past Optimizer.__init__
         super().__init__(params, defaults)  # validates every group in add_param_group
+        self._constructing = False
         self._scalars: dict[str, Tensor] = {
             "tau": torch.tensor(float(tau_init), dtype=torch.float64),
             "tau_now": torch.tensor(math.nan, dtype=torch.float64),
@@ -395,7 +397,8 @@ class AGC(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _validate_group(group)
+            # the warnings point at the user's line: AGC(...) or opt.add_param_group(...)
+            _validate_group(group, stacklevel=5 if getattr(self, "_constructing", False) else 3)
             first = self.param_groups[0]
             for key in _GLOBAL_KEYS:
                 if group[key] != first[key]:
@@ -960,8 +963,9 @@ def _stale(st: dict[str, Any]) -> Tensor:
     return (st["snapshot"] == 0) & (st["full_grad"] == 0)
 
 
-def _validate_group(group: dict[str, Any]) -> None:
-    """Raise ``ValueError`` (torch's wording) for invalid hyperparameters; warn for odd ones."""
+def _validate_group(group: dict[str, Any], stacklevel: int) -> None:
+    """Raise ``ValueError`` (torch's wording) for invalid hyperparameters; warn for odd ones (at
+    ``stacklevel`` frames above this function)."""
     lr = group["lr"]
     if isinstance(lr, Tensor):
         raise ValueError(f"Invalid learning rate: {lr} (AGC takes a float learning rate)")
@@ -990,11 +994,11 @@ def _validate_group(group: dict[str, Any]) -> None:
             f"fixed_coef={group['fixed_coef']} outside [0, 1]: the correction overshoots the "
             "variance-optimal range",
             UserWarning,
-            stacklevel=5,
+            stacklevel=stacklevel,
         )
     if group["gamma"] > 1.0:
         warnings.warn(
             f"gamma={group['gamma']} > 1: c = gamma * tau is usually in [0, 1] (default 0.1)",
             UserWarning,
-            stacklevel=5,
+            stacklevel=stacklevel,
         )
