@@ -117,7 +117,10 @@ GROUPS: dict[str, Group] = {
             "test_eval_runner.py",  # the runner's bookkeeping under a scripted attack
         ),
         # checks a warning's stacklevel, which mutmut's trampolines shift by one frame
-        ("test_eval.py::test_warnings_point_at_the_caller",),
+        (
+            "test_eval.py::test_warnings_point_at_the_caller",
+            "test_eval_checks.py::test_the_report_warns_at_the_caller_of_the_function_that_calls_warn",
+        ),
     ),
 }
 
