@@ -291,6 +291,8 @@ def test_run_model_checks_runs_the_four_model_checks_on_at_most_max_points(caplo
     )
     assert report is mine and n_targets is None and "too_few_classes" not in report.results
     assert calls == [300, 10, 10, 10]  # my logits (all points), then the checks on 10
+    asked, n = run_model_checks(model, x, y, n_target_classes=2)
+    assert n == 2 and not asked.results["too_few_classes"].fired  # 2 targets fit 3 classes
     empty, n = run_model_checks(model, x[:0], y[:0], n_target_classes=5)
     assert empty.results == {} and n == 5
 
