@@ -11,8 +11,9 @@
 # runs/gpu-logs); a step that fails does not stop the next. big: only the same two benchmarks at
 # batch sizes that fill a large card (PGD-AT batch 1024-2048, inference 4096-8192), logs in LOGS.
 # GPU_PYTHON: the interpreter holding a CUDA torch and the project's needs (default python3).
-# Fashion-MNIST is read from data/fashion-mnist when the files are there (they travel with the
-# working tree), else from the usual places.
+# Fashion-MNIST is read from data/fashion-mnist when the files are there (carried to the machine:
+# too big beside the tree for a 64 MiB carry, so sent xz-compressed and re-gzipped there, as in
+# benchmarks/RESULTS.md's second GPU section), else from the usual places.
 set -u
 PY=${GPU_PYTHON:-python3}
 WHAT=${1:-smoke}
