@@ -584,7 +584,8 @@ class AveragingWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stacked:
-            return self.inner(x.repeat(self.k, 1, 1, 1)).view(self.k, x.shape[0], -1).mean(0)
+            copies = x.repeat(self.k, *([1] * (x.dim() - 1)))
+            return self.inner(copies).view(self.k, x.shape[0], -1).mean(0)
         return torch.stack([self.inner(x) for _ in range(self.k)]).mean(0)
 
 

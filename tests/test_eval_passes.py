@@ -10,6 +10,8 @@ from torch import nn
 
 from robust_agc.eval.passes import PassCounter, add_passes, predict_measuring_passes
 
+from .test_eval import AveragingWrapper  # k passes of an inner network, looped or stacked
+
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
@@ -65,19 +67,6 @@ def test_a_scalar_output_counts_one_example_and_a_tuple_output_is_not_counted():
     assert counter.take() == [0, 0]
 
 
-class _Average(nn.Module):
-    """The mean of ``k`` passes of an inner network, looped or stacked into one batch."""
-
-    def __init__(self, inner: nn.Module, k: int, stacked: bool) -> None:
-        super().__init__()
-        self.inner, self.k, self.stacked = inner, k, stacked
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stacked:
-            return self.inner(x.repeat(self.k, 1)).view(self.k, len(x), -1).mean(0)
-        return torch.stack([self.inner(x) for _ in range(self.k)]).mean(0)
-
-
 class _Twice(nn.Module):
     """One pass that uses one layer twice, and an extra pass on half the batch."""
 
@@ -96,8 +85,8 @@ class _Twice(nn.Module):
 
 @pytest.mark.parametrize(("make", "expected"), [
     (_net, 1),
-    (lambda: _Average(_net(), 3, stacked=False), 3),
-    (lambda: _Average(_net(), 3, stacked=True), 3),
+    (lambda: AveragingWrapper(_net(), 3, stacked=False), 3),
+    (lambda: AveragingWrapper(_net(), 3, stacked=True), 3),
     (lambda: _Twice(half=False), 1),
     (lambda: _Twice(half=True), 1.5),
     (lambda: nn.Sequential(nn.Flatten(), nn.ReLU()), 1),
