@@ -339,3 +339,55 @@ def test_fmn_radii_start_at_zero_for_misclassified_points_and_inf_for_the_others
     assert state.current == {"unit": "fmn", "targets": [1, 3, 4, 5], "batches_done": 0}
     assert state.n_attacked["fmn"] == 4 and state.n_broken["fmn"] == 0
     assert state.timings["fmn"] == 0.0 and state.passes["fmn"] == [0, 0]
+
+
+def _round(broken: list[bool], radii: list[float] | None = None) -> dict[str, Any]:
+    x, y = _points()
+    hit = [i for i, b in zip([0, 1, 3], broken, strict=False) if b]
+    return {
+        "broken": broken,
+        "radii": radii,
+        "adv": _broken(x, y)[hit],
+        "time": 1.0,
+        "passes": [len(broken), 0],
+    }
+
+
+def test_a_round_whose_verdicts_do_not_match_its_chunk_is_refused_not_cut():
+    """A chunk of 3 targets with 2 verdicts (or 2 radii) is an error: zipping them would silently
+    leave the third point robust."""
+    s = _session()
+    x, _ = _points()
+    state = EvalState(None, {}, N)
+    state.current = {"unit": "pgd", "targets": [0, 1, 3], "batches_done": 0}
+    chunks = [[0, 1, 3]]
+    with pytest.raises(ValueError, match="zip"):
+        runner._record_round(s, "pgd", state, chunks, 0, [_round([False, True])], x.clone())
+    state.radii = [float("inf")] * N
+    state.current["unit"] = "fmn"
+    with pytest.raises(ValueError, match="zip"):
+        runner._record_round(
+            s, "fmn", state, chunks, 0, [_round([False, True, False], [0.3, 0.2])], x.clone()
+        )
+
+
+def test_breaking_images_in_another_dtype_are_stored_in_the_points_dtype(monkeypatch):
+    """An attack may return its images in float64 to a model that casts its input; the stored
+    image, and so the recount, is in the points' dtype."""
+
+    class Double(Script):
+        def attack(self, unit: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return super().attack(unit, x, y).double()
+
+    class Casting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x.float())
+
+    res = _run(Double(BREAKS), monkeypatch, model=Casting())
+    assert res.broken_by == [None, "pgd", "clean", None, "pgd", "square", None]
+    assert res.robust_acc_repredicted == res.robust_acc == 3 / 7
+    assert not res.flags["count_disagreement"]
