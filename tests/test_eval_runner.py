@@ -10,6 +10,7 @@ in ``tests/test_eval.py``, ``tests/test_autoattack_parity.py`` and ``tests/test_
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ def _run(
     attacks: tuple[str, ...] = ("clean", "pgd", "square"),
     state_file: Path | None = None,
     model: nn.Module | None = None,
+    progress: bool = False,
     **plan_kw: Any,
 ):
     monkeypatch.setattr(runner, "build_attackers", lambda model, plan, device, n_targets: script)
@@ -95,7 +97,7 @@ def _run(
     kw.update(plan_kw)
     plan = make_plan(**kw)
     x, y = _points()
-    info = RecordInfo("toy", "linear", {}, ("a note",), state_file, False)
+    info = RecordInfo("toy", "linear", {}, ("a note",), state_file, progress)
     return run_evaluation(model or _model(), plan, x, y, torch.device("cpu"), info)
 
 
@@ -391,3 +393,114 @@ def test_breaking_images_in_another_dtype_are_stored_in_the_points_dtype(monkeyp
     assert res.broken_by == [None, "pgd", "clean", None, "pgd", "square", None]
     assert res.robust_acc_repredicted == res.robust_acc == 3 / 7
     assert not res.flags["count_disagreement"]
+
+
+def _tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock that advances 1 s at every reading."""
+    clock = iter(range(10_000))
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
+
+
+def test_each_unit_logs_its_numbers_and_every_fired_check_is_logged(monkeypatch, caplog):
+    _tick(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="robust_agc.eval.runner"):
+        res = _run(Script(BREAKS), monkeypatch)
+    lines = [r.getMessage() for r in caplog.records if r.name == "robust_agc.eval.runner"]
+    # pgd: 3 chunks, 2 clock readings each (1 s per chunk) and 1 s per round between them
+    assert lines[:2] == [
+        "pgd: robust accuracy 57.14% (6 attacked, 2 broken, 3.0 s)",
+        "square: robust accuracy 42.86% (4 attacked, 1 broken, 2.0 s)",
+    ]
+    assert sorted(k for k, v in res.flags.items() if v) == [
+        "square_beats_gradient", "too_few_classes",
+    ]  # fmt: skip
+    assert lines[2:] == [  # the fired checks, in the order they ran
+        "gradient-masking check too_few_classes: only 2 classes: targeted attacks run with 1 "
+        "target classes instead of 9; the (targeted) DLR loss needs at least 3 (4) classes",
+        "gradient-masking check square_beats_gradient: the black-box Square attack broke 1 of 7 "
+        "points (14.3%) that the gradient attacks missed: gradients are probably masked",
+    ]
+
+
+class Bars:
+    """Records every progress bar the runner opens (stands in for ``tqdm.auto.tqdm``)."""
+
+    def __init__(self) -> None:
+        self.bars: list[Bars.Bar] = []
+
+    class Bar:
+        def __init__(self, total: int, desc: str, unit: str, leave: bool) -> None:
+            self.total, self.desc, self.unit, self.leave = total, desc, unit, leave
+            self.updates: list[int] = []
+            self.postfix: list[dict[str, Any]] = []
+            self.closed = False
+
+        def update(self, n: int) -> None:
+            self.updates.append(n)
+
+        def set_postfix(self, **kw: Any) -> None:
+            self.postfix.append(kw)
+
+        def close(self) -> None:
+            self.closed = True
+
+    def __call__(self, **kw: Any) -> Bar:
+        self.bars.append(Bars.Bar(**kw))
+        return self.bars[-1]
+
+
+def test_a_progress_bar_per_unit_counts_its_points_and_shows_the_robust_ones(monkeypatch, tmp_path):
+    import tqdm.auto
+
+    bars = Bars()
+    monkeypatch.setattr(tqdm.auto, "tqdm", bars)
+    _run(Script(BREAKS), monkeypatch, progress=True)
+    assert [(b.desc, b.total, b.unit, b.leave, b.closed) for b in bars.bars] == [
+        ("pgd", 6, "pt", False, True), ("square", 4, "pt", False, True),
+    ]  # fmt: skip
+    pgd, square = bars.bars
+    assert pgd.updates == [0, 2, 2, 2] and square.updates == [0, 2, 2]  # 0: no chunk done before
+    assert pgd.postfix == [{"robust": 5}, {"robust": 4}, {"robust": 4}]
+    assert square.postfix == [{"robust": 4}, {"robust": 3}]
+    # a resumed unit starts its bar at the points of the chunks done before the crash
+    state_file = tmp_path / "state.json"
+    with pytest.raises(KeyboardInterrupt):
+        _run(Script(BREAKS, crash_at=("square", 1)), monkeypatch, state_file=state_file)
+    bars.bars.clear()
+    _run(Script(BREAKS), monkeypatch, state_file=state_file, progress=True)
+    assert [(b.desc, b.total, b.updates) for b in bars.bars] == [("square", 4, [2, 2])]
+    # no bar without progress, or for a unit with nothing to attack
+    bars.bars.clear()
+    _run(Script(BREAKS), monkeypatch)
+    _run(Script({"pgd": {0, 1, 3, 4, 5, 6}}), monkeypatch, progress=True)
+    assert [b.desc for b in bars.bars] == ["pgd"]
+
+
+def test_fewer_chunks_left_than_processes_is_warned_on_rank_0(caplog):
+    s = _session({"batch_size": 2})
+    state = EvalState(None, {}, N)
+    s.comm.world = 4  # 4 chunks of the 7 points
+    with caplog.at_level(logging.WARNING, logger="robust_agc.eval.runner"):
+        chunks, _ = runner._unit_chunks(s, "pgd", state)
+    assert len(chunks) == 4 and not caplog.records
+    s.comm.world = 5
+    state.current = None
+    with caplog.at_level(logging.WARNING, logger="robust_agc.eval.runner"):
+        runner._unit_chunks(s, "pgd", state)
+    assert [r.getMessage() for r in caplog.records] == [
+        "pgd: 4 chunk(s) of up to 2 points for 5 processes; some processes idle (a smaller "
+        "batch_size spreads the work, at the same per-chunk semantics)"
+    ]
+    caplog.clear()
+    state.current["batches_done"] = 1  # resumed: 3 chunks left for 4 processes
+    s.comm.world = 4
+    with caplog.at_level(logging.WARNING, logger="robust_agc.eval.runner"):
+        runner._unit_chunks(s, "pgd", state)
+    assert [r.getMessage()[:44] for r in caplog.records] == [
+        "pgd: 3 chunk(s) of up to 2 points for 4 proc"
+    ]
+    caplog.clear()
+    s.comm.rank = 1  # only rank 0 warns
+    with caplog.at_level(logging.WARNING, logger="robust_agc.eval.runner"):
+        runner._unit_chunks(s, "pgd", state)
+    assert not caplog.records
