@@ -51,6 +51,13 @@ class Group:
     modules: tuple[str, ...]
     tests: tuple[str, ...]
     deselect: tuple[str, ...] = ()
+    fast: tuple[str, ...] = ()
+    """Of ``tests``, the unit-test files that ``run --fast`` tries every mutant on first."""
+
+    def fast_group(self) -> Group:
+        """The group judged by its fast tests only (the deselections that apply to them kept)."""
+        keep = tuple(d for d in self.deselect if d.split("::")[0] in self.fast)
+        return Group(self.modules, self.fast, keep)
 
 
 GROUPS: dict[str, Group] = {
@@ -121,6 +128,13 @@ GROUPS: dict[str, Group] = {
             "test_eval.py::test_warnings_point_at_the_caller",
             "test_eval_checks.py::test_the_report_warns_at_the_caller_of_the_function_that_calls_warn",
         ),
+        # a survivor costs a minute of the evaluation tests above; these take a second
+        (
+            "test_eval_passes.py",
+            "test_eval_state.py",
+            "test_eval_checks.py",
+            "test_eval_runner.py",
+        ),
     ),
 }
 
@@ -168,12 +182,17 @@ def _prepare(name: str, group: Group) -> Path:
 
 
 def run(
-    names: list[str], jobs: int, only: list[str] | None = None, unchecked: bool = False
+    names: list[str],
+    jobs: int,
+    only: list[str] | None = None,
+    unchecked: bool = False,
+    fast: bool = False,
 ) -> None:
     """Run mutmut for each named group (all groups when none are named); ``only``: mutant name
     patterns (``fnmatch``, e.g. ``"*AGCǁstep*"``) to (re)run, whatever their verdict;
     ``unchecked``: of those (or of all), only the mutants not run yet (a group's modules in the
-    order of the patterns, resumable)."""
+    order of the patterns, resumable); ``fast``: first try those mutants on the group's fast
+    unit tests alone (:func:`run_fast`), so the whole selection runs only the ones they miss."""
     for name in names or list(GROUPS):
         if name not in GROUPS:
             raise SystemExit(f"unknown group {name!r}: one of {', '.join(GROUPS)}")
@@ -182,17 +201,11 @@ def run(
         print(f"== {name}: {', '.join(GROUPS[name].modules)} in {dest}", flush=True)
         if restored:
             print(f"== {name}: verdicts of {restored} files taken from {STATE / name}", flush=True)
+        if fast and GROUPS[name].fast:
+            run_fast(name, jobs, _unchecked(name, list(only or ["*"])))
         selected = list(only or [])
-        if unchecked:
-            status = {m: st for mod in load([name]).values() for m, st in mod.items()}
-            patterns = selected or ["*"]
-            selected = [
-                m
-                for p in patterns
-                for m, st in status.items()
-                if st == "not checked" and fnmatch.fnmatch(m, p)
-            ]
-            selected = list(dict.fromkeys(selected))
+        if unchecked or fast:
+            selected = _unchecked(name, selected or ["*"])
             if not selected:
                 print(f"== {name}: no unchecked mutant matches", flush=True)
                 continue
@@ -201,6 +214,66 @@ def run(
             subprocess.run(cmd, cwd=dest, check=False)
         finally:
             save([name])
+
+
+def _unchecked(name: str, patterns: list[str]) -> list[str]:
+    """The mutants of group ``name`` not run yet that match ``patterns``, in pattern order."""
+    status = {m: st for mod in load([name]).values() for m, st in mod.items()}
+    selected = [
+        m
+        for p in patterns
+        for m, st in status.items()
+        if st == "not checked" and fnmatch.fnmatch(m, p)
+    ]
+    return list(dict.fromkeys(selected))
+
+
+def run_fast(name: str, jobs: int, mutants: list[str]) -> None:
+    """Try ``mutants`` of group ``name`` on the group's fast tests alone, in the scratch copy
+    ``.mutation/<name>-fast``, and take every mutant they kill into the group's verdicts.
+
+    A mutant that a subset of the group's tests kills is killed by the group's selection too
+    (mutmut stops at the first failing test), so the verdict carries over; survivors and mutants
+    no fast test reaches stay unchecked for the whole selection. Only verdicts of functions whose
+    source hash is the same in both copies are taken.
+    """
+    if not mutants:
+        return
+    dest = _prepare(f"{name}-fast", GROUPS[name].fast_group())
+    print(f"== {name}: {len(mutants)} mutants on the fast tests first, in {dest}", flush=True)
+    subprocess.run([_mutmut(), "run", "--max-children", str(jobs), *mutants], cwd=dest, check=False)
+    taken = _take_kills(dest / "mutants", WORK / name / "mutants")
+    print(f"== {name}: {taken} mutants killed by the fast tests", flush=True)
+
+
+def _take_kills(src: Path, dst: Path) -> int:
+    """Copy the killed verdicts of ``src``'s ``.meta`` files into ``dst``'s where the mutated
+    function's hash agrees and ``dst`` has no verdict yet; returns how many were taken."""
+    from mutmut.stats import status_by_exit_code
+
+    taken = 0
+    for meta in sorted(src.rglob("*.py.meta")):
+        target = dst / meta.relative_to(src)
+        if not target.exists():
+            continue
+        a, b = json.loads(meta.read_text()), json.loads(target.read_text())
+        same = {
+            f
+            for f, h in a["hash_by_function_name"].items()
+            if b["hash_by_function_name"].get(f) == h
+        }
+        for mutant, code in a["exit_code_by_key"].items():
+            function = mutant.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[-1]
+            if (
+                code is not None
+                and status_by_exit_code[code] == "killed"
+                and b["exit_code_by_key"].get(mutant, 0) is None
+                and function in same
+            ):
+                b["exit_code_by_key"][mutant] = code
+                taken += 1
+        target.write_text(json.dumps(b, indent=4))
+    return taken
 
 
 def _restore(name: str, dest: Path) -> int:
@@ -287,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--jobs", type=int, default=2, help="parallel mutant workers")
     p_run.add_argument("--only", nargs="+", metavar="PATTERN", help="mutant name patterns only")
     p_run.add_argument(
+        "--fast",
+        action="store_true",
+        help="the unchecked mutants on the group's fast tests first (implies --unchecked)",
+    )
+    p_run.add_argument(
         "--unchecked",
         action="store_true",
         help="only the mutants not run yet (of --only's patterns, in their order)",
@@ -297,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     p_rep.add_argument("--list", nargs="*", default=[], metavar="STATUS", help="statuses to list")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.groups, args.jobs, args.only, args.unchecked)
+        run(args.groups, args.jobs, args.only, args.unchecked, args.fast)
         return 0
     if args.command == "save":
         save(args.groups)

@@ -66,8 +66,14 @@ class Script:
         self.calls: list[tuple[str, list[int]]] = []
         self.few_steps: list[int] = []
 
+    def build(self, model: nn.Module, plan: Any, device: torch.device, n_targets: Any) -> Script:
+        """Stands in for :func:`~robust_agc.eval.attackers.build_attackers` (records its call)."""
+        self.built = (model, plan, device, n_targets)
+        return self
+
     def attack(self, unit: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ids = [int(v) for v in x[:, 2]]
+        assert y.tolist() == [int(_points()[1][i]) for i in ids], "labels of other points"
         if self.crash_at == (unit, sum(u == unit for u, _ in self.calls)):
             raise KeyboardInterrupt("crash inside the unit")
         self.calls.append((unit, ids))
@@ -75,6 +81,7 @@ class Script:
         return torch.where(hit[:, None], _broken(x, y), x)
 
     def pgd_few_steps(self, steps: int) -> Any:
+        assert isinstance(steps, int)
         self.few_steps.append(steps)
         return lambda x, y: self.attack("pgd-few", x, y)
 
@@ -92,12 +99,14 @@ def _run(
     progress: bool = False,
     **plan_kw: Any,
 ):
-    monkeypatch.setattr(runner, "build_attackers", lambda model, plan, device, n_targets: script)
+    monkeypatch.setattr(runner, "build_attackers", script.build)
     kw = dict(eps=0.1, attacks=attacks, batch_size=2, pgd_steps=10, pgd_restarts=1)
     kw.update(plan_kw)
     plan = make_plan(**kw)
     x, y = _points()
-    info = RecordInfo("toy", "linear", {}, ("a note",), state_file, progress)
+    info = RecordInfo(
+        "toy", "linear", {}, ("a note",), state_file, progress, runner.time.perf_counter()
+    )
     return run_evaluation(model or _model(), plan, x, y, torch.device("cpu"), info)
 
 
@@ -202,7 +211,9 @@ def test_a_state_with_other_clean_predictions_is_refused(monkeypatch, tmp_path):
     d = json.loads(state_file.read_text())
     d["broken_by"][0] = "clean"
     state_file.write_text(json.dumps(d))
-    with pytest.raises(UserError, match="stored clean predictions differ from this model's"):
+    with pytest.raises(
+        UserError, match="stored clean predictions differ from this model's; refusing to resume$"
+    ):
         _run(Script(BREAKS), monkeypatch, state_file=state_file)
 
 
@@ -396,8 +407,8 @@ def test_breaking_images_in_another_dtype_are_stored_in_the_points_dtype(monkeyp
 
 
 def _tick(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A clock that advances 1 s at every reading."""
-    clock = iter(range(10_000))
+    """A clock that advances 1 s at every reading (from 1000 s)."""
+    clock = iter(range(1000, 10_000))
     monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
 
 
@@ -504,3 +515,163 @@ def test_fewer_chunks_left_than_processes_is_warned_on_rank_0(caplog):
     with caplog.at_level(logging.WARNING, logger="robust_agc.eval.runner"):
         runner._unit_chunks(s, "pgd", state)
     assert not caplog.records
+
+
+def test_the_attacks_are_built_for_the_model_the_plan_and_the_classes(monkeypatch):
+    model = _model()
+    for run_checks in (True, False):
+        script = Script(BREAKS)
+        res = _run(script, monkeypatch, model=model, run_checks=run_checks)
+        built_model, plan, device, n_targets = script.built
+        assert built_model is model and device == torch.device("cpu")
+        assert plan.units == ("clean", "pgd", "square") and plan.eps == 0.1 and plan.pgd_steps == 10
+        assert n_targets == 1  # two classes: one target class for the targeted attacks
+        assert res.flag_details["too_few_classes"] == {
+            "message": "only 2 classes: targeted attacks run with 1 target classes instead of 9; "
+            "the (targeted) DLR loss needs at least 3 (4) classes",
+            "n_classes": 2,
+            "requested": 9,
+            "used": 1,
+        }
+
+
+def test_timings_and_check_passes_are_the_sums_of_their_parts(monkeypatch):
+    _tick(monkeypatch)
+    res = _run(Script(BREAKS), monkeypatch)
+    # 1 s per chunk: 4 clean chunks, 3 of pgd, 2 of square; 1 s for the model checks and 1 s for
+    # the PGD convergence check
+    assert {k: v for k, v in res.timings.items() if k != "total"} == {
+        "clean": 4.0, "pgd": 3.0, "square": 2.0, "checks": 2.0,
+    }  # fmt: skip
+    assert 11.0 <= res.timings["total"] < 100.0  # the session's span, not a sum of clock readings
+    # the checks' passes: determinism 2 x 6 forwards, zero gradients 6 forwards and 6 backwards
+    # (the probability and class-count checks reuse the clean logits), the PGD check 6 forwards
+    assert res.passes["checks"] == {"forward": 24, "backward": 6}
+
+
+def test_the_model_checks_run_on_the_clean_correct_points_or_on_all_when_none_is(monkeypatch):
+    x, y = _points()
+    for right, n in ((set(), N), ({3}, 1), ({0, 1, 3, 4}, 4)):
+        flip = nn.Linear(3, 2, bias=False)
+        with torch.no_grad():  # right on the points in `right`, wrong on the others
+            flip.weight.copy_(torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+
+        class Picky(nn.Module):
+            def forward(self, xb: torch.Tensor, flip=flip, right=right) -> torch.Tensor:
+                keep = torch.tensor([int(i) in right or int(i) == 2 for i in xb[:, 2]])
+                return torch.where(keep[:, None], _model()(xb), flip(xb))
+
+        res = _run(Script({}), monkeypatch, model=Picky(), attacks=("clean",))
+        assert res.clean_acc == len(right) / N
+        assert res.flag_details["zero_gradients"]["n"] == n, right
+        assert res.flag_details["nondeterministic_logits"]["n"] == n
+
+
+def test_a_model_without_class_logits_is_refused_with_its_output_shape(monkeypatch):
+    class Flat(nn.Module):
+        def __init__(self, shape: tuple[int, ...]) -> None:
+            super().__init__()
+            self.shape = shape
+
+        def forward(self, xb: torch.Tensor) -> torch.Tensor:
+            return xb[:, 0].reshape(xb.shape[0], *self.shape)
+
+    for shape, got in (((), "(2,)"), ((1,), "(2, 1)"), ((1, 1), "(2, 1, 1)")):
+        with pytest.raises(ValueError) as e:
+            _run(Script(BREAKS), monkeypatch, model=Flat(shape))
+        assert str(e.value) == f"Invalid model value: expected logits (N, C>=2), got {got}"
+
+
+def test_the_convergence_check_uses_a_fifth_of_the_steps_and_is_skipped_below_two(monkeypatch):
+    for steps, few in ((12, 2), (9, 1), (3, 1)):
+        script = Script(BREAKS)
+        res = _run(script, monkeypatch, pgd_steps=steps)
+        assert script.few_steps == [few]
+        assert res.flag_details["pgd_steps_nonmonotone"]["steps"] == [few, steps]
+    script = Script(BREAKS)
+    res = _run(script, monkeypatch, pgd_steps=1)  # one step: nothing fewer to compare with
+    assert script.few_steps == [] and "pgd_steps_nonmonotone" not in res.flags
+
+
+def test_a_state_file_of_another_attack_configuration_is_refused(monkeypatch, tmp_path):
+    state_file = tmp_path / "state.json"
+    _run(Script(BREAKS), monkeypatch, state_file=state_file)
+    saved = json.loads(state_file.read_text())
+    assert saved["fingerprint"]["attack_config"] == Script(BREAKS).config()
+    other = Script({"pgd": {1}})  # another attack configuration
+    with pytest.raises(
+        UserError, match=r"belongs to another evaluation \(different attack_config\)"
+    ):
+        _run(other, monkeypatch, state_file=state_file)
+
+
+def test_ranks_evaluating_different_things_are_refused():
+    """Every rank's fingerprint (sorted JSON) must be rank 0's; a two-rank world is simulated."""
+    s = _session()
+    clean = runner.clean_phase(s)
+    config = {"attack": 1}
+    key = json.dumps(runner.fingerprint(config, s.x, s.y, s.model), sort_keys=True)
+    s.comm.world = 2
+    s.comm.broadcast = lambda obj: obj  # rank 0's state (none: no state file)
+    s.comm.all_gather = lambda mine: [mine, key]  # the other rank evaluates the same thing
+    state = runner.state_phase(s, config, clean, None)
+    assert state.done == ["clean"]
+    for other in (key.replace('"attack": 1', '"attack": 2'), "null"):
+        s.comm.all_gather = lambda mine, other=other: [mine, other]
+        with pytest.raises(RuntimeError) as e:
+            runner.state_phase(s, config, clean, None)
+        assert str(e.value) == (
+            "distributed evaluation: the ranks differ in their points, model or attack "
+            "configuration (every rank must call benchmark with the same arguments)"
+        )
+
+
+def _fmn_radii(monkeypatch: pytest.MonkeyPatch, radii_of: dict[int, float], threat: str) -> None:
+    """Radii by point id; checks that the runner hands over the images, verdicts and threat."""
+
+    def radii(xb, adv, broken, thr):
+        assert adv.equal(_broken(xb, None)) and broken.tolist() == [True] * len(xb)
+        assert thr.value == threat
+        return [radii_of[int(i)] for i in xb[:, 2]]
+
+    monkeypatch.setattr(runner, "perturbation_radii", radii)
+
+
+FMN_BREAKS = {"pgd": {1, 4}, "fmn": {0, 1, 3, 4, 5, 6}, "pgd-few": {1, 4}}
+
+
+def test_the_fmn_record_holds_radii_curve_and_disagreement_on_its_slice(monkeypatch):
+    _fmn_radii(monkeypatch, {1: 0.25, 3: 0.75, 4: 0.75, 5: 0.5, 6: 2.0}, "Linf")
+    script = Script(FMN_BREAKS)
+    res = _run(
+        script, monkeypatch, attacks=("clean", "pgd", "fmn"), eps=0.5, eps_grid=(0.0, 0.25, 0.5, 1.0),
+        fmn_slice=(1, 7),
+    )  # fmt: skip
+    assert script.calls[3] == ("fmn", [1, 3]) and script.calls[5] == ("fmn", [6])
+    assert res.radii == [None, 0.25, 0.0, 0.75, 0.75, 0.5, 2.0]  # 2: misclassified clean
+    # point 5 is broken at eps (radius 0.5 <= 0.5); point 1 keeps pgd's verdict
+    assert res.broken_by == [None, "pgd", "clean", None, "pgd", "fmn", None]
+    assert res.eps_grid == [0.0, 0.25, 0.5, 1.0] and res.fmn_slice == [1, 7]
+    # over the 6 points of the slice: radius > e, and from e = eps on not broken by pgd
+    assert res.security_curve == [(0.0, 5 / 6), (0.25, 4 / 6), (0.5, 2 / 6), (1.0, 1 / 6)]
+    # 4: pgd broke it, FMN's radius is above eps; 5: only FMN broke it within eps
+    assert res.fmn_disagree == [None, None, None, None, "eps_attack_only", "fmn_only", None]
+
+
+def test_without_eps_attacks_the_curve_is_fmn_s_alone_and_there_is_no_disagreement(monkeypatch):
+    _fmn_radii(monkeypatch, {0: 0.1, 1: 0.25, 3: 0.75, 4: 0.75, 5: 0.5, 6: 2.0}, "L2")
+    res = _run(
+        Script(FMN_BREAKS), monkeypatch, attacks=("clean", "fmn"), eps=0.5, threat_model="L2",
+        eps_grid=(0.0, 0.5, 1.0),
+    )  # fmt: skip
+    assert res.radii == [0.1, 0.25, 0.0, 0.75, 0.75, 0.5, 2.0] and res.fmn_slice is None
+    assert res.security_curve == [(0.0, 6 / 7), (0.5, 3 / 7), (1.0, 1 / 7)]
+    assert res.fmn_disagree is None
+    no_fmn = _run(Script(BREAKS), monkeypatch)
+    assert no_fmn.radii is None and no_fmn.security_curve is None and no_fmn.fmn_disagree is None
+
+
+def test_radii_of_the_wrong_length_are_refused(monkeypatch):
+    monkeypatch.setattr(runner, "perturbation_radii", lambda xb, adv, broken, thr: [0.1])
+    with pytest.raises(ValueError, match="zip"):
+        _run(Script(FMN_BREAKS), monkeypatch, attacks=("clean", "fmn"), eps=0.5)
