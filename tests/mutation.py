@@ -217,7 +217,9 @@ def run(
 
 
 def _unchecked(name: str, patterns: list[str]) -> list[str]:
-    """The mutants of group ``name`` not run yet that match ``patterns``, in pattern order."""
+    """The mutants of group ``name`` that match ``patterns`` (in pattern order) and are not run
+    yet, or whose function changed since its verdicts (mutmut resets those when it next runs)."""
+    stale = _stale(name)
     status = {m: st for mod in load([name]).values() for m, st in mod.items()}
     selected = [
         m
@@ -225,7 +227,38 @@ def _unchecked(name: str, patterns: list[str]) -> list[str]:
         for m, st in status.items()
         if st == "not checked" and fnmatch.fnmatch(m, p)
     ]
+    # a changed function may have other mutants now: all of them, by pattern
+    selected += [f for p in patterns for f in sorted(stale) if fnmatch.fnmatch(f, p)]
     return list(dict.fromkeys(selected))
+
+
+def _function_of(mutant: str) -> str:
+    """The mangled function name of a mutant (``x_foo`` or ``xǁClassǁmethod``)."""
+    return mutant.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[-1]
+
+
+def _stale(name: str) -> set[str]:
+    """Name patterns of the mutants of group ``name`` whose function's source differs from the
+    verdicts' (the AST hash mutmut keeps per function in each ``.meta`` file)."""
+    from mutmut.mutation.file_mutation import compute_function_hashes  # mutmut's own hash
+
+    base = WORK / name / "mutants"
+    if not base.is_dir():
+        base = STATE / name
+    stale: set[str] = set()  # "module.function__mutmut_*" patterns
+    for meta in sorted(base.rglob("*.py.meta")):
+        source = ROOT / str(meta.relative_to(base))[: -len(".meta")]
+        if not source.exists():
+            continue
+        d = json.loads(meta.read_text())
+        now = compute_function_hashes(source.read_text())
+        changed = {f for f, h in d["hash_by_function_name"].items() if now.get(f) != h}
+        stale |= {
+            m.rsplit("__mutmut_", 1)[0] + "__mutmut_*"
+            for m in d["exit_code_by_key"]
+            if _function_of(m) in changed
+        }
+    return stale
 
 
 def run_fast(name: str, jobs: int, mutants: list[str]) -> None:
@@ -247,8 +280,10 @@ def run_fast(name: str, jobs: int, mutants: list[str]) -> None:
 
 
 def _take_kills(src: Path, dst: Path) -> int:
-    """Copy the killed verdicts of ``src``'s ``.meta`` files into ``dst``'s where the mutated
-    function's hash agrees and ``dst`` has no verdict yet; returns how many were taken."""
+    """Copy the killed verdicts of ``src``'s ``.meta`` files (the fast pass, on the current
+    source) into ``dst``'s where ``dst`` has no verdict; a function whose hash differs in ``dst``
+    first loses all its verdicts there and takes the new hash (what mutmut itself would do on
+    its next run). Returns how many verdicts were taken."""
     from mutmut.stats import status_by_exit_code
 
     taken = 0
@@ -257,18 +292,21 @@ def _take_kills(src: Path, dst: Path) -> int:
         if not target.exists():
             continue
         a, b = json.loads(meta.read_text()), json.loads(target.read_text())
-        same = {
+        changed = {
             f
             for f, h in a["hash_by_function_name"].items()
-            if b["hash_by_function_name"].get(f) == h
+            if b["hash_by_function_name"].get(f) != h
         }
+        codes = {m: c for m, c in b["exit_code_by_key"].items() if _function_of(m) not in changed}
+        codes.update({m: None for m in a["exit_code_by_key"] if _function_of(m) in changed})
+        b["exit_code_by_key"] = codes
+        for f in changed:
+            b["hash_by_function_name"][f] = a["hash_by_function_name"][f]
         for mutant, code in a["exit_code_by_key"].items():
-            function = mutant.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[-1]
             if (
                 code is not None
                 and status_by_exit_code[code] == "killed"
                 and b["exit_code_by_key"].get(mutant, 0) is None
-                and function in same
             ):
                 b["exit_code_by_key"][mutant] = code
                 taken += 1

@@ -23,8 +23,10 @@ from robust_agc.eval import runner
 from robust_agc.eval.comm import Comm
 from robust_agc.eval.passes import PassCounter
 from robust_agc.eval.plan import make_plan
+from robust_agc.eval.result import versions
 from robust_agc.eval.runner import RecordInfo, Session, recount_phase, run_evaluation
 from robust_agc.eval.state import EvalState
+from robust_agc.utils import machine_info
 
 pytestmark = pytest.mark.filterwarnings("ignore::robust_agc.eval.checks.GradientMaskingWarning")
 
@@ -97,6 +99,7 @@ def _run(
     state_file: Path | None = None,
     model: nn.Module | None = None,
     progress: bool = False,
+    model_info: dict[str, Any] | None = None,
     **plan_kw: Any,
 ):
     monkeypatch.setattr(runner, "build_attackers", script.build)
@@ -105,7 +108,13 @@ def _run(
     plan = make_plan(**kw)
     x, y = _points()
     info = RecordInfo(
-        "toy", "linear", {}, ("a note",), state_file, progress, runner.time.perf_counter()
+        "toy",
+        "linear",
+        model_info or {},
+        ("a note",),
+        state_file,
+        progress,
+        runner.time.perf_counter(),
     )
     return run_evaluation(model or _model(), plan, x, y, torch.device("cpu"), info)
 
@@ -559,12 +568,14 @@ def test_the_model_checks_run_on_the_clean_correct_points_or_on_all_when_none_is
         class Picky(nn.Module):
             def forward(self, xb: torch.Tensor, flip=flip, right=right) -> torch.Tensor:
                 keep = torch.tensor([int(i) in right or int(i) == 2 for i in xb[:, 2]])
-                return torch.where(keep[:, None], _model()(xb), flip(xb))
+                return torch.where(keep[:, None], _model()(xb), 3 * flip(xb))
 
         res = _run(Script({}), monkeypatch, model=Picky(), attacks=("clean",))
         assert res.clean_acc == len(right) / N
         assert res.flag_details["zero_gradients"]["n"] == n, right
         assert res.flag_details["nondeterministic_logits"]["n"] == n
+        # the probability check reads the clean logits of the same points (-3: a wrong point's)
+        assert res.flag_details["probability_output"]["min_output"] == (-1.0 if right else -3.0)
 
 
 def test_a_model_without_class_logits_is_refused_with_its_output_shape(monkeypatch):
@@ -675,3 +686,42 @@ def test_radii_of_the_wrong_length_are_refused(monkeypatch):
     monkeypatch.setattr(runner, "perturbation_radii", lambda xb, adv, broken, thr: [0.1])
     with pytest.raises(ValueError, match="zip"):
         _run(Script(FMN_BREAKS), monkeypatch, attacks=("clean", "fmn"), eps=0.5)
+
+
+def test_a_state_file_from_before_the_pass_counts_resumes_them_from_zero(monkeypatch, tmp_path):
+    """Files written before 2026-11-28 have no ``passes``: a unit resumed from one counts this
+    session's passes only, and AutoAttack's stage adds up the components that have any."""
+    state_file = tmp_path / "state.json"
+    with pytest.raises(KeyboardInterrupt):
+        _run(Script(BREAKS, crash_at=("square", 1)), monkeypatch, state_file=state_file)
+    d = json.loads(state_file.read_text())
+    del d["passes"]
+    state_file.write_text(json.dumps(d))
+    res = _run(Script(BREAKS), monkeypatch, state_file=state_file)
+    assert res.passes["square"] == {"forward": 2, "backward": 0}  # the last chunk's 2 points
+    assert "clean" not in res.passes and "pgd" not in res.passes
+    assert res.broken_by == [None, "pgd", "clean", None, "pgd", "square", None]
+    aa = {"autoattack/apgd-ce": {0, 4}, "autoattack/apgd-t": {6}}
+    state_file = tmp_path / "aa.json"
+    with pytest.raises(KeyboardInterrupt):
+        _run(
+            Script(aa, crash_at=("autoattack/apgd-t", 1)), monkeypatch, state_file=state_file,
+            attacks=("clean", "autoattack"), version=["apgd-ce", "apgd-t"],
+        )  # fmt: skip
+    d = json.loads(state_file.read_text())
+    del d["passes"]
+    state_file.write_text(json.dumps(d))
+    res = _run(
+        Script(aa), monkeypatch, state_file=state_file, attacks=("clean", "autoattack"),
+        version=["apgd-ce", "apgd-t"],
+    )  # fmt: skip
+    # apgd-t's second chunk (2 points) in this session; apgd-ce ran in the first one only
+    assert res.passes["autoattack"] == {"forward": 2, "backward": 0}
+    assert res.n_attacked["autoattack"] == 6 and res.n_broken["autoattack"] == 3
+
+
+def test_the_record_names_its_threat_model_model_and_provenance(monkeypatch):
+    for threat in ("Linf", "L2"):
+        res = _run(Script(BREAKS), monkeypatch, threat_model=threat, model_info={"params": 6})
+        assert res.threat_model == threat and res.model_info == {"params": 6}
+        assert res.versions == versions() and res.machine == machine_info(world_size=1)
