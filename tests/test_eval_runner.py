@@ -100,6 +100,7 @@ def _run(
     model: nn.Module | None = None,
     progress: bool = False,
     model_info: dict[str, Any] | None = None,
+    compression: dict[str, Any] | None = None,
     **plan_kw: Any,
 ):
     monkeypatch.setattr(runner, "build_attackers", script.build)
@@ -115,6 +116,7 @@ def _run(
         state_file,
         progress,
         runner.time.perf_counter(),
+        compression or {},
     )
     return run_evaluation(model or _model(), plan, x, y, torch.device("cpu"), info)
 
@@ -725,3 +727,37 @@ def test_the_record_names_its_threat_model_model_and_provenance(monkeypatch):
         res = _run(Script(BREAKS), monkeypatch, threat_model=threat, model_info={"params": 6})
         assert res.threat_model == threat and res.model_info == {"params": 6}
         assert res.versions == versions() and res.machine == machine_info(world_size=1)
+
+
+class _Twice(nn.Module):
+    """Averages two passes of the toy model (RobustBench's ``number_forward_passes`` is 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.inner(x) + self.inner(x)) / 2
+
+
+def test_the_record_counts_the_passes_per_prediction_and_carries_the_compression(monkeypatch):
+    squeeze = {"sparsity": 0.5, "structure": "unstructured", "footnote": "Compressed model"}
+    res = _run(Script(BREAKS), monkeypatch, model=_Twice(), compression=squeeze)
+    assert res.number_forward_passes == 2 and res.world_size == 1
+    assert (res.sparsity, res.structure, res.footnote) == (0.5, "unstructured", "Compressed model")
+    assert res.broken_by == [None, "pgd", "clean", None, "pgd", "square", None]
+
+
+def test_one_process_is_never_warned_about_idle_processes(caplog):
+    s = _session({"batch_size": 2})
+    state = EvalState(None, {}, N)
+    state.robust = [False] * N  # nothing left to attack: 0 chunks for the one process
+    with caplog.at_level(logging.WARNING, logger="robust_agc.eval.runner"):
+        chunks, _ = runner._unit_chunks(s, "pgd", state)
+    assert chunks == [] and not caplog.records
+    s.comm.world = 2  # two processes, one chunk: warned
+    state.robust[0] = True
+    state.current = None
+    with caplog.at_level(logging.WARNING, logger="robust_agc.eval.runner"):
+        runner._unit_chunks(s, "pgd", state)
+    assert [r.getMessage()[:33] for r in caplog.records] == ["pgd: 1 chunk(s) of up to 2 points"]
