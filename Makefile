@@ -60,7 +60,7 @@ MUTATION_JOBS ?= 2
 MUTATION_GROUPS ?=
 mutation: install
 	$(BIN)/python -m pip install -q -e '.[mutation]'
-	$(BIN)/python tests/mutation.py run --jobs $(MUTATION_JOBS) $(MUTATION_GROUPS)
+	$(BIN)/python tests/mutation.py run --fast --jobs $(MUTATION_JOBS) $(MUTATION_GROUPS)
 	$(BIN)/python tests/mutation.py report --list survived "no tests" timeout suspicious
 
 # Same configs, this tree against the code of REF (default: HEAD), on this machine: weights,

@@ -202,9 +202,10 @@ def run(
         if restored:
             print(f"== {name}: verdicts of {restored} files taken from {STATE / name}", flush=True)
         if fast and GROUPS[name].fast:
-            run_fast(name, jobs, _unchecked(name, list(only or ["*"])))
+            patterns = list(only or ["*"])
+            run_fast(name, jobs, _unchecked(name, patterns) if load([name]) else patterns)
         selected = list(only or [])
-        if unchecked or fast:
+        if (unchecked or fast) and load([name]):  # (no verdicts yet: mutmut runs every mutant)
             selected = _unchecked(name, selected or ["*"])
             if not selected:
                 print(f"== {name}: no unchecked mutant matches", flush=True)
@@ -281,7 +282,7 @@ def run_fast(name: str, jobs: int, mutants: list[str]) -> None:
 
 def _take_kills(src: Path, dst: Path) -> int:
     """Copy the killed verdicts of ``src``'s ``.meta`` files (the fast pass, on the current
-    source) into ``dst``'s where ``dst`` has no verdict; a function whose hash differs in ``dst``
+    source) into ``dst``'s where ``dst`` has no verdict (or no file yet); a function whose hash differs in ``dst``
     first loses all its verdicts there and takes the new hash (what mutmut itself would do on
     its next run). Returns how many verdicts were taken."""
     from mutmut.stats import status_by_exit_code
@@ -289,9 +290,12 @@ def _take_kills(src: Path, dst: Path) -> int:
     taken = 0
     for meta in sorted(src.rglob("*.py.meta")):
         target = dst / meta.relative_to(src)
-        if not target.exists():
-            continue
-        a, b = json.loads(meta.read_text()), json.loads(target.read_text())
+        a = json.loads(meta.read_text())
+        if target.exists():
+            b = json.loads(target.read_text())
+        else:  # the group's first run: its verdicts start from the fast pass's kills
+            target.parent.mkdir(parents=True, exist_ok=True)
+            b = {**a, "exit_code_by_key": dict.fromkeys(a["exit_code_by_key"])}
         changed = {
             f
             for f, h in a["hash_by_function_name"].items()
@@ -306,7 +310,7 @@ def _take_kills(src: Path, dst: Path) -> int:
             if (
                 code is not None
                 and status_by_exit_code[code] == "killed"
-                and b["exit_code_by_key"].get(mutant, 0) is None
+                and b["exit_code_by_key"].get(mutant) is None
             ):
                 b["exit_code_by_key"][mutant] = code
                 taken += 1
