@@ -308,3 +308,83 @@ def test_run_model_checks_logs_non_finite_outputs(caplog):
     with caplog.at_level(logging.WARNING, logger="robust_agc.eval.checks"):
         run_model_checks(Inf(), torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
     assert "model outputs contain inf/nan" in caplog.text
+
+
+class _FirstCallDiffers(nn.Module):
+    """Returns ``first`` on its first call and ``later`` on every call after (whatever the input)."""
+
+    def __init__(self, first: torch.Tensor, later: torch.Tensor) -> None:
+        super().__init__()
+        self.first, self.later, self.calls = first, later, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return (self.first if self.calls == 1 else self.later).clone()
+
+
+def test_determinism_compares_every_pass_with_the_first_row_by_row():
+    x = torch.zeros(2, 4)
+    # 1% of the small row's norm differs on the first pass only: each row is normalised by its
+    # own norm, so the big row does not dilute it (by the batch's norm it would be 1e-5)
+    first = torch.tensor([[0.0, 1000.0], [0.0, 1.0]], dtype=torch.float64)
+    later = first.clone()
+    later[1, 0] = 0.01
+    res = check_deterministic(_FirstCallDiffers(first, later), x, n_passes=3)
+    assert res.fired and res.details["prediction_changes"] == 0
+    assert res.details["max_normalized_diff"] == pytest.approx(0.01, rel=1e-3)
+    # a prediction that flips on the first pass only, by a difference far below rtol
+    first = torch.tensor([[1.0, 1.0 + 1e-6], [2.0, 0.0]], dtype=torch.float64)
+    later = first[:, [1, 0]].clone()
+    later[1] = first[1]
+    res = check_deterministic(_FirstCallDiffers(first, later), x, n_passes=3)
+    assert res.fired and res.details["prediction_changes"] == 1
+    assert res.details["max_normalized_diff"] < 1e-5
+    # rtol bounds each row's difference, not the batch's: 100 rows just below it each
+    first = torch.zeros(100, 2, dtype=torch.float64)
+    first[:, 1] = 1.0
+    later = first.clone()
+    later[:, 0] = 5e-5
+    res = check_deterministic(_FirstCallDiffers(first, later), torch.zeros(100, 4))
+    assert not res.fired
+    assert res.details["max_normalized_diff"] == pytest.approx(5e-5, rel=1e-3)
+
+
+def test_probability_output_holds_on_both_edges_of_its_tolerance():
+    edge = torch.tensor([[-0.5, 1.5], [0.25, 1.25]], dtype=torch.float64)  # min -atol, sum 1+atol
+    res = check_probability_output(edge, atol=0.5)
+    assert res.fired and res.message == (
+        "model outputs look like probabilities (rows non-negative, summing to 1): attacks need "
+        "logits, or their gradients vanish where the softmax saturates"
+    )
+    assert not check_probability_output(edge, atol=0.49).fired
+
+
+def test_zero_gradients_on_a_single_point_is_its_whole_fraction():
+    x = torch.randn(1, 4)
+    x[0, 0] = 1.0  # dead
+    res = check_zero_gradients(_DeadOn(), x, torch.zeros(1, dtype=torch.long))
+    assert res.fired and res.details == {"n_zero": 1, "n": 1, "fraction": 1.0}
+
+
+def test_run_model_checks_logs_fired_checks_as_warnings_and_the_others_as_debug(caplog):
+    model = _net()
+    x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+    with caplog.at_level(logging.DEBUG, logger="robust_agc.eval.checks"):
+        run_model_checks(model, x, y)
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.endswith("checks")]
+    assert logged == [
+        (logging.DEBUG, "check nondeterministic_logits: logits are deterministic"),
+        (logging.DEBUG, "check probability_output: outputs are not probability vectors"),
+        (logging.DEBUG, "check zero_gradients: input gradients are non-zero (0 zero of 8)"),
+        (
+            logging.WARNING,
+            "check too_few_classes: only 3 classes: targeted attacks run with 2 target classes "
+            "instead of 9; the (targeted) DLR loss needs at least 3 (4) classes",
+        ),
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="robust_agc.eval.checks"):
+        run_model_checks(model, x, y, logits=torch.full((8, 3), float("nan")))
+    assert (logging.WARNING, "model outputs contain inf/nan") in [
+        (r.levelno, r.getMessage()) for r in caplog.records
+    ]

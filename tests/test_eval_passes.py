@@ -147,3 +147,36 @@ def test_add_passes_sums_pairs_element_wise():
     assert add_passes() == [0, 0]
     assert add_passes([3, 1]) == [3, 1]
     assert add_passes([3, 1], (2, 5), [0, 4]) == [5, 10]
+
+
+def test_a_one_dimensional_output_counts_its_length():
+    class Scores(nn.Module):  # one score per example
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)[:, 0]
+
+    model = Scores()
+    counter = PassCounter(model)
+    model(torch.randn(5, 4))
+    assert counter.take() == [5, 0]
+
+
+def test_passes_are_measured_on_modules_fed_indices_or_only_keywords():
+    class Net(nn.Module):
+        """An embedding fed a 1-D batch of indices once, a linear layer called three times (the
+        last by keyword only, which no hook can count): the embedding's count, the fewest, says
+        the network runs once per example."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin = nn.Embedding(10, 4), nn.Linear(4, 4)
+
+        def forward(self, idx: torch.Tensor) -> torch.Tensor:
+            h = self.emb(idx)
+            return self.lin(input=self.lin(self.lin(h)))
+
+    out, passes = predict_measuring_passes(Net(), torch.tensor([1, 2, 3]))
+    assert out.shape == (3, 4) and passes == 1
