@@ -159,6 +159,8 @@ def _prepare(name: str, group: Group) -> Path:
         "__pycache__",
         "mutation_state",
     }
+    # the datasets' folder only at the top: tests/data holds the tests' own fixtures
+    nested = skip - {"data"}
     dest.mkdir(parents=True, exist_ok=True)
     for item in ROOT.iterdir():
         if item.name in skip or item.name.startswith("."):
@@ -166,7 +168,7 @@ def _prepare(name: str, group: Group) -> Path:
         target = dest / item.name
         if item.is_dir():
             shutil.copytree(
-                item, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*skip, "*.pyc")
+                item, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*nested, "*.pyc")
             )
         else:
             shutil.copy2(item, target)
