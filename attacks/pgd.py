@@ -93,7 +93,7 @@ class PGD(Attack):
         self.early_stop = early_stop
         self.channels_last = channels_last
         self._loss: AttackLoss = resolve_loss(loss)
-        self.loss = self._loss.name if isinstance(loss, str) else loss
+        self.loss = loss  # the name (resolve_loss keeps it as the loss's name) or the callable
 
     @property
     def cost_per_example(self) -> int:
