@@ -109,6 +109,7 @@ GROUPS: dict[str, Group] = {
     "checkpoint": Group(
         ("robust_agc/checkpoint.py",),
         ("test_checkpoint.py", "test_resume_streams.py", "test_eval_cli.py"),
+        fast=("test_checkpoint.py",),
     ),
     "eval": Group(
         ("robust_agc/eval/*",),

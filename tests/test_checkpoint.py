@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from robust_agc.checkpoint import (
+    _fold_hydra_scores,
     build_model_from_checkpoint,
+    checkpoint_widths,
     load_checkpoint,
     save_checkpoint,
     strip_prefixes,
@@ -304,3 +306,79 @@ def test_a_checkpoint_of_the_old_code_resumes_bit_identically(tmp_path):
         )
     _assert_identical(resumed, ref, "last.pt")
     _assert_identical(lines, ref_lines, "metrics.jsonl")
+
+
+def test_widths_are_a_mapping_of_layer_names_to_ints_or_absent():
+    assert checkpoint_widths({}) is None and checkpoint_widths({"widths": None}) is None
+    assert checkpoint_widths({"widths": {"conv1": 8, "fc": 3}}) == {"conv1": 8, "fc": 3}
+    for bad in ([8], {"conv1": 8.0}, {1: 8}, "conv1"):
+        with pytest.raises(
+            CheckpointError, match=r"^checkpoint 'widths' is not a mapping of layer names to ints$"
+        ):
+            checkpoint_widths({"widths": bad})
+
+
+def _score_state(**kw) -> dict[str, torch.Tensor]:
+    """A HYDRA score run's state dict of small-cnn, random scores."""
+    from robust_agc.prune.scores import attach_scores
+
+    torch.manual_seed(0)
+    model = create_model("small-cnn", num_classes=10, in_channels=1, input_size=28)
+    attach_scores(model, density=0.25, **kw)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("scores"):
+                p.uniform_(-1, 1)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_hydra_score_state_folds_at_the_runs_sparsity_allocation_and_scope():
+    from robust_agc.prune.scores import fold_score_state
+
+    state = _score_state()
+    folds = {}
+    for dist, scope in (("uniform", "layerwise"), ("erk", "layerwise"), ("uniform", "global")):
+        folds[dist, scope] = fold_score_state(state, density=0.25, distribution=dist, scope=scope)[
+            0
+        ]
+    assert not _same(folds["uniform", "layerwise"], folds["erk", "layerwise"])
+    assert not _same(folds["uniform", "layerwise"], folds["uniform", "global"])
+    for cfg, key in (
+        ({"sparsity": 0.75}, ("uniform", "layerwise")),  # the run's defaults
+        ({"sparsity": 0.75, "sparse_init": "erk", "prune_scope": None}, ("erk", "layerwise")),
+        (
+            {"sparsity": 0.75, "sparse_init": "uniform", "prune_scope": "global"},
+            ("uniform", "global"),
+        ),
+    ):
+        assert _same(_fold_hydra_scores(state, cfg), folds[key]), cfg
+    assert not _same(_fold_hydra_scores(state, {"sparsity": 0.5}), folds["uniform", "layerwise"])
+    with pytest.raises(
+        CheckpointError, match=r"^cannot fold the HYDRA scores of this checkpoint: 'sparsity'$"
+    ):
+        _fold_hydra_scores(state, {})
+    plain = {"fc.weight": torch.ones(2)}
+    assert _fold_hydra_scores(plain, {}) is plain  # no scores: the state as it is
+
+
+def test_filter_scores_fold_to_the_filter_pruned_network_or_fail_as_a_checkpoint_error():
+    from robust_agc.prune.filter_scores import attach_filter_scores, fold_filter_score_state
+
+    torch.manual_seed(0)
+    model = create_model("small-cnn", num_classes=10, in_channels=1, input_size=28)
+    scores = attach_filter_scores(model, density=0.5, input_shape=(1, 28, 28))
+    with torch.no_grad():
+        for sc in scores.scores:
+            sc.uniform_(-1, 1)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = {"model": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 28,
+           "sparsity": 0.5, "sparse_init": "uniform"}  # fmt: skip
+    assert _same(_fold_hydra_scores(state, cfg), fold_filter_score_state(state, cfg)[0])
+    with pytest.raises(
+        CheckpointError, match=r"^cannot fold the HYDRA filter scores of this checkpoint: 'model'$"
+    ):
+        _fold_hydra_scores(state, {k: v for k, v in cfg.items() if k != "model"})
