@@ -382,3 +382,65 @@ def test_filter_scores_fold_to_the_filter_pruned_network_or_fail_as_a_checkpoint
         CheckpointError, match=r"^cannot fold the HYDRA filter scores of this checkpoint: 'model'$"
     ):
         _fold_hydra_scores(state, {k: v for k, v in cfg.items() if k != "model"})
+
+
+SMALL_CFG = {"model": "small-cnn", "num_classes": 10, "in_channels": 1, "input_size": 28}
+
+
+def _exported() -> tuple[torch.nn.Module, dict[str, int]]:
+    """small-cnn with half its filters removed (``robust-agc export``) and its widths."""
+    from robust_agc.sparse import apply_structured_masks, export_structured
+
+    torch.manual_seed(0)
+    model = create_model("small-cnn", num_classes=10, in_channels=1, input_size=28)
+    apply_structured_masks(model, sparsity=0.5, structure="filter", input_shape=(1, 28, 28))
+    small, widths = export_structured(model.eval(), (1, 28, 28))
+    return small.eval(), widths
+
+
+def test_an_exported_network_is_rebuilt_at_its_widths(tmp_path):
+    small, widths = _exported()
+    path = tmp_path / "small.pt"
+    save_checkpoint({"model": small.state_dict(), "config": SMALL_CFG, "widths": widths}, path)
+    loaded = build_model_from_checkpoint(load_checkpoint(path))
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), small(x))
+
+
+def test_score_checkpoints_build_as_the_network_their_scores_select(tmp_path):
+    """A score run's checkpoint builds as its folded state at its config (unstructured scores),
+    or at its config and widths (filter scores of an exported network)."""
+    from robust_agc.models import model_from_config
+    from robust_agc.prune.filter_scores import attach_filter_scores, fold_filter_score_state
+    from robust_agc.prune.scores import fold_score_state
+
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    state, cfg = _score_state(), {**SMALL_CFG, "sparsity": 0.75}
+    save_checkpoint({"model": state, "config": cfg}, tmp_path / "scores.pt")
+    built = build_model_from_checkpoint(load_checkpoint(tmp_path / "scores.pt"))
+    want = model_from_config(cfg).eval()
+    want.load_state_dict(
+        fold_score_state(state, density=0.25, distribution="uniform", scope="layerwise")[0]
+    )
+    with torch.no_grad():
+        assert torch.equal(built(x), want(x))
+
+    small, widths = _exported()
+    scores = attach_filter_scores(small, density=0.5, input_shape=(1, 28, 28))
+    with torch.no_grad():
+        for sc in scores.scores:
+            sc.uniform_(-1, 1)
+    state, cfg = {k: v.detach().clone() for k, v in small.state_dict().items()}, {
+        **SMALL_CFG, "sparsity": 0.5, "sparse_init": "uniform"
+    }  # fmt: skip
+    plain = fold_filter_score_state(state, cfg, widths)[0]
+    assert _same(_fold_hydra_scores(state, cfg, widths), plain)
+    with pytest.raises(CheckpointError, match="^cannot fold the HYDRA filter scores"):
+        _fold_hydra_scores(state, cfg)  # at the architecture's own widths the weights do not fit
+    save_checkpoint({"model": state, "config": cfg, "widths": widths}, tmp_path / "f.pt")
+    built = build_model_from_checkpoint(load_checkpoint(tmp_path / "f.pt"))
+    want = model_from_config(cfg, widths).eval()
+    want.load_state_dict(plain)
+    with torch.no_grad():
+        assert torch.equal(built(x), want(x))
