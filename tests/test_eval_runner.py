@@ -302,8 +302,7 @@ def test_the_fmn_unit_records_radii_and_breaks_only_within_eps(monkeypatch):
 def test_autoattack_components_add_up_to_the_stage(monkeypatch):
     """The stage's accuracy is its last component's; attacked points are the first component's,
     broken points, times and passes the components' sums; the total counts each pass once."""
-    clock = iter(range(10_000))
-    monkeypatch.setattr(runner.time, "perf_counter", lambda: float(next(clock)))
+    _tick(monkeypatch)
     script = Script({"autoattack/apgd-ce": {0, 4}, "autoattack/apgd-t": {6}})
     res = _run(script, monkeypatch, attacks=("clean", "autoattack"), version=["apgd-ce", "apgd-t"])
     assert [u for u, _ in script.calls] == ["autoattack/apgd-ce"] * 3 + ["autoattack/apgd-t"] * 2
