@@ -277,12 +277,7 @@ def test_the_fmn_unit_records_radii_and_breaks_only_within_eps(monkeypatch):
             assert unit == "fmn"
             return _broken(xb, yb)  # every point misclassified, at the radius its id says
 
-    radii_of = {0: 0.25, 1: 0.75, 3: 0.5, 4: 2.0, 5: 0.1, 6: 0.4}
-    monkeypatch.setattr(
-        runner,
-        "perturbation_radii",
-        lambda xb, adv, broken, threat: [radii_of[int(i)] for i in xb[:, 2]],
-    )
+    _fmn_radii(monkeypatch, {0: 0.25, 1: 0.75, 3: 0.5, 4: 2.0, 5: 0.1, 6: 0.4}, "Linf")
     state = EvalState(None, {}, N)
     state.robust = [True, True, False, True, True, False, True]
     state.broken_by = [None, None, "clean", None, None, "pgd", None]
